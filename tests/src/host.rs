@@ -1,0 +1,98 @@
+//! Host-side figures of a QEMU process: what a user checks to see memory really leave.
+
+use crate::error::IoContext;
+use crate::{LabError, Result};
+use std::os::unix::fs::MetadataExt;
+
+/// Memory figures from /proc/PID/status, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcMemory {
+    pub vm_rss: u64,
+    pub rss_anon: u64,
+    pub rss_file: u64,
+    pub rss_shmem: u64,
+}
+
+pub fn proc_memory(pid: u32) -> Result<ProcMemory> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).ctx(|| format!("reading {path}"))?;
+    let mut mem = ProcMemory::default();
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(key), Some(value)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Ok(kib) = value.parse::<u64>() else {
+            continue;
+        };
+        let bytes = kib * 1024;
+        match key {
+            "VmRSS:" => mem.vm_rss = bytes,
+            "RssAnon:" => mem.rss_anon = bytes,
+            "RssFile:" => mem.rss_file = bytes,
+            "RssShmem:" => mem.rss_shmem = bytes,
+            _ => {}
+        }
+    }
+    Ok(mem)
+}
+
+/// Bytes allocated to the process's memfd files (guest RAM with memory-backend-memfd): the
+/// memory a discard returns to the host, independent of what is mapped where.
+pub fn memfd_allocated(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut total = 0;
+    let mut seen = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(&dir).ctx(|| format!("reading {dir}"))? {
+        let Ok(entry) = entry else { continue };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if !target.to_string_lossy().starts_with("/memfd:") {
+            continue;
+        }
+        // The same memfd may be open on several descriptors; count each inode once.
+        if let Ok(meta) = std::fs::metadata(entry.path()) {
+            if seen.insert((meta.dev(), meta.ino())) {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    if !seen.is_empty() {
+        Ok(total)
+    } else {
+        Err(LabError::Other(format!("process {pid} has no memfd open")))
+    }
+}
+
+/// Parses /proc/meminfo-style text into (key, bytes) pairs.
+pub fn parse_meminfo(text: &str) -> std::collections::BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|line| {
+            let (key, rest) = line.split_once(':')?;
+            let mut parts = rest.split_whitespace();
+            let value: u64 = parts.next()?.parse().ok()?;
+            let scale = if parts.next() == Some("kB") { 1024 } else { 1 };
+            Some((key.trim().to_string(), value * scale))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_parses_kib_and_plain_counts() {
+        let m = parse_meminfo("MemTotal:       1004512 kB\nHugePages_Total:       0\nbad line\n");
+        assert_eq!(m["MemTotal"], 1004512 * 1024);
+        assert_eq!(m["HugePages_Total"], 0);
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn own_process_memory_is_readable() {
+        let m = proc_memory(std::process::id()).unwrap();
+        assert!(m.vm_rss > 0);
+    }
+}

@@ -1,0 +1,354 @@
+//! One QEMU 11 guest: command line, start, readiness, teardown.
+
+use crate::agent::Agent;
+use crate::agent_proto::AGENT_PORT_NAME;
+use crate::error::IoContext;
+use crate::host::{self, ProcMemory};
+use crate::lab;
+use crate::qmp::Qmp;
+use crate::wait::{wait_for, Poll};
+use crate::{LabError, Result};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The guest images `scripts/lab.sh` builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Image {
+    /// Kernel + busybox initramfs: boots in about 3 s under TCG.
+    Mini,
+    /// Debian trixie with systemd on an ext4 disk: about 8 s under TCG. Built on first use.
+    Debian,
+}
+
+impl Image {
+    fn dir(self) -> PathBuf {
+        lab::lab_dir().join("images").join(match self {
+            Image::Mini => "mini",
+            Image::Debian => "debian",
+        })
+    }
+
+    /// Builds the Debian image on demand (it is only needed by some tests).
+    fn ensure(self) -> Result<()> {
+        if self == Image::Debian && !self.dir().join("rootfs.ext4").exists() {
+            let status = Command::new(lab::repo_root().join("scripts/lab.sh"))
+                .arg("debian")
+                .status()
+                .ctx(|| "running scripts/lab.sh debian".into())?;
+            if !status.success() {
+                return Err(LabError::Other(format!(
+                    "scripts/lab.sh debian failed ({status})"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// QEMU's own `virtio-balloon-pci`.
+#[derive(Debug, Clone, Default)]
+pub struct BuiltinBalloon {
+    pub free_page_reporting: bool,
+    pub deflate_on_oom: bool,
+}
+
+/// Our device: `vhost-user-test-device-pci` with virtio-id 5 on a backend's socket.
+#[derive(Debug, Clone)]
+pub struct VhostUserBalloon {
+    pub socket: PathBuf,
+    /// Must cover every queue the guest driver sets up for the features the backend offers.
+    pub num_vqs: u32,
+    pub config_size: u32,
+    /// Lets QEMU reconnect to a restarted backend.
+    pub reconnect_ms: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub name: String,
+    pub image: Image,
+    pub mem_mib: u64,
+    pub cpus: u32,
+    pub builtin_balloon: Option<BuiltinBalloon>,
+    pub vhost_user_balloon: Option<VhostUserBalloon>,
+    /// Extra virtio-serial ports: (port name, host socket path QEMU connects to as a client).
+    pub serial_ports: Vec<(String, PathBuf)>,
+    /// Modules the mini image inserts at boot.
+    pub modules: Vec<String>,
+    pub extra_args: Vec<String>,
+}
+
+impl VmConfig {
+    pub fn new(name: &str) -> Self {
+        VmConfig {
+            name: name.to_string(),
+            image: Image::Mini,
+            mem_mib: 1024,
+            cpus: 1,
+            builtin_balloon: None,
+            vhost_user_balloon: None,
+            serial_ports: Vec::new(),
+            modules: vec!["virtio_balloon".into()],
+            extra_args: Vec::new(),
+        }
+    }
+
+    fn args(&self, run_dir: &Path) -> Result<Vec<String>> {
+        let image = self.image.dir();
+        let kernel = lab::require(image.join("vmlinuz"), "guest kernel", "mini")?;
+        let initrd = lab::require(image.join("initrd.cpio"), "guest initramfs", "mini")?;
+        let mem = self.mem_mib;
+        let accel = if lab::use_kvm() { "kvm" } else { "tcg" };
+        let mut cmdline = String::from("console=ttyS0 panic=-1 loglevel=4");
+        if self.image == Image::Mini {
+            cmdline.push_str(&format!(" lab.modules={}", self.modules.join(",")));
+        }
+        let p = |name: &str| run_dir.join(name).display().to_string();
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            self.name.clone(),
+            "-nodefaults".into(),
+            "-no-reboot".into(),
+            "-display".into(),
+            "none".into(),
+            "-machine".into(),
+            format!("q35,accel={accel},memory-backend=mem"),
+            "-m".into(),
+            format!("{mem}M"),
+            // Shared memory: a vhost-user backend maps it, and discards on it return host memory.
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            "-smp".into(),
+            self.cpus.to_string(),
+            "-kernel".into(),
+            kernel.display().to_string(),
+            "-initrd".into(),
+            initrd.display().to_string(),
+            "-append".into(),
+            cmdline,
+            "-serial".into(),
+            format!("file:{}", p("serial.log")),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p("qmp.sock")),
+            "-device".into(),
+            "virtio-serial-pci,id=vser".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                p("agent.sock")
+            ),
+            "-device".into(),
+            format!("virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT_NAME}"),
+        ];
+        if lab::use_kvm() {
+            a.extend(["-cpu".into(), "host".into()]);
+        }
+        if self.image == Image::Debian {
+            let disk = lab::require(image.join("rootfs.ext4"), "Debian guest disk", "debian")?;
+            a.extend([
+                "-drive".into(),
+                // snapshot=on: every VM starts from the pristine image and writes nowhere.
+                format!("file={},if=virtio,format=raw,snapshot=on", disk.display()),
+            ]);
+        }
+        for (i, (name, path)) in self.serial_ports.iter().enumerate() {
+            a.extend([
+                "-chardev".into(),
+                format!("socket,id=port{i},path={},reconnect-ms=500", path.display()),
+                "-device".into(),
+                format!("virtserialport,bus=vser.0,chardev=port{i},name={name}"),
+            ]);
+        }
+        if let Some(b) = &self.builtin_balloon {
+            a.extend([
+                "-device".into(),
+                format!(
+                    "virtio-balloon-pci,id=balloon0,free-page-reporting={},deflate-on-oom={}",
+                    on_off(b.free_page_reporting),
+                    on_off(b.deflate_on_oom)
+                ),
+            ]);
+        }
+        if let Some(v) = &self.vhost_user_balloon {
+            let mut chardev = format!("socket,id=balloon,path={}", v.socket.display());
+            if let Some(ms) = v.reconnect_ms {
+                chardev.push_str(&format!(",reconnect-ms={ms}"));
+            }
+            a.extend([
+                "-chardev".into(),
+                chardev,
+                "-device".into(),
+                format!(
+                    "vhost-user-test-device-pci,id=balloon0,chardev=balloon,virtio-id=5,num_vqs={},config_size={}",
+                    v.num_vqs, v.config_size
+                ),
+            ]);
+        }
+        a.extend(self.extra_args.iter().cloned());
+        Ok(a)
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// A running guest. Dropping it kills QEMU (also when a test panics); if the test process
+/// itself dies, the kernel kills QEMU through PR_SET_PDEATHSIG.
+pub struct Vm {
+    pub config: VmConfig,
+    pub run_dir: PathBuf,
+    child: Child,
+    pub qmp: Qmp,
+    pub agent: Agent,
+}
+
+impl Vm {
+    /// Starts QEMU and waits until the guest's agent answers.
+    pub fn start(config: VmConfig) -> Result<Vm> {
+        config.image.ensure()?;
+        let qemu = lab::qemu_binary()?;
+        let run_dir = lab::run_dir(&config.name)?;
+        let args = config.args(&run_dir)?;
+        std::fs::write(run_dir.join("qemu.cmdline"), args.join(" "))
+            .ctx(|| "writing qemu.cmdline".into())?;
+        let stderr = std::fs::File::create(run_dir.join("qemu.stderr"))
+            .ctx(|| "creating qemu.stderr".into())?;
+        let mut cmd = Command::new(&qemu);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().ctx(|| format!("starting {}", qemu.display()))?;
+        let qmp_path = run_dir.join("qmp.sock");
+        let connected = wait_for(
+            "QEMU's QMP socket",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || {
+                if let Some(status) = child.try_wait().ctx(|| "waiting on QEMU".into())? {
+                    return Err(exited(&run_dir, status.to_string()));
+                }
+                Ok(match Qmp::connect(&qmp_path) {
+                    Ok(qmp) => Poll::Ready(qmp),
+                    Err(e) => Poll::Pending(e.to_string()),
+                })
+            },
+        );
+        let qmp = match connected {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let agent = match Agent::connect(&run_dir.join("agent.sock")) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let mut vm = Vm {
+            config,
+            run_dir,
+            child,
+            qmp,
+            agent,
+        };
+        vm.wait_agent(Duration::from_secs(120))?;
+        Ok(vm)
+    }
+
+    /// Waits until the guest agent answers: the guest has booted.
+    pub fn wait_agent(&mut self, timeout: Duration) -> Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().ctx(|| "waiting on QEMU".into())? {
+                return Err(exited(&self.run_dir, status.to_string()));
+            }
+            match self.agent.run_timeout("true", Duration::from_secs(2)) {
+                Ok(out) if out.success() => return Ok(()),
+                Ok(_) | Err(LabError::Timeout { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            if start.elapsed() > timeout {
+                return Err(LabError::Timeout {
+                    what: format!("the guest agent of {}", self.config.name),
+                    secs: start.elapsed().as_secs_f64(),
+                    last: format!("; serial log tail:\n{}", serial_tail(&self.run_dir)),
+                });
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// QEMU's memory figures from /proc.
+    pub fn host_memory(&self) -> Result<ProcMemory> {
+        host::proc_memory(self.pid())
+    }
+
+    /// Bytes of guest RAM the host really holds (the memfd's allocated blocks).
+    pub fn ram_allocated(&self) -> Result<u64> {
+        host::memfd_allocated(self.pid())
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn serial_log(&self) -> String {
+        std::fs::read_to_string(self.run_dir.join("serial.log")).unwrap_or_default()
+    }
+}
+
+fn serial_tail(run_dir: &Path) -> String {
+    let log = std::fs::read_to_string(run_dir.join("serial.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn exited(run_dir: &Path, status: String) -> LabError {
+    let stderr = std::fs::read_to_string(run_dir.join("qemu.stderr")).unwrap_or_default();
+    LabError::QemuExited {
+        status: format!("{status}; stderr: {}", stderr.trim()),
+        serial_tail: serial_tail(run_dir),
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "VM {} kept its run directory for inspection: {}",
+                self.config.name,
+                self.run_dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.run_dir);
+        }
+    }
+}
