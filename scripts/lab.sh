@@ -215,7 +215,7 @@ do_debian() {
     fi
     mkdir -p "$out"
     rm -f "$out/rootfs.ext4.tmp"
-    as_root mkfs.ext4 -q -F -L balloon-root -d "$root" "$out/rootfs.ext4.tmp" 2G || die "mkfs.ext4 -d failed"
+    as_root mkfs.ext4 -q -F -L balloon-root -d "$root" "$out/rootfs.ext4.tmp" 2G >/dev/null || die "mkfs.ext4 -d failed"
     mv "$out/rootfs.ext4.tmp" "$out/rootfs.ext4"
     # A busybox initramfs loads virtio_blk (a module in the cloud kernel) and switches root.
     local stage

@@ -30,20 +30,28 @@ impl Image {
         })
     }
 
-    /// Builds the Debian image on demand (it is only needed by some tests).
+    /// Builds the Debian image on demand (only some tests need it), once per process so it
+    /// carries the current guest binaries.
     fn ensure(self) -> Result<()> {
-        if self == Image::Debian && !self.dir().join("rootfs.ext4").exists() {
-            let status = Command::new(lab::repo_root().join("scripts/lab.sh"))
-                .arg("debian")
-                .status()
-                .ctx(|| "running scripts/lab.sh debian".into())?;
-            if !status.success() {
-                return Err(LabError::Other(format!(
-                    "scripts/lab.sh debian failed ({status})"
-                )));
-            }
+        static DEBIAN: std::sync::OnceLock<std::result::Result<(), String>> =
+            std::sync::OnceLock::new();
+        if self != Image::Debian {
+            return Ok(());
         }
-        Ok(())
+        DEBIAN
+            .get_or_init(|| {
+                let status = Command::new(lab::repo_root().join("scripts/lab.sh"))
+                    .arg("debian")
+                    .status()
+                    .map_err(|e| format!("running scripts/lab.sh debian: {e}"))?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("scripts/lab.sh debian failed ({status})"))
+                }
+            })
+            .clone()
+            .map_err(LabError::Other)
     }
 }
 

@@ -50,3 +50,28 @@ fn qemu_does_not_survive_a_failing_test() {
     let alive = String::from_utf8_lossy(&cmdline).contains("doomed");
     assert!(!alive, "QEMU {pid} survived the failing test");
 }
+
+#[test]
+fn debian_image_boots_systemd_with_the_balloon_driver() {
+    let mut config = VmConfig::new("debian");
+    config.image = balloon_lab::Image::Debian;
+    config.cpus = 2;
+    config.builtin_balloon = Some(balloon_lab::BuiltinBalloon::default());
+    let mut vm = Vm::start(config).expect("boot the Debian image");
+    let init = vm.agent.sh("cat /proc/1/comm").unwrap();
+    assert_eq!(init.trim(), "systemd");
+    // The agent itself runs as a systemd unit; virtio_balloon was loaded by modules-load.d.
+    let unit = vm
+        .agent
+        .sh("systemctl is-active balloon-test-agent.service")
+        .unwrap();
+    assert_eq!(unit.trim(), "active");
+    let bound = vm
+        .agent
+        .sh("ls /sys/bus/virtio/drivers/virtio_balloon/")
+        .unwrap();
+    assert!(
+        bound.contains("virtio"),
+        "virtio_balloon not bound: {bound}"
+    );
+}

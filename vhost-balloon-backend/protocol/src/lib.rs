@@ -1,1 +1,12 @@
+//! Wire types shared by the balloon backend and its clients (the scheduler, `balloonctl`, the
+//! guest app), so both ends use one definition. The control protocol is JSON, one object per
+//! line, each with a `version` field.
 
+pub mod control;
+pub mod units;
+
+pub use control::{
+    BackendStatus, ControlReply, ControlRequest, GuestStatsSnapshot, RejectedInput,
+    CONTROL_PROTOCOL_VERSION,
+};
+pub use units::{bytes_to_pages, pages_to_bytes, parse_size, PAGE_SIZE};

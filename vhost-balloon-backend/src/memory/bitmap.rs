@@ -1,0 +1,111 @@
+//! One bit per 4 KiB page of a guest memory region: which pages the balloon holds.
+
+#[derive(Debug, Clone, Default)]
+pub struct PageBitmap {
+    words: Vec<u64>,
+    pages: u64,
+    set: u64,
+}
+
+impl PageBitmap {
+    pub fn new(pages: u64) -> Self {
+        PageBitmap {
+            words: vec![0; pages.div_ceil(64) as usize],
+            pages,
+            set: 0,
+        }
+    }
+
+    /// Pages whose bit is set.
+    pub fn count(&self) -> u64 {
+        self.set
+    }
+
+    pub fn get(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// Sets `count` bits from `start`; returns how many were newly set.
+    pub fn set_range(&mut self, start: u64, count: u64) -> u64 {
+        self.update(start, count, true)
+    }
+
+    /// Clears `count` bits from `start`; returns how many were set before.
+    pub fn clear_range(&mut self, start: u64, count: u64) -> u64 {
+        self.update(start, count, false)
+    }
+
+    /// Whether every bit in the range is set.
+    pub fn all_set(&self, start: u64, count: u64) -> bool {
+        (start..start + count).all(|p| self.get(p))
+    }
+
+    fn update(&mut self, start: u64, count: u64, value: bool) -> u64 {
+        let end = start.saturating_add(count).min(self.pages);
+        let mut changed = 0;
+        let mut page = start;
+        while page < end {
+            let word = (page / 64) as usize;
+            let first = page % 64;
+            let n = (64 - first).min(end - page);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << first
+            };
+            let before = self.words[word];
+            let after = if value { before | mask } else { before & !mask };
+            changed += u64::from((before ^ after).count_ones());
+            self.words[word] = after;
+            page += n;
+        }
+        if value {
+            self.set += changed;
+        } else {
+            self.set -= changed;
+        }
+        changed
+    }
+
+    /// Runs of set bits as (start, count), in order.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        let mut page = 0;
+        while page < self.pages {
+            if !self.get(page) {
+                page += 1;
+                continue;
+            }
+            let start = page;
+            while page < self.pages && self.get(page) {
+                page += 1;
+            }
+            runs.push((start, page - start));
+        }
+        runs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_clear_count_across_words() {
+        let mut b = PageBitmap::new(200);
+        assert_eq!(b.set_range(60, 10), 10);
+        assert_eq!(b.set_range(65, 10), 5);
+        assert_eq!(b.count(), 15);
+        assert!(b.all_set(60, 15));
+        assert!(!b.all_set(59, 2));
+        assert_eq!(b.clear_range(0, 64), 4);
+        assert_eq!(b.count(), 11);
+        assert_eq!(b.set_range(0, 1000), 189);
+        assert_eq!(b.count(), 200);
+        assert_eq!(b.runs(), vec![(0, 200)]);
+        assert_eq!(b.clear_range(100, u64::MAX), 100);
+        assert_eq!(b.set_range(500, 5), 0);
+        assert!(!b.get(500));
+        assert_eq!(b.runs(), vec![(0, 100)]);
+    }
+}
