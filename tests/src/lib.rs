@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod agent_proto;
+pub mod backend;
 pub mod bench;
 pub mod error;
 pub mod host;

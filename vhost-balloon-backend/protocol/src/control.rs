@@ -103,8 +103,11 @@ pub struct BackendStatus {
     pub guest_ram_bytes: u64,
     /// Balloon size the device asks for (config `num_pages`).
     pub target_bytes: u64,
-    /// Balloon size the driver reports (config `actual`).
+    /// Balloon size the driver reports (config `actual`), or, if the frontend does not forward
+    /// the driver's config writes, the tracked ballooned pages.
     pub actual_bytes: u64,
+    /// Whether `actual_bytes` came from the driver (false: derived from tracked pages).
+    pub actual_from_driver: bool,
     /// Pages currently ballooned, as tracked from inflate/deflate requests.
     pub ballooned_bytes: u64,
     /// Total bytes handed back to the host by discarding ballooned pages (grows).
@@ -112,6 +115,11 @@ pub struct BackendStatus {
     /// Total bytes discarded from free page reports (grows).
     pub reported_free_bytes: u64,
     pub discard_enabled: bool,
+    /// Discards the host refused (the pages stay allocated).
+    pub discard_errors: u64,
+    /// Whether the backend can tell the driver about target changes (the backend request
+    /// channel was found).
+    pub config_change_channel: bool,
     pub stats_interval_seconds: u64,
     pub stats: Option<GuestStatsSnapshot>,
     pub rejected: RejectedInput,

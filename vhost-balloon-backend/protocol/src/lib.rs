@@ -2,9 +2,11 @@
 //! guest app), so both ends use one definition. The control protocol is JSON, one object per
 //! line, each with a `version` field.
 
+pub mod client;
 pub mod control;
 pub mod units;
 
+pub use client::ControlClient;
 pub use control::{
     BackendStatus, ControlReply, ControlRequest, GuestStatsSnapshot, RejectedInput,
     CONTROL_PROTOCOL_VERSION,

@@ -1,0 +1,200 @@
+//! Our vhost-user balloon backend as a process beside a test VM.
+
+use crate::error::IoContext;
+use crate::lab;
+use crate::vm::VhostUserBalloon;
+use crate::wait::{wait_for, Poll};
+use crate::{LabError, Result};
+use balloon_protocol::{BackendStatus, ControlClient, ControlReply, ControlRequest};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Queues the backend offers by default: inflate, deflate, stats, free page reporting.
+pub const NUM_QUEUES: u32 = 4;
+/// struct virtio_balloon_config up to `actual`.
+pub const CONFIG_SIZE: u32 = 8;
+
+pub struct Backend {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub control_socket: PathBuf,
+    pub state_file: PathBuf,
+    pub extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Backend {
+    /// Starts `vhost-balloon-backend` with its sockets and state file in a fresh directory.
+    pub fn start(name: &str, extra_args: &[&str]) -> Result<Backend> {
+        let dir = lab::run_dir(&format!("{name}-backend"))?;
+        let mut b = Backend {
+            socket: dir.join("vhost.sock"),
+            control_socket: dir.join("control.sock"),
+            state_file: dir.join("state.json"),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            dir,
+            child: None,
+        };
+        b.restart()?;
+        Ok(b)
+    }
+
+    /// Starts the process again on the same sockets and state file (after `kill`).
+    pub fn restart(&mut self) -> Result<()> {
+        let exe = lab::workspace_binary("vhost-balloon-backend")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("backend.log"))
+            .ctx(|| "creating backend.log".into())?;
+        let log2 = log.try_clone().ctx(|| "backend.log".into())?;
+        let _ = std::fs::remove_file(&self.control_socket);
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--control-socket")
+            .arg(&self.control_socket)
+            .arg("--state-file")
+            .arg(&self.state_file)
+            .args(&self.extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("BACKEND_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // SAFETY: prctl only sets this child's parent-death signal.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().ctx(|| format!("starting {}", exe.display()))?;
+        self.child = Some(child);
+        let control = self.control_socket.clone();
+        wait_for(
+            "the backend's control socket",
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || {
+                Ok(match ControlClient::connect(&control) {
+                    Ok(_) => Poll::Ready(()),
+                    Err(e) => Poll::Pending(e.to_string()),
+                })
+            },
+        )
+    }
+
+    /// The device as QEMU should attach it.
+    pub fn device(&self) -> VhostUserBalloon {
+        VhostUserBalloon {
+            socket: self.socket.clone(),
+            num_vqs: NUM_QUEUES,
+            config_size: CONFIG_SIZE,
+            reconnect_ms: None,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut c = self
+            .child
+            .take()
+            .ok_or_else(|| LabError::Other("backend not running".into()))?;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().ctx(|| "waiting for the backend".into())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn request(&self, request: ControlRequest) -> Result<ControlReply> {
+        let mut c = ControlClient::connect(&self.control_socket)
+            .ctx(|| "connecting to the control socket".into())?;
+        c.request(request).ctx(|| "control request".into())
+    }
+
+    pub fn status(&self) -> Result<BackendStatus> {
+        let reply = self.request(ControlRequest::Status)?;
+        reply
+            .status
+            .ok_or_else(|| LabError::Other(format!("status failed: {:?}", reply.error)))
+    }
+
+    pub fn set_target(&self, target_bytes: u64) -> Result<BackendStatus> {
+        let reply = self.request(ControlRequest::SetTarget { target_bytes })?;
+        reply
+            .status
+            .ok_or_else(|| LabError::Other(format!("set_target failed: {:?}", reply.error)))
+    }
+
+    /// Waits until the driver reports `actual` equal to the target.
+    pub fn wait_actual(&self, target_bytes: u64, timeout: Duration) -> Result<BackendStatus> {
+        wait_for(
+            "the balloon's actual to reach the target",
+            timeout,
+            Duration::from_millis(20),
+            || {
+                let s = self.status()?;
+                Ok(if s.actual_bytes == target_bytes {
+                    Poll::Ready(s)
+                } else {
+                    Poll::Pending(format!(
+                        "actual {} MiB, target {} MiB",
+                        s.actual_bytes >> 20,
+                        s.target_bytes >> 20
+                    ))
+                })
+            },
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("backend.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "backend kept its directory for inspection: {}\n--- backend.log tail ---\n{}",
+                self.dir.display(),
+                self.log()
+                    .lines()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

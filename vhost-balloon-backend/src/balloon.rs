@@ -1,0 +1,428 @@
+//! The balloon device's state and what each queue's buffers do to it, independent of
+//! vhost-user: the vhost glue (vhu_balloon.rs) and the unit tests on mock rings both drive it
+//! through `drain_queue`.
+
+use crate::config_change::{self, ConfigChangeChannel};
+use crate::device::features::{self, bit, FeatureChoice};
+use crate::device::pfn::{parse_pfns, MAX_PFNS_PER_CHAIN};
+use crate::device::stats::{parse_stats, GuestStats};
+use crate::device::{BalloonConfig, QueueKind, QueueLayout};
+use crate::memory::{merge_pfns, pages_within, GuestMemoryMap, PageOutcome};
+use crate::state::PersistentState;
+use balloon_protocol::{
+    bytes_to_pages, pages_to_bytes, BackendStatus, GuestStatsSnapshot, RejectedInput,
+};
+use std::collections::BTreeSet;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::time::Instant;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemory};
+
+/// The most bytes read from one statistics chain (16 tags need 160).
+const MAX_STATS_BYTES: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BalloonError {
+    #[error("target of {requested} bytes exceeds guest RAM ({ram} bytes)")]
+    TargetTooLarge { requested: u64, ram: u64 },
+    #[error("target of {0} bytes does not fit the device's 32-bit page count")]
+    TargetOutOfRange(u64),
+    #[error("persisting the state: {0}")]
+    State(#[from] crate::state::StateError),
+    #[error("virtqueue: {0}")]
+    Queue(#[from] virtio_queue::Error),
+}
+
+/// Running totals, for status and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub reclaimed_bytes: u64,
+    pub reported_free_bytes: u64,
+    pub discard_calls: u64,
+    pub discard_errors: u64,
+    pub inflate_chains: u64,
+    pub deflate_chains: u64,
+    pub report_chains: u64,
+    pub stats_updates: u64,
+    pub config_changes_sent: u64,
+    pub rejected: RejectedInput,
+}
+
+/// What the device does with a chain once handled.
+enum ChainDisposition {
+    /// Return it to the driver now, with this many bytes written.
+    Used(u32),
+    /// Keep it (the statistics buffer, returned when fresh figures are wanted).
+    Hold,
+}
+
+pub struct Balloon {
+    pub config: BalloonConfig,
+    pub memory: GuestMemoryMap,
+    pub feature_choice: FeatureChoice,
+    pub acked_features: u64,
+    pub layout: QueueLayout,
+    /// The frontend sent the driver's writes of `actual` (SET_CONFIG). If it never does, status
+    /// derives `actual` from the tracked pages.
+    pub actual_from_driver: bool,
+    pub discard_enabled: bool,
+    pub stats_interval_seconds: u64,
+    pub counters: Counters,
+    pub stats: Option<(Instant, GuestStats)>,
+    /// Head of the statistics buffer the device holds until it wants fresh figures.
+    pub stats_held: Option<u16>,
+    channel: Option<ConfigChangeChannel>,
+    sockets_before_channel: BTreeSet<RawFd>,
+    state_file: Option<PathBuf>,
+}
+
+impl Balloon {
+    pub fn new(feature_choice: FeatureChoice, state_file: Option<PathBuf>) -> Self {
+        Balloon {
+            config: BalloonConfig::default(),
+            memory: GuestMemoryMap::default(),
+            feature_choice,
+            acked_features: 0,
+            layout: QueueLayout::for_features(0),
+            actual_from_driver: false,
+            discard_enabled: true,
+            stats_interval_seconds: 0,
+            counters: Counters::default(),
+            stats: None,
+            stats_held: None,
+            channel: None,
+            sockets_before_channel: BTreeSet::new(),
+            state_file,
+        }
+    }
+
+    /// Takes over what a previous run persisted.
+    pub fn restore(&mut self, state: &PersistentState) {
+        self.config.num_pages = state.target_pages.min(u64::from(u32::MAX)) as u32;
+        self.stats_interval_seconds = state.stats_interval_seconds;
+        self.discard_enabled = state.discard_enabled;
+    }
+
+    fn persist(&self) -> Result<(), BalloonError> {
+        if let Some(path) = &self.state_file {
+            PersistentState {
+                version: 1,
+                target_pages: u64::from(self.config.num_pages),
+                stats_interval_seconds: self.stats_interval_seconds,
+                discard_enabled: self.discard_enabled,
+            }
+            .save(path)?;
+        }
+        Ok(())
+    }
+
+    /// The driver acknowledged features and the frontend sent guest RAM: the device runs.
+    pub fn device_started(&self) -> bool {
+        self.acked_features & bit(features::VIRTIO_F_VERSION_1) != 0 && !self.memory.is_empty()
+    }
+
+    pub fn set_acked_features(&mut self, acked: u64) {
+        self.acked_features = acked;
+        self.layout = QueueLayout::for_features(acked);
+        log::info!(
+            "driver acknowledged features {acked:#x}: {}",
+            features::names(acked).join(" ")
+        );
+    }
+
+    /// The driver reset the device or the frontend went away: the queues are gone.
+    pub fn reset(&mut self) {
+        self.acked_features = 0;
+        self.layout = QueueLayout::for_features(0);
+        self.stats_held = None;
+    }
+
+    pub fn disconnected(&mut self) {
+        self.reset();
+        self.channel = None;
+    }
+
+    /// Called when the frontend asks for protocol features, before it may send the backend
+    /// request channel: remembers which sockets exist now.
+    pub fn before_backend_channel(&mut self) {
+        self.sockets_before_channel = config_change::unnamed_unix_stream_sockets();
+    }
+
+    /// Called from `set_backend_req_fd`: finds the channel and tells the driver about the
+    /// current target, which a restarted backend may hold.
+    pub fn backend_channel_arrived(&mut self) {
+        match config_change::find_new_channel(&self.sockets_before_channel) {
+            Ok(channel) => {
+                log::info!(
+                    "backend request channel found (fd {}): config changes will reach the driver",
+                    channel.raw_fd()
+                );
+                self.channel = Some(channel);
+                if self.config.num_pages != 0 {
+                    self.notify_config_change();
+                }
+            }
+            Err(e) => log::error!(
+                "cannot find the backend request channel ({e}); the driver will not learn target changes until it reads the config itself"
+            ),
+        }
+    }
+
+    fn notify_config_change(&mut self) {
+        let Some(channel) = self.channel.as_mut() else {
+            log::warn!("no backend request channel: the driver is not told about the new target");
+            return;
+        };
+        match channel.notify(false) {
+            Ok(()) => self.counters.config_changes_sent += 1,
+            Err(e) => {
+                log::error!("config-change message failed: {e}");
+                self.channel = None;
+            }
+        }
+    }
+
+    /// Asks the guest for a balloon of `target_bytes`.
+    pub fn set_target(&mut self, target_bytes: u64) -> Result<(), BalloonError> {
+        let ram = self.memory.ram_bytes();
+        if ram > 0 && target_bytes > ram {
+            return Err(BalloonError::TargetTooLarge {
+                requested: target_bytes,
+                ram,
+            });
+        }
+        let pages = u32::try_from(bytes_to_pages(target_bytes))
+            .map_err(|_| BalloonError::TargetOutOfRange(target_bytes))?;
+        let changed = pages != self.config.num_pages;
+        self.config.num_pages = pages;
+        self.persist()?;
+        if changed {
+            log::info!("target {} MiB", target_bytes >> 20);
+            self.notify_config_change();
+        }
+        Ok(())
+    }
+
+    pub fn set_stats_interval(&mut self, seconds: u64) -> Result<(), BalloonError> {
+        self.stats_interval_seconds = seconds;
+        self.persist()
+    }
+
+    /// Switching discards back on returns the pages ballooned meanwhile.
+    pub fn set_discard(&mut self, enabled: bool) -> Result<(), BalloonError> {
+        let was = self.discard_enabled;
+        self.discard_enabled = enabled;
+        self.persist()?;
+        if enabled && !was {
+            let out = self.memory.discard_all_ballooned();
+            self.count_discards(out);
+            self.counters.reclaimed_bytes += out.discarded_bytes;
+        }
+        Ok(())
+    }
+
+    /// A config read from the frontend.
+    pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config.read(offset, size)
+    }
+
+    /// A config write from the frontend (the driver's `actual`).
+    pub fn write_config(&mut self, offset: u32, data: &[u8]) {
+        self.actual_from_driver = true;
+        if self.config.write(offset, data) {
+            log::debug!("driver reports actual {} pages", self.config.actual);
+        }
+    }
+
+    pub fn status(&self) -> BackendStatus {
+        BackendStatus {
+            device_started: self.device_started(),
+            guest_ram_bytes: self.memory.ram_bytes(),
+            target_bytes: pages_to_bytes(u64::from(self.config.num_pages)),
+            actual_bytes: if self.actual_from_driver {
+                pages_to_bytes(u64::from(self.config.actual))
+            } else {
+                pages_to_bytes(self.memory.ballooned_pages())
+            },
+            actual_from_driver: self.actual_from_driver,
+            ballooned_bytes: pages_to_bytes(self.memory.ballooned_pages()),
+            reclaimed_bytes: self.counters.reclaimed_bytes,
+            reported_free_bytes: self.counters.reported_free_bytes,
+            discard_enabled: self.discard_enabled,
+            discard_errors: self.counters.discard_errors,
+            config_change_channel: self.channel.is_some(),
+            stats_interval_seconds: self.stats_interval_seconds,
+            stats: self.stats.as_ref().map(|(at, s)| GuestStatsSnapshot {
+                age_seconds: at.elapsed().as_secs_f64(),
+                values: s.values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                unknown: s.unknown.clone(),
+            }),
+            rejected: self.counters.rejected.clone(),
+            features: features::names(self.acked_features),
+        }
+    }
+
+    fn count_discards(&mut self, out: PageOutcome) {
+        self.counters.discard_calls += out.discard_calls;
+        self.counters.discard_errors += out.discard_errors;
+        self.counters.rejected.pages_outside_ram += out.outside_pages;
+    }
+
+    /// Reads the device-readable part of a chain, up to `limit` bytes. Descriptors the device
+    /// should not read (device-writable ones) or that point outside guest memory are counted
+    /// as bad and skipped.
+    fn read_chain<M: GuestMemory>(&mut self, chain: DescriptorChain<&M>, limit: usize) -> Vec<u8> {
+        let mem = chain.memory();
+        let mut data = Vec::new();
+        for desc in chain.clone() {
+            if desc.is_write_only() {
+                self.counters.rejected.bad_descriptors += 1;
+                continue;
+            }
+            let room = limit.saturating_sub(data.len());
+            if room == 0 {
+                self.counters.rejected.bad_descriptors += 1;
+                break;
+            }
+            let len = (desc.len() as usize).min(room);
+            let start = data.len();
+            data.resize(start + len, 0);
+            if mem.read_slice(&mut data[start..], desc.addr()).is_err() {
+                self.counters.rejected.bad_descriptors += 1;
+                data.truncate(start);
+            }
+        }
+        data
+    }
+
+    fn handle_chain<M: GuestMemory>(
+        &mut self,
+        kind: QueueKind,
+        chain: DescriptorChain<&M>,
+    ) -> ChainDisposition {
+        match kind {
+            QueueKind::Inflate | QueueKind::Deflate => {
+                let data = self.read_chain(chain, MAX_PFNS_PER_CHAIN * 4);
+                let mut pfns = Vec::with_capacity(data.len() / 4);
+                if parse_pfns(&data, &mut pfns) != 0 {
+                    self.counters.rejected.bad_descriptors += 1;
+                }
+                let ranges = merge_pfns(&mut pfns);
+                if kind == QueueKind::Inflate {
+                    self.counters.inflate_chains += 1;
+                    let out = self.memory.inflate(&ranges, self.discard_enabled);
+                    self.count_discards(out);
+                    self.counters.reclaimed_bytes += out.discarded_bytes;
+                    log_outside("inflate", out);
+                } else {
+                    self.counters.deflate_chains += 1;
+                    let out = self.memory.deflate(&ranges);
+                    self.count_discards(out);
+                    log_outside("deflate", out);
+                }
+                ChainDisposition::Used(0)
+            }
+            QueueKind::Stats => {
+                let data = self.read_chain(chain.clone(), MAX_STATS_BYTES);
+                let (stats, err) = parse_stats(&data);
+                if let Some(e) = err {
+                    self.counters.rejected.bad_stats += 1;
+                    log::warn!("guest statistics: {e}");
+                }
+                self.counters.stats_updates += 1;
+                self.stats = Some((Instant::now(), stats));
+                ChainDisposition::Hold
+            }
+            QueueKind::Reporting => {
+                // Free page reports are device-writable buffers whose addresses are the free
+                // pages themselves; nothing is written back.
+                let mut ranges = Vec::new();
+                for desc in chain.clone() {
+                    if !desc.is_write_only() {
+                        self.counters.rejected.bad_descriptors += 1;
+                        continue;
+                    }
+                    if let Some(r) = pages_within(desc.addr().0, u64::from(desc.len())) {
+                        ranges.push(r);
+                    }
+                }
+                self.counters.report_chains += 1;
+                if self.discard_enabled {
+                    let out = self.memory.discard_free(&ranges);
+                    self.count_discards(out);
+                    self.counters.reported_free_bytes += out.discarded_bytes;
+                    log_outside("free page report", out);
+                }
+                ChainDisposition::Used(0)
+            }
+            QueueKind::FreePageHint => {
+                // Not offered; a driver that uses it anyway gets its buffers back untouched.
+                self.counters.rejected.bad_descriptors += 1;
+                ChainDisposition::Used(0)
+            }
+        }
+    }
+}
+
+fn log_outside(what: &str, out: PageOutcome) {
+    if out.outside_pages > 0 {
+        log::warn!(
+            "{what}: {} pages outside guest RAM skipped",
+            out.outside_pages
+        );
+    }
+}
+
+/// Handles every available chain of the queue at `index`; returns how many chains went back to
+/// the driver. The statistics buffer is kept (see `Balloon::stats_held`); a second one
+/// arriving while one is held sends the older back.
+pub fn drain_queue<M: GuestMemory>(
+    balloon: &mut Balloon,
+    index: usize,
+    queue: &mut Queue,
+    mem: &M,
+) -> Result<usize, BalloonError> {
+    let Some(kind) = balloon.layout.kind(index) else {
+        // A queue the negotiated features do not give a meaning: return its buffers unread.
+        let heads: Vec<u16> = queue.iter(mem)?.map(|c| c.head_index()).collect();
+        for head in &heads {
+            balloon.counters.rejected.bad_descriptors += 1;
+            queue.add_used(mem, *head, 0)?;
+        }
+        return Ok(heads.len());
+    };
+    let chains: Vec<DescriptorChain<&M>> = queue.iter(mem)?.collect();
+    let mut used = 0;
+    for chain in chains {
+        let head = chain.head_index();
+        match balloon.handle_chain(kind, chain) {
+            ChainDisposition::Used(len) => {
+                queue.add_used(mem, head, len)?;
+                used += 1;
+            }
+            ChainDisposition::Hold => {
+                if let Some(older) = balloon.stats_held.replace(head) {
+                    queue.add_used(mem, older, 0)?;
+                    used += 1;
+                }
+            }
+        }
+    }
+    Ok(used)
+}
+
+/// Returns the held statistics buffer, which makes the driver send fresh figures.
+pub fn request_stats<M: GuestMemory>(
+    balloon: &mut Balloon,
+    queue: &mut Queue,
+    mem: &M,
+) -> Result<bool, BalloonError> {
+    match balloon.stats_held.take() {
+        Some(head) => {
+            queue.add_used(mem, head, 0)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}

@@ -1,0 +1,201 @@
+//! Wiring: state, control socket, signals, and the vhost-user serve loop (which accepts the
+//! frontend again after it disconnects, so QEMU's reconnect-ms and backend restarts work).
+
+use crate::balloon::{Balloon, BalloonError};
+use crate::control::{self, ControlHandler};
+use crate::device::features::FeatureChoice;
+use crate::options::Options;
+use crate::state::PersistentState;
+use crate::vhu_balloon::{lock, StatsTimer, VhostUserBalloon};
+use balloon_protocol::{pages_to_bytes, ControlReply, ControlRequest};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    State(#[from] crate::state::StateError),
+    #[error("{0}")]
+    Balloon(#[from] BalloonError),
+    #[error("statistics timer: {0}")]
+    Timer(std::io::Error),
+    #[error("control socket {path}: {source}")]
+    ControlSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("vhost-user daemon: {0}")]
+    Vhost(String),
+    #[error("signal setup: {0}")]
+    Signals(std::io::Error),
+}
+
+/// What the control socket drives: the device state and the statistics timer.
+struct Control {
+    balloon: Arc<Mutex<Balloon>>,
+    stats_timer: Arc<StatsTimer>,
+}
+
+impl ControlHandler for Control {
+    fn handle(&self, request: ControlRequest) -> ControlReply {
+        let mut balloon = lock(&self.balloon);
+        let result = match request {
+            ControlRequest::Status => Ok(()),
+            ControlRequest::SetTarget { target_bytes } => {
+                balloon.set_target(target_bytes).map_err(|e| e.to_string())
+            }
+            ControlRequest::SetStatsInterval { seconds } => balloon
+                .set_stats_interval(seconds)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    self.stats_timer
+                        .set_interval(seconds)
+                        .map_err(|e| format!("statistics timer: {e}"))
+                }),
+            ControlRequest::SetDiscard { enabled } => {
+                balloon.set_discard(enabled).map_err(|e| e.to_string())
+            }
+        };
+        match result {
+            Ok(()) => ControlReply::status(balloon.status()),
+            Err(e) => ControlReply::error(e),
+        }
+    }
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in every thread (call before starting any) and returns
+/// a thread that waits for them and exits the process cleanly.
+fn handle_signals(cleanup: Vec<PathBuf>) -> Result<(), DaemonError> {
+    // SAFETY: plain signal-mask calls on a set we own.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(DaemonError::Signals(std::io::Error::last_os_error()));
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait on the set blocked above.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                log::info!("signal {sig}: shutting down");
+                // The state file is written on every change, so nothing is left to save;
+                // removing the sockets tells clients the backend is gone.
+                for path in &cleanup {
+                    let _ = std::fs::remove_file(path);
+                }
+                std::process::exit(0);
+            }
+        })
+        .map(|_| ())
+        .map_err(DaemonError::Signals)
+}
+
+/// Runs the backend until a signal ends it.
+pub fn run(options: Options) -> Result<(), DaemonError> {
+    let mut cleanup = vec![options.socket.clone()];
+    cleanup.extend(options.control_socket.clone());
+    handle_signals(cleanup)?;
+
+    let choice = FeatureChoice {
+        stats: options.stats,
+        deflate_on_oom: options.deflate_on_oom,
+        free_page_reporting: options.free_page_reporting,
+    };
+    let mut balloon = Balloon::new(choice, options.state_file.clone());
+    let saved = match &options.state_file {
+        Some(path) => PersistentState::load(path)?,
+        None => None,
+    };
+    match saved {
+        Some(state) => {
+            log::info!(
+                "resuming from the state file: target {} MiB, stats every {} s, discard {}",
+                pages_to_bytes(state.target_pages) >> 20,
+                state.stats_interval_seconds,
+                if state.discard_enabled { "on" } else { "off" }
+            );
+            balloon.restore(&state);
+        }
+        None => {
+            balloon.set_stats_interval(options.stats_interval)?;
+            balloon.set_discard(options.discard)?;
+            balloon.set_target(options.target.unwrap_or(0))?;
+        }
+    }
+    let stats_timer = Arc::new(StatsTimer::new().map_err(DaemonError::Timer)?);
+    stats_timer
+        .set_interval(balloon.stats_interval_seconds)
+        .map_err(DaemonError::Timer)?;
+    let balloon = Arc::new(Mutex::new(balloon));
+
+    if let Some(path) = &options.control_socket {
+        let listener = control::bind(path).map_err(|source| DaemonError::ControlSocket {
+            path: path.clone(),
+            source,
+        })?;
+        let handler = Arc::new(Control {
+            balloon: balloon.clone(),
+            stats_timer: stats_timer.clone(),
+        });
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || control::serve(listener, handler))
+            .map_err(|source| DaemonError::ControlSocket {
+                path: path.clone(),
+                source,
+            })?;
+        log::info!("control socket {}", path.display());
+    }
+
+    let backend = VhostUserBalloon::new(balloon, stats_timer);
+    let mut listener = Listener::new(&options.socket, true).map_err(|e| {
+        DaemonError::Vhost(format!(
+            "cannot listen on {}: {e}",
+            options.socket.display()
+        ))
+    })?;
+    loop {
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-balloon".into(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| DaemonError::Vhost(e.to_string()))?;
+        let workers = daemon.get_epoll_handlers();
+        for worker in &workers {
+            worker
+                .register_listener(
+                    backend.stats_timer_fd(),
+                    EventSet::IN,
+                    backend.stats_timer_event(),
+                )
+                .map_err(DaemonError::Timer)?;
+        }
+        log::info!("waiting for the frontend on {}", options.socket.display());
+        if let Err(e) = daemon.start(&mut listener) {
+            log::error!("accepting the frontend failed: {e}");
+            continue;
+        }
+        log::info!("frontend connected");
+        let result = daemon.wait();
+        for worker in &workers {
+            worker.send_exit_event();
+        }
+        backend.disconnected();
+        match result {
+            Ok(()) => log::info!("frontend disconnected; waiting for it to come back"),
+            Err(e) => log::warn!("frontend connection ended: {e}"),
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The vhost-user glue: the `VhostUserBackend` implementation that moves chains from the vrings
+//! into the device model (balloon.rs) and results back, nothing more.
+
+use crate::balloon::{drain_queue, request_stats, Balloon};
+use crate::device::QueueKind;
+use crate::memory::{discard::host_page_size, Backing, GuestRegion};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::timerfd::TimerFd;
+
+pub type GuestMemoryMmapAtomic = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+pub type Vring = VringRwLock<GuestMemoryMmapAtomic>;
+
+/// The largest virtqueue the device accepts (QEMU's vhost-user-test-device uses 64 by default).
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// Locks the device state; a panic elsewhere while holding it must not take the device down.
+pub fn lock(balloon: &Mutex<Balloon>) -> MutexGuard<'_, Balloon> {
+    balloon.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The timer that asks the guest for fresh statistics, shared with the control socket.
+pub struct StatsTimer {
+    timer: Mutex<TimerFd>,
+}
+
+impl StatsTimer {
+    pub fn new() -> io::Result<Self> {
+        Ok(StatsTimer {
+            timer: Mutex::new(TimerFd::new()?),
+        })
+    }
+
+    pub fn set_interval(&self, seconds: u64) -> io::Result<()> {
+        let mut t = self.timer.lock().unwrap_or_else(|e| e.into_inner());
+        let result = if seconds == 0 {
+            t.clear()
+        } else {
+            let d = Duration::from_secs(seconds);
+            t.reset(d, Some(d))
+        };
+        result.map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn fd(&self) -> i32 {
+        self.timer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_raw_fd()
+    }
+
+    fn consume(&self) {
+        let _ = self.timer.lock().unwrap_or_else(|e| e.into_inner()).wait();
+    }
+}
+
+#[derive(Clone)]
+pub struct VhostUserBalloon {
+    pub balloon: Arc<Mutex<Balloon>>,
+    pub stats_timer: Arc<StatsTimer>,
+    mem: Arc<Mutex<Option<GuestMemoryMmapAtomic>>>,
+    event_idx: Arc<AtomicBool>,
+    /// Kept so the vhost crate's end of the channel stays open as long as ours.
+    backend_req: Arc<Mutex<Option<Backend>>>,
+}
+
+impl VhostUserBalloon {
+    pub fn new(balloon: Arc<Mutex<Balloon>>, stats_timer: Arc<StatsTimer>) -> Self {
+        VhostUserBalloon {
+            balloon,
+            stats_timer,
+            mem: Arc::new(Mutex::new(None)),
+            event_idx: Arc::new(AtomicBool::new(false)),
+            backend_req: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The event id of the statistics timer in the worker's epoll set (ids up to num_queues
+    /// are the queues' and the exit event's).
+    pub fn stats_timer_event(&self) -> u64 {
+        self.num_queues() as u64 + 1
+    }
+
+    /// Registers the statistics timer with a daemon's worker.
+    pub fn stats_timer_fd(&self) -> i32 {
+        self.stats_timer.fd()
+    }
+
+    /// The frontend went away: forget what only lived with that connection.
+    pub fn disconnected(&self) {
+        lock(&self.balloon).disconnected();
+        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn memory(&self) -> Option<GuestMemoryMmapAtomic> {
+        self.mem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn process_vring(&self, index: usize, vring: &Vring) {
+        let Some(atomic) = self.memory() else {
+            log::warn!("queue {index} kicked before the memory table arrived");
+            return;
+        };
+        let mem = atomic.memory();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    log::warn!("queue {index}: {e}");
+                }
+            }
+            let used = {
+                let mut balloon = lock(&self.balloon);
+                let mut state = vring.get_mut();
+                drain_queue(&mut balloon, index, state.get_queue_mut(), &*mem)
+            };
+            match used {
+                Ok(n) if n > 0 => self.signal(vring, index),
+                Ok(_) => {}
+                // A broken ring (e.g. an avail index beyond the queue size) comes from the
+                // guest: log it and leave the queue alone; the daemon stays up.
+                Err(e) => {
+                    log::error!("queue {index}: {e}");
+                    lock(&self.balloon).counters.rejected.bad_descriptors += 1;
+                    return;
+                }
+            }
+            if !event_idx {
+                return;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    log::warn!("queue {index}: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn signal(&self, vring: &Vring, index: usize) {
+        let needed =
+            !self.event_idx.load(Ordering::Relaxed) || vring.needs_notification().unwrap_or(true);
+        if needed {
+            if let Err(e) = vring.signal_used_queue() {
+                log::warn!("queue {index}: signalling the guest failed: {e}");
+            }
+        }
+    }
+
+    fn stats_tick(&self, vrings: &[Vring]) {
+        self.stats_timer.consume();
+        let Some(atomic) = self.memory() else { return };
+        let mem = atomic.memory();
+        let mut balloon = lock(&self.balloon);
+        let Some(index) = balloon.layout.index(QueueKind::Stats) else {
+            return;
+        };
+        let Some(vring) = vrings.get(index) else {
+            return;
+        };
+        let returned = {
+            let mut state = vring.get_mut();
+            request_stats(&mut balloon, state.get_queue_mut(), &*mem)
+        };
+        drop(balloon);
+        match returned {
+            Ok(true) => self.signal(vring, index),
+            Ok(false) => {}
+            Err(e) => log::warn!("statistics queue: {e}"),
+        }
+    }
+}
+
+impl VhostUserBackend for VhostUserBalloon {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        // Inflate and deflate, plus one queue per optional feature; the driver compacts the
+        // indices over what it negotiates (see device::queues).
+        let choice = lock(&self.balloon).feature_choice;
+        2 + usize::from(choice.stats) + usize::from(choice.free_page_reporting)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        lock(&self.balloon).feature_choice.offered()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        lock(&self.balloon).set_acked_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // The frontend asks for these before it may send the backend request channel: the
+        // moment to note which sockets already exist (see config_change.rs).
+        lock(&self.balloon).before_backend_channel();
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::MQ
+    }
+
+    fn reset_device(&self) {
+        lock(&self.balloon).reset();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        lock(&self.balloon).read_config(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        lock(&self.balloon).write_config(offset, buf);
+        Ok(())
+    }
+
+    fn update_memory(&self, atomic: GuestMemoryMmapAtomic) -> io::Result<()> {
+        let regions: Vec<GuestRegion> = {
+            let mem = atomic.memory();
+            mem.iter()
+                .map(|r| {
+                    let file = r.file_offset().map(|fo| (fo.arc().clone(), fo.start()));
+                    let page = host_page_size(file.as_ref().map(|(f, _)| &**f));
+                    GuestRegion::new(
+                        r.start_addr().0,
+                        r.len(),
+                        Backing {
+                            host_addr: r.as_ptr() as usize,
+                            file,
+                        },
+                        page,
+                    )
+                })
+                .collect()
+        };
+        {
+            let mut balloon = lock(&self.balloon);
+            for r in &regions {
+                log::info!(
+                    "guest RAM region: gpa {:#x}, {} MiB, host pages of {} KiB, {}",
+                    r.gpa,
+                    r.len >> 20,
+                    r.host_page_size >> 10,
+                    if r.backing.file.is_some() {
+                        "fd-backed"
+                    } else {
+                        "no fd"
+                    }
+                );
+            }
+            balloon.memory.replace_regions(regions);
+        }
+        // The old mappings stay alive until this (and every guard on it) is replaced.
+        *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = Some(atomic);
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        lock(&self.balloon).backend_channel_arrived();
+        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            log::warn!("unexpected event set {evset:?} for event {device_event}");
+        }
+        let event = u64::from(device_event);
+        if event == self.stats_timer_event() {
+            self.stats_tick(vrings);
+        } else if let Some(vring) = vrings.get(device_event as usize) {
+            self.process_vring(device_event as usize, vring);
+        } else {
+            log::warn!("event for unknown queue {device_event}");
+        }
+        Ok(())
+    }
+}
