@@ -2,6 +2,7 @@
 //! Linux virtio_balloon driver in the guest.
 
 use balloon_lab::backend::Backend;
+use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::{Vm, VmConfig, MIB};
 use std::time::Duration;
 
@@ -64,4 +65,100 @@ fn inflate_returns_memory_and_deflate_gives_it_back() {
         .unwrap();
     assert_eq!(vm.agent.oom_kills().unwrap(), 0);
     assert_eq!(status.rejected, Default::default());
+}
+
+#[test]
+fn free_page_reporting_returns_freed_memory_without_a_target() {
+    let backend = Backend::start("report", &[]).unwrap();
+    let mut vm = boot("report", &backend);
+    vm.agent
+        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null")
+        .unwrap();
+    let full = vm.host_memory().unwrap().rss_shmem;
+    vm.agent.sh("rm /tmp/fill").unwrap();
+    let start = std::time::Instant::now();
+    let after = wait_for(
+        "RssShmem to drop by 400 MiB after the guest freed 600 MiB",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            let now = vm.host_memory()?.rss_shmem;
+            Ok(if full.saturating_sub(now) >= 400 * MIB {
+                Poll::Ready(now)
+            } else {
+                Poll::Pending(format!("RssShmem {} MiB (from {})", mib(now), mib(full)))
+            })
+        },
+    )
+    .unwrap();
+    let status = backend.status().unwrap();
+    eprintln!(
+        "RssShmem {} -> {} MiB in {:.1} s; reported free {} MiB",
+        mib(full),
+        mib(after),
+        start.elapsed().as_secs_f64(),
+        mib(status.reported_free_bytes)
+    );
+    assert_eq!(status.target_bytes, 0);
+    assert_eq!(status.ballooned_bytes, 0);
+    assert!(status.reported_free_bytes >= 400 * MIB, "{status:?}");
+    // The guest still has all its memory and can use it again.
+    vm.agent
+        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null && rm /tmp/fill")
+        .unwrap();
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+}
+
+#[test]
+fn statistics_arrive_and_agree_with_the_guest() {
+    let backend = Backend::start("stats", &["--stats-interval", "1"]).unwrap();
+    let mut vm = boot("stats", &backend);
+    // Fresh figures: newer than the moment we look at the guest's own.
+    let stats = wait_for(
+        "statistics younger than 1.5 s",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let s = backend.status()?;
+            Ok(match s.stats {
+                Some(st) if st.age_seconds < 1.5 && st.values.contains_key("available_memory") => {
+                    Poll::Ready(st)
+                }
+                other => Poll::Pending(format!("{other:?}")),
+            })
+        },
+    )
+    .unwrap();
+    let meminfo = vm.agent.meminfo().unwrap();
+    eprintln!(
+        "stats {:?}\nMemTotal {} MemAvailable {}",
+        stats.values, meminfo["MemTotal"], meminfo["MemAvailable"]
+    );
+    assert_eq!(stats.values["total_memory"], meminfo["MemTotal"]);
+    let avail = stats.values["available_memory"];
+    assert!(
+        avail.abs_diff(meminfo["MemAvailable"]) < 32 * MIB,
+        "available_memory {} MiB vs MemAvailable {} MiB",
+        mib(avail),
+        mib(meminfo["MemAvailable"])
+    );
+    assert!(stats.values["free_memory"] <= stats.values["total_memory"]);
+    // They keep coming: a snapshot that arrived (host clock: now - age) well after this one.
+    let origin = std::time::Instant::now();
+    let arrival = |age: f64| origin.elapsed().as_secs_f64() - age;
+    let first = arrival(stats.age_seconds);
+    wait_for(
+        "a newer statistics snapshot",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let s = backend.status()?.stats.map(|s| arrival(s.age_seconds));
+            Ok(match s {
+                Some(t) if t > first + 0.5 => Poll::Ready(()),
+                other => Poll::Pending(format!("arrival {other:?} vs {first}")),
+            })
+        },
+    )
+    .unwrap();
+    assert_eq!(backend.status().unwrap().rejected.bad_stats, 0);
 }

@@ -159,12 +159,16 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     }
 
     let backend = VhostUserBalloon::new(balloon, stats_timer);
-    let mut listener = Listener::new(&options.socket, true).map_err(|e| {
-        DaemonError::Vhost(format!(
-            "cannot listen on {}: {e}",
-            options.socket.display()
-        ))
-    })?;
+    let mut listener = if options.client {
+        None
+    } else {
+        Some(Listener::new(&options.socket, true).map_err(|e| {
+            DaemonError::Vhost(format!(
+                "cannot listen on {}: {e}",
+                options.socket.display()
+            ))
+        })?)
+    };
     loop {
         let mut daemon = VhostUserDaemon::new(
             "vhost-balloon".into(),
@@ -183,9 +187,14 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
                 .map_err(DaemonError::Timer)?;
         }
         log::info!("waiting for the frontend on {}", options.socket.display());
-        if let Err(e) = daemon.start(&mut listener) {
-            log::error!("accepting the frontend failed: {e}");
-            continue;
+        match listener.as_mut() {
+            Some(listener) => {
+                if let Err(e) = daemon.start(listener) {
+                    log::error!("accepting the frontend failed: {e}");
+                    continue;
+                }
+            }
+            None => connect_to_frontend(&mut daemon, &options.socket)?,
         }
         log::info!("frontend connected");
         let result = daemon.wait();
@@ -196,6 +205,30 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         match result {
             Ok(()) => log::info!("frontend disconnected; waiting for it to come back"),
             Err(e) => log::warn!("frontend connection ended: {e}"),
+        }
+    }
+}
+
+/// Client mode: connects to the frontend's socket, retrying while it is not there yet (the
+/// frontend starting, or restarting).
+fn connect_to_frontend(
+    daemon: &mut VhostUserDaemon<VhostUserBalloon>,
+    socket: &std::path::Path,
+) -> Result<(), DaemonError> {
+    let path = socket.to_str().ok_or_else(|| {
+        DaemonError::Vhost(format!("socket path {} is not UTF-8", socket.display()))
+    })?;
+    let mut logged = false;
+    loop {
+        match daemon.start_client(path) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                if !logged {
+                    log::info!("frontend socket {path} not accepting yet ({e}); retrying");
+                    logged = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
     }
 }

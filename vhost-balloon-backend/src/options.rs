@@ -16,6 +16,11 @@ pub struct Cli {
     /// --generic-vhost-user socket=...).
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// Connect to --socket as a client instead of listening on it: for a frontend that is the
+    /// server (QEMU `-chardev socket,server=on`), which then accepts a restarted backend.
+    /// The backend retries until the frontend's socket accepts it.
+    #[arg(long)]
+    pub client: bool,
     /// Control socket for the scheduler and operators (JSON lines, mode 0600).
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
@@ -56,6 +61,7 @@ pub struct Cli {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub socket: Option<PathBuf>,
+    pub client: Option<bool>,
     pub control_socket: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
     pub stats_interval: Option<u64>,
@@ -89,6 +95,7 @@ pub enum OptionsError {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub socket: PathBuf,
+    pub client: bool,
     pub control_socket: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
     pub stats_interval: u64,
@@ -120,6 +127,7 @@ impl Cli {
         let file_target = file.target.as_deref().map(parse_size).transpose()?;
         Ok(Options {
             socket: self.socket.or(file.socket).ok_or(OptionsError::NoSocket)?,
+            client: self.client || file.client.unwrap_or(false),
             control_socket: self.control_socket.or(file.control_socket),
             state_file: self.state_file.or(file.state_file),
             stats_interval: self
