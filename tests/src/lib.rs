@@ -10,6 +10,7 @@ pub mod agent_proto;
 pub mod backend;
 pub mod bench;
 pub mod error;
+pub mod frontend;
 pub mod host;
 pub mod lab;
 pub mod qmp;

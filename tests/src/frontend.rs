@@ -1,0 +1,306 @@
+//! An in-process vhost-user frontend (the vhost crate's `Frontend`) over a memfd "guest", playing
+//! the driver's part with a minimal split ring: it sends inflate and deflate buffers of PFNs the
+//! way the Linux driver does, one buffer at a time, waiting for each to come back. It drives the
+//! real backend process through its real socket without a VM, for benchmarks and for tests of
+//! what QEMU cannot do here (reconnecting to a restarted backend).
+
+use crate::error::IoContext;
+use crate::{LabError, Result};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::time::Duration;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const PAGE: u64 = 4096;
+/// Ring size; the buffers posted at a time are far fewer.
+const QUEUE_SIZE: u16 = 64;
+/// Bytes reserved at the top of the memfd for rings and PFN buffers (never discarded).
+const RING_AREA: u64 = 1 << 20;
+/// The Linux driver's batch: VIRTIO_BALLOON_ARRAY_PFNS_MAX.
+pub const PFNS_PER_BUFFER: usize = 256;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Guest RAM: a shared memfd mapped here, data pages first, then the ring area.
+pub struct MemfdRam {
+    pub file: File,
+    pub addr: *mut u8,
+    pub len: u64,
+    pub data_len: u64,
+}
+
+// The mapping is only touched through explicit volatile accesses by one owner at a time.
+unsafe impl Send for MemfdRam {}
+
+impl MemfdRam {
+    pub fn new(data_len: u64) -> Result<Self> {
+        let len = data_len + RING_AREA;
+        // SAFETY: plain syscalls; the mapping lives until Drop.
+        unsafe {
+            let fd = libc::memfd_create(c"frontend-ram".as_ptr(), libc::MFD_CLOEXEC);
+            if fd < 0 {
+                return Err(io_err("memfd_create"));
+            }
+            let file = File::from_raw_fd(fd);
+            if libc::ftruncate(fd, len as libc::off_t) != 0 {
+                return Err(io_err("ftruncate"));
+            }
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            if addr == libc::MAP_FAILED {
+                return Err(io_err("mmap"));
+            }
+            Ok(MemfdRam {
+                file,
+                addr: addr as *mut u8,
+                len,
+                data_len,
+            })
+        }
+    }
+
+    /// Writes every page (the ring area too, so that later ring writes allocate nothing and
+    /// the allocated size moves only with discards).
+    pub fn populate(&self) {
+        for off in (0..self.len).step_by(PAGE as usize) {
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::write_volatile(self.addr.add(off as usize), 1) };
+        }
+    }
+
+    /// Bytes the host really holds for this memory.
+    pub fn allocated(&self) -> u64 {
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    pub fn data_pages(&self) -> u64 {
+        self.data_len / PAGE
+    }
+
+    fn write<T: Copy>(&self, gpa: u64, value: T) {
+        assert!(gpa + std::mem::size_of::<T>() as u64 <= self.len);
+        // SAFETY: bounds checked above; the ring area is ours to write.
+        unsafe { std::ptr::write_volatile(self.addr.add(gpa as usize) as *mut T, value) }
+    }
+
+    fn read<T: Copy>(&self, gpa: u64) -> T {
+        assert!(gpa + std::mem::size_of::<T>() as u64 <= self.len);
+        // SAFETY: as above.
+        unsafe { std::ptr::read_volatile(self.addr.add(gpa as usize) as *const T) }
+    }
+}
+
+impl Drop for MemfdRam {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what new() mapped.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+fn io_err(what: &str) -> LabError {
+    LabError::Io {
+        context: what.to_string(),
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+fn vhost_err(what: &str, e: vhost::Error) -> LabError {
+    LabError::Other(format!("vhost-user {what}: {e}"))
+}
+
+/// One split virtqueue laid out in the ring area.
+struct SplitQueue {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    /// Where this queue's PFN buffer lives.
+    buffer: u64,
+    next_avail: u16,
+    last_used: u16,
+    kick: EventFd,
+    call: EventFd,
+}
+
+impl SplitQueue {
+    fn new(base: u64) -> Result<Self> {
+        let n = u64::from(QUEUE_SIZE);
+        let desc = base;
+        let avail = desc + 16 * n;
+        let used = (avail + 6 + 2 * n).next_multiple_of(4);
+        let buffer = (used + 6 + 8 * n).next_multiple_of(PAGE);
+        Ok(SplitQueue {
+            desc,
+            avail,
+            used,
+            buffer,
+            next_avail: 0,
+            last_used: 0,
+            kick: EventFd::new(EFD_NONBLOCK).ctx(|| "eventfd".into())?,
+            call: EventFd::new(0).ctx(|| "eventfd".into())?,
+        })
+    }
+}
+
+/// A connected frontend with the inflate (0) and deflate (1) queues running.
+pub struct TestFrontend {
+    fe: Frontend,
+    queues: Vec<SplitQueue>,
+}
+
+impl TestFrontend {
+    /// Connects to a backend listening on `socket` and sets up the device over `ram`.
+    pub fn connect(socket: &Path, ram: &MemfdRam) -> Result<Self> {
+        let mut fe = Frontend::connect(socket, 4).map_err(|e| vhost_err("connect", e))?;
+        fe.set_owner().map_err(|e| vhost_err("SET_OWNER", e))?;
+        let offered = fe
+            .get_features()
+            .map_err(|e| vhost_err("GET_FEATURES", e))?;
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if offered & VIRTIO_F_VERSION_1 == 0 || offered & protocol == 0 {
+            return Err(LabError::Other(format!(
+                "backend offers features {offered:#x} without VERSION_1/PROTOCOL_FEATURES"
+            )));
+        }
+        // Only what a minimal driver needs: no statistics, no reporting, no EVENT_IDX (so the
+        // backend signals every used buffer).
+        fe.set_features(VIRTIO_F_VERSION_1 | protocol)
+            .map_err(|e| vhost_err("SET_FEATURES", e))?;
+        let pf = fe
+            .get_protocol_features()
+            .map_err(|e| vhost_err("GET_PROTOCOL_FEATURES", e))?;
+        fe.set_protocol_features(
+            pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ),
+        )
+        .map_err(|e| vhost_err("SET_PROTOCOL_FEATURES", e))?;
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: ram.len,
+            userspace_addr: ram.addr as u64,
+            mmap_offset: 0,
+            mmap_handle: ram.file.as_raw_fd(),
+        }])
+        .map_err(|e| vhost_err("SET_MEM_TABLE", e))?;
+        let mut queues = Vec::new();
+        for index in 0..2usize {
+            let q = SplitQueue::new(ram.data_len + index as u64 * (RING_AREA / 2))?;
+            // A fresh ring: zero the avail and used headers.
+            ram.write::<u32>(q.avail, 0);
+            ram.write::<u32>(q.used, 0);
+            fe.set_vring_num(index, QUEUE_SIZE)
+                .map_err(|e| vhost_err("SET_VRING_NUM", e))?;
+            fe.set_vring_addr(
+                index,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    // The backend translates these through the memory table's user addresses.
+                    desc_table_addr: ram.addr as u64 + q.desc,
+                    used_ring_addr: ram.addr as u64 + q.used,
+                    avail_ring_addr: ram.addr as u64 + q.avail,
+                    log_addr: None,
+                },
+            )
+            .map_err(|e| vhost_err("SET_VRING_ADDR", e))?;
+            fe.set_vring_base(index, 0)
+                .map_err(|e| vhost_err("SET_VRING_BASE", e))?;
+            fe.set_vring_call(index, &q.call)
+                .map_err(|e| vhost_err("SET_VRING_CALL", e))?;
+            fe.set_vring_kick(index, &q.kick)
+                .map_err(|e| vhost_err("SET_VRING_KICK", e))?;
+            fe.set_vring_enable(index, true)
+                .map_err(|e| vhost_err("SET_VRING_ENABLE", e))?;
+            queues.push(q);
+        }
+        Ok(TestFrontend { fe, queues })
+    }
+
+    /// Sends one buffer of PFNs on queue `index` (0 inflate, 1 deflate) and waits until the
+    /// backend returns it, as the Linux driver's tell_host does.
+    pub fn send_pfns(&mut self, ram: &MemfdRam, index: usize, pfns: &[u32]) -> Result<()> {
+        let q = &mut self.queues[index];
+        for (i, pfn) in pfns.iter().enumerate() {
+            ram.write::<u32>(q.buffer + 4 * i as u64, *pfn);
+        }
+        let slot = u64::from(q.next_avail % QUEUE_SIZE);
+        // Descriptor 0: device-readable, the PFN array.
+        ram.write::<u64>(q.desc, q.buffer);
+        ram.write::<u32>(q.desc + 8, (pfns.len() * 4) as u32);
+        ram.write::<u16>(q.desc + 12, 0);
+        ram.write::<u16>(q.desc + 14, 0);
+        ram.write::<u16>(q.avail + 4 + 2 * slot, 0);
+        fence(Ordering::SeqCst);
+        q.next_avail = q.next_avail.wrapping_add(1);
+        ram.write::<u16>(q.avail + 2, q.next_avail);
+        fence(Ordering::SeqCst);
+        q.kick.write(1).ctx(|| "kick".into())?;
+        // Wait for the used ring to move; the call eventfd wakes us.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            fence(Ordering::SeqCst);
+            let used: u16 = ram.read(q.used + 2);
+            if used != q.last_used {
+                q.last_used = used;
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(LabError::Timeout {
+                    what: "the backend to return a PFN buffer".into(),
+                    secs: 30.0,
+                    last: String::new(),
+                });
+            }
+            let mut pfd = libc::pollfd {
+                fd: q.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one descriptor we own.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            if pfd.revents & libc::POLLIN != 0 {
+                let _ = q.call.read();
+            }
+        }
+    }
+
+    /// Inflates `pfns` in the driver's batches.
+    pub fn inflate(&mut self, ram: &MemfdRam, pfns: &[u32]) -> Result<()> {
+        for batch in pfns.chunks(PFNS_PER_BUFFER) {
+            self.send_pfns(ram, 0, batch)?;
+        }
+        Ok(())
+    }
+
+    pub fn deflate(&mut self, ram: &MemfdRam, pfns: &[u32]) -> Result<()> {
+        for batch in pfns.chunks(PFNS_PER_BUFFER) {
+            self.send_pfns(ram, 1, batch)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the backend's config space (num_pages, actual).
+    pub fn config(&mut self) -> Result<(u32, u32)> {
+        let (_, buf) = self
+            .fe
+            .get_config(
+                0,
+                8,
+                vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+                &[0u8; 8],
+            )
+            .map_err(|e| vhost_err("GET_CONFIG", e))?;
+        let word = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+        Ok((word(0), word(4)))
+    }
+}

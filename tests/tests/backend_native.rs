@@ -1,0 +1,94 @@
+//! The backend process driven through its real vhost-user socket by an in-process frontend over
+//! a memfd "guest": exact accounting, hostile PFNs, and restarts, which QEMU 11.1's generic
+//! vhost-user device cannot survive (see docs/qemu-vhost-user-base-reconnect.md).
+
+use balloon_lab::backend::Backend;
+use balloon_lab::frontend::{MemfdRam, TestFrontend};
+use balloon_lab::MIB;
+
+const PAGE: u64 = 4096;
+
+#[test]
+fn inflate_discards_exactly_the_named_pages_and_skips_hostile_ones() {
+    let backend = Backend::start("native", &["--no-stats", "--no-free-page-reporting"]).unwrap();
+    let ram = MemfdRam::new(64 * MIB).unwrap();
+    ram.populate();
+    let full = ram.allocated();
+    let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
+
+    // 16 MiB contiguous, then 1000 scattered pages (every other page after 32 MiB).
+    let contiguous: Vec<u32> = (0..4096).collect();
+    fe.inflate(&ram, &contiguous).unwrap();
+    let scattered: Vec<u32> = (0..1000).map(|i| 8192 + 2 * i).collect();
+    fe.inflate(&ram, &scattered).unwrap();
+    let dropped = full - ram.allocated();
+    assert_eq!(dropped, (4096 + 1000) * PAGE);
+    let s = backend.status().unwrap();
+    assert_eq!(s.ballooned_bytes, (4096 + 1000) * PAGE);
+    assert_eq!(s.reclaimed_bytes, (4096 + 1000) * PAGE);
+
+    // Repeats change nothing; pages past the end of RAM are counted and never discarded.
+    let before = ram.allocated();
+    let total_pages = (ram.len / PAGE) as u32;
+    fe.inflate(&ram, &[0, 1, 2, total_pages, total_pages + 7, u32::MAX])
+        .unwrap();
+    assert_eq!(ram.allocated(), before);
+    let s = backend.status().unwrap();
+    assert_eq!(s.ballooned_bytes, (4096 + 1000) * PAGE);
+    assert_eq!(s.rejected.pages_outside_ram, 3);
+
+    // Deflate: tracking drops, nothing else is discarded.
+    fe.deflate(&ram, &contiguous).unwrap();
+    let s = backend.status().unwrap();
+    assert_eq!(s.ballooned_bytes, 1000 * PAGE);
+    assert_eq!(ram.allocated(), before);
+    assert!(!s.actual_from_driver);
+    assert_eq!(s.actual_bytes, 1000 * PAGE);
+}
+
+#[test]
+fn a_killed_backend_restarts_with_its_target_and_serves_a_new_connection() {
+    let mut backend =
+        Backend::start("restart", &["--no-stats", "--no-free-page-reporting"]).unwrap();
+    let ram = MemfdRam::new(64 * MIB).unwrap();
+    ram.populate();
+    let full = ram.allocated();
+    let target = 32 * MIB;
+    backend.set_target(target).unwrap();
+    let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
+    let pfns: Vec<u32> = (0..(target / PAGE) as u32).collect();
+    let (first, rest) = pfns.split_at(pfns.len() / 2);
+    fe.inflate(&ram, first).unwrap();
+    assert_eq!(full - ram.allocated(), first.len() as u64 * PAGE);
+
+    // A crash in the middle of inflating.
+    backend.kill();
+    drop(fe);
+    backend.restart().unwrap();
+    let s = backend.status().unwrap();
+    assert_eq!(
+        s.target_bytes, target,
+        "the target must survive the restart"
+    );
+
+    // The frontend comes back (as cloud-hypervisor's reconnect does) and sees the same target.
+    let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
+    let (num_pages, _) = fe.config().unwrap();
+    assert_eq!(u64::from(num_pages) * PAGE, target);
+    fe.inflate(&ram, rest).unwrap();
+    assert_eq!(full - ram.allocated(), target);
+    let s = backend.status().unwrap();
+    assert!(s.device_started);
+    // Pages ballooned before the crash are not known to the new process (tracking lives in
+    // memory); the ones after it are.
+    assert_eq!(s.ballooned_bytes, rest.len() as u64 * PAGE);
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let mut backend = Backend::start("sigterm", &[]).unwrap();
+    let status = backend.terminate().unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(!backend.control_socket.exists());
+    assert!(!backend.socket.exists());
+}
