@@ -25,6 +25,9 @@ const RING_AREA: u64 = 1 << 20;
 /// The Linux driver's batch: VIRTIO_BALLOON_ARRAY_PFNS_MAX.
 pub const PFNS_PER_BUFFER: usize = 256;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// The Linux driver negotiates it whenever offered: it always tells the host before reusing a
+/// deflated page.
+const VIRTIO_BALLOON_F_MUST_TELL_HOST: u64 = 1;
 
 /// Guest RAM: a shared memfd mapped here, data pages first, then the ring area.
 pub struct MemfdRam {
@@ -172,10 +175,12 @@ impl TestFrontend {
                 "backend offers features {offered:#x} without VERSION_1/PROTOCOL_FEATURES"
             )));
         }
-        // Only what a minimal driver needs: no statistics, no reporting, no EVENT_IDX (so the
-        // backend signals every used buffer).
-        fe.set_features(VIRTIO_F_VERSION_1 | protocol)
-            .map_err(|e| vhost_err("SET_FEATURES", e))?;
+        // What a minimal Linux-like driver takes: no statistics, no reporting, no EVENT_IDX
+        // (so the backend signals every used buffer).
+        fe.set_features(
+            VIRTIO_F_VERSION_1 | protocol | (offered & VIRTIO_BALLOON_F_MUST_TELL_HOST),
+        )
+        .map_err(|e| vhost_err("SET_FEATURES", e))?;
         let pf = fe
             .get_protocol_features()
             .map_err(|e| vhost_err("GET_PROTOCOL_FEATURES", e))?;

@@ -4,9 +4,29 @@
 
 use balloon_lab::backend::Backend;
 use balloon_lab::frontend::{MemfdRam, TestFrontend};
+use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::MIB;
+use std::time::Duration;
 
 const PAGE: u64 = 4096;
+
+/// Discards run beside the queue (the buffer returns first), so wait for the memory to leave.
+fn wait_allocated(ram: &MemfdRam, expected: u64) {
+    wait_for(
+        "the memfd's allocated size",
+        Duration::from_secs(20),
+        Duration::from_millis(5),
+        || {
+            let now = ram.allocated();
+            Ok(if now == expected {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("{now} bytes, want {expected}"))
+            })
+        },
+    )
+    .unwrap();
+}
 
 #[test]
 fn inflate_discards_exactly_the_named_pages_and_skips_hostile_ones() {
@@ -21,8 +41,7 @@ fn inflate_discards_exactly_the_named_pages_and_skips_hostile_ones() {
     fe.inflate(&ram, &contiguous).unwrap();
     let scattered: Vec<u32> = (0..1000).map(|i| 8192 + 2 * i).collect();
     fe.inflate(&ram, &scattered).unwrap();
-    let dropped = full - ram.allocated();
-    assert_eq!(dropped, (4096 + 1000) * PAGE);
+    wait_allocated(&ram, full - (4096 + 1000) * PAGE);
     let s = backend.status().unwrap();
     assert_eq!(s.ballooned_bytes, (4096 + 1000) * PAGE);
     assert_eq!(s.reclaimed_bytes, (4096 + 1000) * PAGE);
@@ -59,7 +78,7 @@ fn a_killed_backend_restarts_with_its_target_and_serves_a_new_connection() {
     let pfns: Vec<u32> = (0..(target / PAGE) as u32).collect();
     let (first, rest) = pfns.split_at(pfns.len() / 2);
     fe.inflate(&ram, first).unwrap();
-    assert_eq!(full - ram.allocated(), first.len() as u64 * PAGE);
+    wait_allocated(&ram, full - first.len() as u64 * PAGE);
 
     // A crash in the middle of inflating.
     backend.kill();
@@ -76,7 +95,7 @@ fn a_killed_backend_restarts_with_its_target_and_serves_a_new_connection() {
     let (num_pages, _) = fe.config().unwrap();
     assert_eq!(u64::from(num_pages) * PAGE, target);
     fe.inflate(&ram, rest).unwrap();
-    assert_eq!(full - ram.allocated(), target);
+    wait_allocated(&ram, full - target);
     let s = backend.status().unwrap();
     assert!(s.device_started);
     // Pages ballooned before the crash are not known to the new process (tracking lives in

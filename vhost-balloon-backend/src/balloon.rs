@@ -7,7 +7,8 @@ use crate::device::features::{self, bit, FeatureChoice};
 use crate::device::pfn::{parse_pfns, MAX_PFNS_PER_CHAIN};
 use crate::device::stats::{parse_stats, GuestStats};
 use crate::device::{BalloonConfig, QueueKind, QueueLayout};
-use crate::memory::{merge_pfns, pages_within, GuestMemoryMap, PageOutcome};
+use crate::memory::worker::DiscardWorker;
+use crate::memory::{merge_pfns, pages_within, DiscardMode, GuestMemoryMap, PageOutcome};
 use crate::state::PersistentState;
 use balloon_protocol::{
     bytes_to_pages, pages_to_bytes, BackendStatus, GuestStatsSnapshot, RejectedInput,
@@ -15,6 +16,7 @@ use balloon_protocol::{
 use std::collections::BTreeSet;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemory};
@@ -75,6 +77,9 @@ pub struct Balloon {
     channel: Option<ConfigChangeChannel>,
     sockets_before_channel: BTreeSet<RawFd>,
     state_file: Option<PathBuf>,
+    /// Discards inflated pages off the queue's path (see memory::worker); without it, inflate
+    /// discards before returning the buffer.
+    discard_worker: Option<Arc<DiscardWorker>>,
 }
 
 impl Balloon {
@@ -94,6 +99,24 @@ impl Balloon {
             channel: None,
             sockets_before_channel: BTreeSet::new(),
             state_file,
+            discard_worker: None,
+        }
+    }
+
+    /// Lets inflate hand its discards to `worker`.
+    pub fn with_discard_worker(mut self, worker: Arc<DiscardWorker>) -> Self {
+        self.discard_worker = Some(worker);
+        self
+    }
+
+    /// The worker, when deferring is safe: only if the driver promised to tell the host before
+    /// reusing a page (MUST_TELL_HOST), since a deferred discard must never land on a page the
+    /// guest took back without saying so.
+    fn deferring_worker(&self) -> Option<Arc<DiscardWorker>> {
+        if self.acked_features & bit(features::MUST_TELL_HOST) != 0 {
+            self.discard_worker.clone()
+        } else {
+            None
         }
     }
 
@@ -247,10 +270,11 @@ impl Balloon {
             },
             actual_from_driver: self.actual_from_driver,
             ballooned_bytes: pages_to_bytes(self.memory.ballooned_pages()),
-            reclaimed_bytes: self.counters.reclaimed_bytes,
+            reclaimed_bytes: self.counters.reclaimed_bytes
+                + self.worker_count(|c| &c.discarded_bytes),
             reported_free_bytes: self.counters.reported_free_bytes,
             discard_enabled: self.discard_enabled,
-            discard_errors: self.counters.discard_errors,
+            discard_errors: self.counters.discard_errors + self.worker_count(|c| &c.discard_errors),
             config_change_channel: self.channel.is_some(),
             stats_interval_seconds: self.stats_interval_seconds,
             stats: self.stats.as_ref().map(|(at, s)| GuestStatsSnapshot {
@@ -261,6 +285,15 @@ impl Balloon {
             rejected: self.counters.rejected.clone(),
             features: features::names(self.acked_features),
         }
+    }
+
+    fn worker_count(
+        &self,
+        counter: impl Fn(&crate::memory::worker::WorkerCounters) -> &std::sync::atomic::AtomicU64,
+    ) -> u64 {
+        self.discard_worker.as_ref().map_or(0, |w| {
+            counter(&w.counters).load(std::sync::atomic::Ordering::Relaxed)
+        })
     }
 
     fn count_discards(&mut self, out: PageOutcome) {
@@ -311,12 +344,30 @@ impl Balloon {
                 let ranges = merge_pfns(&mut pfns);
                 if kind == QueueKind::Inflate {
                     self.counters.inflate_chains += 1;
-                    let out = self.memory.inflate(&ranges, self.discard_enabled);
+                    let out = match (self.discard_enabled, self.deferring_worker()) {
+                        (false, _) => self.memory.inflate(&ranges, DiscardMode::Off),
+                        (true, None) => self.memory.inflate(&ranges, DiscardMode::Now),
+                        (true, Some(worker)) => {
+                            let mut jobs = Vec::new();
+                            let out = self.memory.inflate(&ranges, DiscardMode::Defer(&mut jobs));
+                            worker.submit(jobs);
+                            out
+                        }
+                    };
                     self.count_discards(out);
                     self.counters.reclaimed_bytes += out.discarded_bytes;
                     log_outside("inflate", out);
                 } else {
                     self.counters.deflate_chains += 1;
+                    // Before the guest may reuse these pages, no discard of them may be
+                    // pending or running.
+                    if let Some(worker) = &self.discard_worker {
+                        let gpa: Vec<(u64, u64)> = ranges
+                            .iter()
+                            .map(|r| (r.gpa(), r.gpa() + r.bytes()))
+                            .collect();
+                        worker.withdraw(&gpa);
+                    }
                     let out = self.memory.deflate(&ranges);
                     self.count_discards(out);
                     log_outside("deflate", out);

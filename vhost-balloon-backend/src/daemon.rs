@@ -4,6 +4,7 @@
 use crate::balloon::{Balloon, BalloonError};
 use crate::control::{self, ControlHandler};
 use crate::device::features::FeatureChoice;
+use crate::memory::worker::DiscardWorker;
 use crate::options::Options;
 use crate::state::PersistentState;
 use crate::vhu_balloon::{lock, StatsTimer, VhostUserBalloon};
@@ -32,6 +33,8 @@ pub enum DaemonError {
     Vhost(String),
     #[error("signal setup: {0}")]
     Signals(std::io::Error),
+    #[error("starting the discard worker: {0}")]
+    Worker(std::io::Error),
 }
 
 /// What the control socket drives: the device state and the statistics timer.
@@ -112,7 +115,8 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         deflate_on_oom: options.deflate_on_oom,
         free_page_reporting: options.free_page_reporting,
     };
-    let mut balloon = Balloon::new(choice, options.state_file.clone());
+    let worker = DiscardWorker::start().map_err(DaemonError::Worker)?;
+    let mut balloon = Balloon::new(choice, options.state_file.clone()).with_discard_worker(worker);
     let saved = match &options.state_file {
         Some(path) => PersistentState::load(path)?,
         None => None,

@@ -24,6 +24,9 @@ use vmm_sys_util::timerfd::TimerFd;
 pub type GuestMemoryMmapAtomic = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 pub type Vring = VringRwLock<GuestMemoryMmapAtomic>;
 
+/// Queues the device exposes: inflate, deflate, statistics, free page reporting.
+pub const MAX_QUEUES: usize = 4;
+
 /// The largest virtqueue the device accepts (QEMU's vhost-user-test-device uses 64 by default).
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
@@ -191,10 +194,11 @@ impl VhostUserBackend for VhostUserBalloon {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        // Inflate and deflate, plus one queue per optional feature; the driver compacts the
-        // indices over what it negotiates (see device::queues).
-        let choice = lock(&self.balloon).feature_choice;
-        2 + usize::from(choice.stats) + usize::from(choice.free_page_reporting)
+        // Every queue the driver can set up for the features this device can offer (inflate,
+        // deflate, stats, reporting), whatever the operator switched off: the frontend's queue
+        // count (QEMU's num_vqs) then never depends on the options. The driver compacts indices
+        // over what it negotiates (see device::queues) and leaves the rest unused.
+        MAX_QUEUES
     }
 
     fn max_queue_size(&self) -> usize {

@@ -7,6 +7,7 @@
 pub mod bitmap;
 pub mod discard;
 pub mod ranges;
+pub mod worker;
 
 use balloon_protocol::PAGE_SIZE;
 use bitmap::PageBitmap;
@@ -122,9 +123,36 @@ pub struct GuestMemoryMap {
     regions: Vec<GuestRegion>,
 }
 
-#[derive(Clone, Copy)]
-enum Op {
-    Inflate { discard: bool },
+/// What to do with the memory behind newly ballooned pages.
+pub enum DiscardMode<'a> {
+    /// Track only (discarding switched off).
+    Off,
+    /// Discard before returning.
+    Now,
+    /// Hand the discards to the caller (for the discard worker).
+    Defer(&'a mut Vec<DiscardJob>),
+}
+
+/// One discard to make later: a span of a region in whole host pages.
+#[derive(Debug, Clone)]
+pub struct DiscardJob {
+    pub backing: Backing,
+    /// Offset into the region.
+    pub offset: u64,
+    pub len: u64,
+    /// Guest physical address of the span's first byte.
+    pub gpa: u64,
+    pub host_page_size: u64,
+}
+
+impl DiscardJob {
+    pub fn run(&self) -> std::io::Result<()> {
+        self.backing.discard(self.offset, self.len)
+    }
+}
+
+enum Op<'a> {
+    Inflate(DiscardMode<'a>),
     Deflate,
     FreeReport,
 }
@@ -163,10 +191,10 @@ impl GuestMemoryMap {
         self.regions.len()
     }
 
-    /// The guest gave these pages to the balloon: track them and, if `discard`, return their
-    /// memory to the host.
-    pub fn inflate(&mut self, ranges: &[PfnRange], discard: bool) -> PageOutcome {
-        self.apply(ranges, Op::Inflate { discard })
+    /// The guest gave these pages to the balloon: track them and return their memory to the
+    /// host as `mode` says.
+    pub fn inflate(&mut self, ranges: &[PfnRange], mode: DiscardMode) -> PageOutcome {
+        self.apply(ranges, Op::Inflate(mode))
     }
 
     /// The guest takes these pages back.
@@ -193,12 +221,12 @@ impl GuestMemoryMap {
                 })
             })
             .collect();
-        let mut out = self.apply(&ranges, Op::Inflate { discard: true });
+        let mut out = self.apply(&ranges, Op::Inflate(DiscardMode::Now));
         out.changed_pages = 0;
         out
     }
 
-    fn apply(&mut self, ranges: &[PfnRange], op: Op) -> PageOutcome {
+    fn apply(&mut self, ranges: &[PfnRange], mut op: Op) -> PageOutcome {
         let mut out = PageOutcome::default();
         for range in ranges {
             let mut inside = 0;
@@ -211,13 +239,25 @@ impl GuestMemoryMap {
                 }
                 inside += end - start;
                 let (rs, re) = (start - pages.start, end - pages.start);
-                let discard_spans = match op {
-                    Op::Inflate { discard } => {
+                let discard_spans = match &mut op {
+                    Op::Inflate(mode) => {
                         out.changed_pages += region.ballooned.set_range(rs, re - rs);
-                        if discard {
-                            region.discard_spans(rs, re, true)
-                        } else {
-                            Vec::new()
+                        match mode {
+                            DiscardMode::Off => Vec::new(),
+                            DiscardMode::Now => region.discard_spans(rs, re, true),
+                            DiscardMode::Defer(jobs) => {
+                                let first_offset = region.page_offset(pages.start);
+                                for (offset, len) in region.discard_spans(rs, re, true) {
+                                    jobs.push(DiscardJob {
+                                        backing: region.backing.clone(),
+                                        offset: first_offset + offset,
+                                        len,
+                                        gpa: region.gpa + first_offset + offset,
+                                        host_page_size: region.host_page_size,
+                                    });
+                                }
+                                Vec::new()
+                            }
                         }
                     }
                     Op::Deflate => {
@@ -248,4 +288,4 @@ impl GuestMemoryMap {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -98,7 +98,7 @@ fn inflate_discards_exactly_the_named_pages() {
     assert_eq!(ram.allocated(), 16 * MIB);
     // 1 MiB in the low region and 1 MiB in the high one.
     let high = (4u64 << 30) / PAGE_SIZE;
-    let out = map.inflate(&[r(256, 256), r(high + 512, 256)], true);
+    let out = map.inflate(&[r(256, 256), r(high + 512, 256)], DiscardMode::Now);
     assert_eq!(out.changed_pages, 512);
     assert_eq!(out.outside_pages, 0);
     assert_eq!(out.discarded_bytes, 2 * MIB);
@@ -128,7 +128,7 @@ fn pages_outside_ram_are_counted_and_never_discarded() {
             r(high_end - 1, 3),
             r(u32::MAX as u64, 1),
         ],
-        true,
+        DiscardMode::Now,
     );
     assert_eq!(out.changed_pages, 8 + 1);
     assert_eq!(out.outside_pages, 8 + 5 + 2 + 1);
@@ -141,8 +141,8 @@ fn pages_outside_ram_are_counted_and_never_discarded() {
 #[test]
 fn repeats_are_harmless_and_deflate_releases() {
     let (_ram, mut map) = two_regions();
-    assert_eq!(map.inflate(&[r(0, 10)], true).changed_pages, 10);
-    assert_eq!(map.inflate(&[r(5, 10)], true).changed_pages, 5);
+    assert_eq!(map.inflate(&[r(0, 10)], DiscardMode::Now).changed_pages, 10);
+    assert_eq!(map.inflate(&[r(5, 10)], DiscardMode::Now).changed_pages, 5);
     assert_eq!(map.ballooned_pages(), 15);
     let out = map.deflate(&[r(0, 3), r(0, 3), r(100, 1)]);
     assert_eq!(out.changed_pages, 3);
@@ -153,7 +153,7 @@ fn repeats_are_harmless_and_deflate_releases() {
 #[test]
 fn tracking_without_discard_and_catching_up_later() {
     let (ram, mut map) = two_regions();
-    let out = map.inflate(&[r(0, 256)], false);
+    let out = map.inflate(&[r(0, 256)], DiscardMode::Off);
     assert_eq!((out.changed_pages, out.discarded_bytes), (256, 0));
     assert_eq!(ram.allocated(), 16 * MIB);
     let out = map.discard_all_ballooned();
@@ -179,10 +179,10 @@ fn huge_host_pages_are_discarded_only_whole() {
     map.replace_regions(vec![ram.region(0, 0, 8 * MIB, 2 * MIB)]);
     let per_hp = 2 * MIB / PAGE_SIZE;
     // Half a host page: tracked, nothing discarded.
-    let out = map.inflate(&[r(0, per_hp / 2)], true);
+    let out = map.inflate(&[r(0, per_hp / 2)], DiscardMode::Now);
     assert_eq!((out.changed_pages, out.discarded_bytes), (per_hp / 2, 0));
     // The other half completes it: the whole host page goes.
-    let out = map.inflate(&[r(per_hp / 2, per_hp / 2)], true);
+    let out = map.inflate(&[r(per_hp / 2, per_hp / 2)], DiscardMode::Now);
     assert_eq!(out.discarded_bytes, 2 * MIB);
     assert_eq!(ram.allocated(), 6 * MIB);
     // A free report from the middle of host page 1 to the end of host page 2 frees only page 2.
@@ -194,7 +194,7 @@ fn huge_host_pages_are_discarded_only_whole() {
 #[test]
 fn a_resent_memory_table_keeps_the_accounting() {
     let (ram, mut map) = two_regions();
-    map.inflate(&[r(0, 100)], true);
+    map.inflate(&[r(0, 100)], DiscardMode::Now);
     map.replace_regions(vec![
         ram.region(0, 0, 8 * MIB, PAGE_SIZE),
         ram.region(4 << 30, 8 * MIB, 8 * MIB, PAGE_SIZE),

@@ -1,0 +1,319 @@
+//! Discarding off the queue's path. The inflate handler hands its discards to this worker and
+//! returns the buffer at once, so the guest driver goes on allocating its next pages while the
+//! host frees the previous ones (on another core), and pending discards of neighbouring buffers
+//! merge into fewer, larger ones.
+//!
+//! Safety: a ballooned page is the guest's again only after it deflates it and the device
+//! acknowledges that. `withdraw` runs in the deflate handler before that acknowledgement: it
+//! drops pending discards of those pages and waits for any in-flight discard touching them. So
+//! a discard never lands on a page the guest got back. This relies on the driver telling the
+//! host before reusing a page (MUST_TELL_HOST); without it the backend discards synchronously.
+
+use super::DiscardJob;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+#[derive(Default)]
+struct Queue {
+    pending: Vec<DiscardJob>,
+    /// Guest physical ranges [start, end) being discarded right now.
+    in_flight: Vec<(u64, u64)>,
+    shutdown: bool,
+}
+
+/// Totals of the worker's discards.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    pub discarded_bytes: AtomicU64,
+    pub discard_calls: AtomicU64,
+    pub discard_errors: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct DiscardWorker {
+    queue: Mutex<Queue>,
+    changed: Condvar,
+    pub counters: WorkerCounters,
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+impl DiscardWorker {
+    /// A worker without a thread (tests drive it with `process_pending`).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts the worker thread.
+    pub fn start() -> std::io::Result<Arc<Self>> {
+        let worker = Arc::new(DiscardWorker::new());
+        let w = worker.clone();
+        std::thread::Builder::new()
+            .name("discard".into())
+            .spawn(move || w.run())?;
+        Ok(worker)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn submit(&self, jobs: Vec<DiscardJob>) {
+        if jobs.is_empty() {
+            return;
+        }
+        self.lock().pending.extend(jobs);
+        self.changed.notify_all();
+    }
+
+    /// The guest takes back the pages in `gpa_ranges` ([start, end) byte ranges): forget their
+    /// pending discards and wait until none of them is being discarded. Pending discards that
+    /// only partly overlap keep their other host pages.
+    pub fn withdraw(&self, gpa_ranges: &[(u64, u64)]) {
+        let mut q = self.lock();
+        let mut kept = Vec::with_capacity(q.pending.len());
+        for job in q.pending.drain(..) {
+            split_around(job, gpa_ranges, &mut kept);
+        }
+        q.pending = kept;
+        while q
+            .in_flight
+            .iter()
+            .any(|f| gpa_ranges.iter().any(|r| overlaps(*f, *r)))
+        {
+            q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits until every submitted discard is done.
+    pub fn flush(&self) {
+        let mut q = self.lock();
+        while !q.pending.is_empty() || !q.in_flight.is_empty() {
+            q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    pub fn shutdown(&self) {
+        self.lock().shutdown = true;
+        self.changed.notify_all();
+    }
+
+    fn run(&self) {
+        // Below the guest's vCPU threads: freeing host memory can wait a moment, the guest
+        // allocating its next balloon pages should not.
+        // SAFETY: setpriority on this thread only.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+        loop {
+            let jobs = {
+                let mut q = self.lock();
+                while q.pending.is_empty() && !q.shutdown {
+                    q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                if q.shutdown {
+                    return;
+                }
+                Self::take(&mut q)
+            };
+            self.execute(&jobs);
+        }
+    }
+
+    /// Runs whatever is pending now, on the caller's thread.
+    pub fn process_pending(&self) {
+        let jobs = Self::take(&mut self.lock());
+        self.execute(&jobs);
+    }
+
+    /// Moves the pending jobs, merged, to in-flight.
+    fn take(q: &mut Queue) -> Vec<DiscardJob> {
+        let jobs = merge(std::mem::take(&mut q.pending));
+        q.in_flight = jobs.iter().map(|j| (j.gpa, j.gpa + j.len)).collect();
+        jobs
+    }
+
+    fn execute(&self, jobs: &[DiscardJob]) {
+        for job in jobs {
+            self.counters.discard_calls.fetch_add(1, Ordering::Relaxed);
+            match job.run() {
+                Ok(()) => {
+                    self.counters
+                        .discarded_bytes
+                        .fetch_add(job.len, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.counters.discard_errors.fetch_add(1, Ordering::Relaxed);
+                    log::warn!(
+                        "discard of {} bytes at gpa {:#x} failed: {e}",
+                        job.len,
+                        job.gpa
+                    );
+                }
+            }
+        }
+        self.lock().in_flight.clear();
+        self.changed.notify_all();
+    }
+}
+
+/// Sorts jobs by guest address and joins neighbours (or overlaps) in the same region.
+fn merge(mut jobs: Vec<DiscardJob>) -> Vec<DiscardJob> {
+    jobs.sort_by_key(|j| j.gpa);
+    let mut out: Vec<DiscardJob> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if let Some(last) = out.last_mut() {
+            let last_end = last.gpa + last.len;
+            // Regions have distinct mappings, so the mapping address names the region.
+            if last.backing.host_addr == job.backing.host_addr && job.gpa <= last_end {
+                last.len = last_end.max(job.gpa + job.len) - last.gpa;
+                continue;
+            }
+        }
+        out.push(job);
+    }
+    out
+}
+
+/// Keeps the parts of `job` outside `ranges`, cut at host page boundaries (a host page with
+/// any withdrawn 4 KiB page in it is not discarded).
+fn split_around(job: DiscardJob, ranges: &[(u64, u64)], kept: &mut Vec<DiscardJob>) {
+    let hp = job.host_page_size.max(1);
+    let mut pieces = vec![(job.gpa, job.gpa + job.len)];
+    for &(rs, re) in ranges {
+        let (cut_start, cut_end) = (rs - rs % hp, re.div_ceil(hp) * hp);
+        let mut next = Vec::with_capacity(pieces.len() + 1);
+        for (s, e) in pieces {
+            if !overlaps((s, e), (cut_start, cut_end)) {
+                next.push((s, e));
+                continue;
+            }
+            if s < cut_start {
+                next.push((s, cut_start));
+            }
+            if cut_end < e {
+                next.push((cut_end, e));
+            }
+        }
+        pieces = next;
+    }
+    for (s, e) in pieces {
+        kept.push(DiscardJob {
+            backing: job.backing.clone(),
+            offset: job.offset + (s - job.gpa),
+            len: e - s,
+            gpa: s,
+            host_page_size: job.host_page_size,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::tests::TestRam;
+    use crate::memory::{DiscardMode, GuestMemoryMap, PfnRange};
+    use balloon_protocol::PAGE_SIZE;
+
+    const MIB: u64 = 1 << 20;
+
+    fn jobs_for(map: &mut GuestMemoryMap, ranges: &[PfnRange]) -> Vec<DiscardJob> {
+        let mut jobs = Vec::new();
+        map.inflate(ranges, DiscardMode::Defer(&mut jobs));
+        jobs
+    }
+
+    fn setup() -> (TestRam, GuestMemoryMap, DiscardWorker) {
+        let ram = TestRam::new(8 * MIB);
+        let mut map = GuestMemoryMap::default();
+        map.replace_regions(vec![ram.region(0, 0, 8 * MIB, PAGE_SIZE)]);
+        (ram, map, DiscardWorker::new())
+    }
+
+    #[test]
+    fn deferred_discards_merge_and_complete() {
+        let (ram, mut map, worker) = setup();
+        // Eight driver-sized buffers queue up (the guest was faster than the worker).
+        for b in 0..8u64 {
+            worker.submit(jobs_for(
+                &mut map,
+                &[PfnRange {
+                    start: b * 256,
+                    count: 256,
+                }],
+            ));
+        }
+        worker.process_pending();
+        assert_eq!(ram.allocated(), 0);
+        assert_eq!(
+            worker.counters.discarded_bytes.load(Ordering::Relaxed),
+            8 * MIB
+        );
+        assert_eq!(worker.counters.discard_calls.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn withdrawn_pages_are_never_discarded() {
+        let (ram, mut map, worker) = setup();
+        worker.submit(jobs_for(
+            &mut map,
+            &[PfnRange {
+                start: 0,
+                count: 512,
+            }],
+        ));
+        worker.withdraw(&[(100 * PAGE_SIZE, 110 * PAGE_SIZE)]);
+        worker.process_pending();
+        assert_eq!(ram.allocated(), 8 * MIB - 502 * PAGE_SIZE);
+        assert_eq!(ram.byte(100 * PAGE_SIZE), 0xa5);
+        assert_eq!(ram.byte(109 * PAGE_SIZE), 0xa5);
+        assert_eq!(ram.byte(110 * PAGE_SIZE), 0);
+        assert_eq!(ram.byte(99 * PAGE_SIZE), 0);
+    }
+
+    #[test]
+    fn withdraw_waits_for_the_in_flight_discard() {
+        let (ram, mut map, worker) = setup();
+        let worker = Arc::new(worker);
+        worker.submit(jobs_for(
+            &mut map,
+            &[PfnRange {
+                start: 0,
+                count: 2048,
+            }],
+        ));
+        // The worker has taken the jobs but not run them yet.
+        let jobs = DiscardWorker::take(&mut worker.lock());
+        let w = worker.clone();
+        let deflate = std::thread::spawn(move || {
+            w.withdraw(&[(0, PAGE_SIZE)]);
+            // SAFETY: inside the test mapping; the guest reuses its page only now.
+            unsafe { *(ram.addr as *mut u8) = 7 };
+            ram
+        });
+        // The deflate cannot finish before the discard does; run it, then the deflate's write
+        // must survive.
+        worker.execute(&jobs);
+        let ram = deflate.join().unwrap();
+        assert_eq!(ram.byte(0), 7);
+        assert_eq!(ram.allocated(), PAGE_SIZE);
+    }
+
+    #[test]
+    fn huge_host_pages_are_withdrawn_whole() {
+        let job = DiscardJob {
+            backing: crate::memory::Backing {
+                host_addr: 0,
+                file: None,
+            },
+            offset: 0,
+            len: 8 * MIB,
+            gpa: 0,
+            host_page_size: 2 * MIB,
+        };
+        let mut kept = Vec::new();
+        split_around(job, &[(3 * MIB, 3 * MIB + PAGE_SIZE)], &mut kept);
+        let spans: Vec<(u64, u64)> = kept.iter().map(|j| (j.gpa, j.len)).collect();
+        assert_eq!(spans, vec![(0, 2 * MIB), (4 * MIB, 4 * MIB)]);
+    }
+}
