@@ -40,8 +40,22 @@ fn inflate_returns_memory_and_deflate_gives_it_back() {
     let status = backend
         .wait_actual(balloon, Duration::from_secs(120))
         .unwrap();
-    let after = vm.host_memory().unwrap();
-    let dropped = before.rss_shmem.saturating_sub(after.rss_shmem);
+    // The backend discards beside the queue, so the memory may leave a moment after `actual`.
+    let after = wait_for(
+        "RssShmem to drop by 90% of the balloon",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || {
+            let now = vm.host_memory()?;
+            Ok(if before.rss_shmem.saturating_sub(now.rss_shmem) >= balloon * 9 / 10 {
+                Poll::Ready(now)
+            } else {
+                Poll::Pending(format!("RssShmem {} MiB", mib(now.rss_shmem)))
+            })
+        },
+    )
+    .unwrap();
+    let dropped = before.rss_shmem - after.rss_shmem;
     eprintln!(
         "RssShmem {} -> {} MiB (dropped {} MiB); status {status:?}",
         mib(before.rss_shmem),
@@ -49,12 +63,6 @@ fn inflate_returns_memory_and_deflate_gives_it_back() {
         mib(dropped)
     );
     assert_eq!(status.ballooned_bytes, balloon);
-    assert!(
-        dropped >= balloon * 9 / 10,
-        "RssShmem dropped {} MiB, want >= 90% of {} MiB",
-        mib(dropped),
-        mib(balloon)
-    );
     assert!(vm.agent.sh("echo alive").unwrap().contains("alive"));
 
     backend.set_target(0).unwrap();

@@ -184,4 +184,13 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--target", "12Q"]).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/vhost-balloon-backend.toml");
+        let o = Cli::parse_from(["x", "--config", example]).resolve().unwrap();
+        assert_eq!(o.socket, PathBuf::from("/run/vhost-balloon/vm1.sock"));
+        assert_eq!(o.target, Some(0));
+        assert!(o.discard && o.free_page_reporting);
+    }
 }
