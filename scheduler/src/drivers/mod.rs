@@ -1,0 +1,51 @@
+//! Drivers move one guest's balloon and read its figures. The scheduler speaks only sizes and
+//! statistics through them, never page numbers.
+
+use serde::{Deserialize, Serialize};
+
+/// A guest's cumulative counters and memory figures, as its driver reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RawGuestStats {
+    pub available_bytes: u64,
+    pub total_bytes: u64,
+    /// Cumulative since guest boot (pages / events); the daemon turns them into deltas.
+    pub swap_in: u64,
+    pub major_faults: u64,
+    /// Seconds since the guest produced these figures, when the driver knows.
+    pub age_seconds: Option<f64>,
+}
+
+/// One reading of a guest's balloon.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DriverReading {
+    /// Balloon size asked for, in bytes; `None` where the VMM cannot tell (QEMU's built-in
+    /// balloon reports only the actual size).
+    pub target_bytes: Option<u64>,
+    /// Balloon size reached, in bytes.
+    pub actual_bytes: u64,
+    pub stats: Option<RawGuestStats>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Protocol(String),
+    #[error("the VMM refused: {0}")]
+    Refused(String),
+}
+
+/// One guest's balloon, whatever implements it.
+pub trait BalloonDriver: Send {
+    /// Reads the balloon's target and actual size and the guest's statistics.
+    fn read(&mut self) -> Result<DriverReading, DriverError>;
+    /// Asks for a balloon of `balloon_bytes`.
+    fn set_balloon(&mut self, balloon_bytes: u64) -> Result<(), DriverError>;
+    /// For logs and status: the driver kind and its address.
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,5 @@
+//! balloon-scheduler: decides how much memory every guest gets and moves balloons to get there.
+
+pub mod drivers;
+pub mod model;
+pub mod trace;
