@@ -2,4 +2,5 @@
 
 pub mod drivers;
 pub mod model;
+pub mod policy;
 pub mod trace;

@@ -1,0 +1,167 @@
+//! Reactive policy, in the manner of oVirt MoM with ESX's host levels: when host free memory
+//! falls through the levels (or the guests exceed the budget), take memory from the guests with
+//! the most to spare, harder at lower levels; when the host has room, give memory to guests that
+//! show pressure (little available memory, swap-ins, major faults).
+
+use super::{HostLevel, PolicyConfig};
+use crate::model::{GuestState, Snapshot};
+
+/// Memory the guest asked to have: its size minus the balloon target (what it will have once
+/// the balloon gets there), so a slow balloon is not pushed twice.
+fn planned(g: &GuestState) -> u64 {
+    g.spec.memory_bytes.saturating_sub(g.balloon_target_bytes)
+}
+
+fn under_pressure(config: &PolicyConfig, g: &GuestState) -> bool {
+    let Some(s) = g.stats else { return false };
+    let alloc = g.allocation_bytes() as f64;
+    (s.available_bytes as f64) < config.guest_pressure_free * alloc
+        || s.swap_in_delta > 0
+        || s.major_faults_delta > config.major_faults_per_tick
+}
+
+pub fn allocate(config: &PolicyConfig, snap: &Snapshot, level: HostLevel) -> Vec<u64> {
+    let mut alloc: Vec<u64> = snap.guests.iter().map(planned).collect();
+    let bounds: Vec<(u64, u64)> = snap.guests.iter().map(GuestState::bounds).collect();
+    let total: u64 = alloc.iter().sum();
+    let host = &snap.host;
+    let host_short = if level > HostLevel::High {
+        ((config.high_free * host.total_bytes as f64) as u64).saturating_sub(host.available_bytes)
+    } else {
+        0
+    };
+    let mut need = total.saturating_sub(host.budget_bytes) + host_short;
+    if need > 0 {
+        // What each guest can spare at this level: at soft, only free memory above its reserve;
+        // at hard, down to half the reserve; at low, anything above its minimum.
+        let reserve = match level {
+            HostLevel::High | HostLevel::Soft => config.guest_reserve_bytes,
+            HostLevel::Hard => config.guest_reserve_bytes / 2,
+            HostLevel::Low => 0,
+        };
+        let spare: Vec<u64> = snap
+            .guests
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let free = match (level, g.stats) {
+                    (HostLevel::Low, _) => alloc[i].saturating_sub(bounds[i].0),
+                    (_, Some(s)) => s.available_bytes.saturating_sub(reserve),
+                    (_, None) => 0,
+                };
+                free.min(alloc[i].saturating_sub(bounds[i].0))
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..alloc.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(spare[i]));
+        for i in order {
+            if need == 0 {
+                break;
+            }
+            let take = spare[i].min(need);
+            alloc[i] -= take;
+            need -= take;
+        }
+    } else if level == HostLevel::High {
+        let mut room = host.budget_bytes.saturating_sub(total);
+        for (i, g) in snap.guests.iter().enumerate() {
+            if room == 0 {
+                break;
+            }
+            if under_pressure(config, g) {
+                let step = config
+                    .guest_reserve_bytes
+                    .max(alloc[i] / 10)
+                    .min(room)
+                    .min(bounds[i].1.saturating_sub(alloc[i]));
+                alloc[i] += step;
+                room -= step;
+            }
+        }
+    }
+    alloc
+        .iter()
+        .zip(&bounds)
+        .map(|(a, (lo, hi))| (*a).clamp(*lo, *hi))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{GuestMemoryStats, GuestSpec, HostState};
+
+    const MIB: u64 = 1 << 20;
+
+    fn guest(balloon_mib: u64, available_mib: u64) -> GuestState {
+        GuestState {
+            spec: GuestSpec {
+                name: "g".into(),
+                memory_bytes: 2048 * MIB,
+                min_bytes: 256 * MIB,
+                max_bytes: 2048 * MIB,
+                shares: 1000,
+                static_bytes: None,
+            },
+            reachable: true,
+            balloon_target_bytes: balloon_mib * MIB,
+            balloon_actual_bytes: balloon_mib * MIB,
+            stats: Some(GuestMemoryStats {
+                available_bytes: available_mib * MIB,
+                total_bytes: (2048 - balloon_mib) * MIB,
+                ..Default::default()
+            }),
+            pinned: false,
+            balloon_limit_bytes: None,
+        }
+    }
+
+    fn snap(available_mib: u64, budget_mib: u64, guests: Vec<GuestState>) -> Snapshot {
+        Snapshot {
+            time_s: 0.0,
+            host: HostState {
+                total_bytes: 10_000 * MIB,
+                available_bytes: available_mib * MIB,
+                budget_bytes: budget_mib * MIB,
+            },
+            guests,
+        }
+    }
+
+    #[test]
+    fn over_budget_takes_from_the_guest_with_most_to_spare() {
+        let c = PolicyConfig::default();
+        let s = snap(5000, 3596, vec![guest(0, 1500), guest(0, 300)]);
+        let a = allocate(&c, &s, HostLevel::High);
+        // 500 MiB over budget, all from the first guest.
+        assert_eq!(a, vec![1548 * MIB, 2048 * MIB]);
+    }
+
+    #[test]
+    fn lower_levels_squeeze_harder() {
+        let c = PolicyConfig::default();
+        // Host at 1% free: at low, guests go toward their minimum even without free memory.
+        let s = snap(100, 100_000, vec![guest(0, 10), guest(0, 10)]);
+        let soft = allocate(&c, &s, HostLevel::Soft);
+        let low = allocate(&c, &s, HostLevel::Low);
+        assert_eq!(
+            soft,
+            vec![2048 * MIB, 2048 * MIB],
+            "nothing free to give at soft"
+        );
+        assert!(low.iter().sum::<u64>() < 4096 * MIB - 400 * MIB, "{low:?}");
+        assert!(low.iter().all(|a| *a >= 256 * MIB));
+    }
+
+    #[test]
+    fn a_guest_under_pressure_gets_memory_when_the_host_has_room() {
+        let c = PolicyConfig::default();
+        let s = snap(8000, 8000, vec![guest(1024, 20), guest(1024, 600)]);
+        let a = allocate(&c, &s, HostLevel::High);
+        assert!(a[0] > 1024 * MIB, "{a:?}");
+        assert_eq!(a[1], 1024 * MIB);
+        // Not while the host is short.
+        let b = allocate(&c, &s, HostLevel::Soft);
+        assert_eq!(b[0], 1024 * MIB);
+    }
+}
