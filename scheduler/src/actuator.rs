@@ -1,0 +1,204 @@
+//! From a policy's decision to the balloon target actually sent: per-guest rate limiting (the
+//! host-side half of the patent's adaptive rate control) and stall handling. A balloon that
+//! stops moving toward its target (the guest cannot give more) is not pushed forever: as
+//! ChromeOS's concierge does, when inflation runs below a rate for a while, the balloon is
+//! deflated a little and held at what the guest could give, and the guest is reported stalled.
+
+use crate::model::GuestState;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActuatorConfig {
+    /// Largest change of one guest's balloon target per tick, in bytes.
+    pub max_step_bytes: u64,
+    /// Inflation slower than this (bytes/s) over `stall_window_s` is a stall.
+    pub stall_rate_bytes_per_s: u64,
+    pub stall_window_s: f64,
+    /// On a stall, deflate this much below what the balloon reached...
+    pub stall_backoff_bytes: u64,
+    /// ...and hold the balloon there for this long.
+    pub stall_hold_s: f64,
+}
+
+impl Default for ActuatorConfig {
+    fn default() -> Self {
+        ActuatorConfig {
+            max_step_bytes: 256 << 20,
+            stall_rate_bytes_per_s: 15_000_000,
+            stall_window_s: 4.0,
+            stall_backoff_bytes: 128 << 20,
+            stall_hold_s: 60.0,
+        }
+    }
+}
+
+/// Per-guest state of the actuator.
+#[derive(Debug, Clone, Default)]
+pub struct GuestActuator {
+    /// (time, balloon actual) while inflating, oldest first.
+    progress: VecDeque<(f64, u64)>,
+    /// After a stall: the largest balloon allowed, and until when.
+    pub limit: Option<(u64, f64)>,
+}
+
+/// What the actuator decided for one guest this tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Actuation {
+    /// The balloon target to send, if it changes.
+    pub send_bytes: Option<u64>,
+    pub stalled: bool,
+}
+
+impl GuestActuator {
+    /// The stall limit in force at `now`, for the policy's bounds.
+    pub fn limit_at(&mut self, now: f64) -> Option<u64> {
+        match self.limit {
+            Some((_, until)) if now >= until => {
+                self.limit = None;
+                None
+            }
+            Some((bytes, _)) => Some(bytes),
+            None => None,
+        }
+    }
+
+    pub fn plan(
+        &mut self,
+        config: &ActuatorConfig,
+        guest: &GuestState,
+        decided_allocation: u64,
+        now: f64,
+    ) -> Actuation {
+        let memory = guest.spec.memory_bytes;
+        let current = guest.balloon_target_bytes;
+        let actual = guest.balloon_actual_bytes;
+        // Stall detection while the balloon is below its target.
+        if actual + (1 << 20) < current {
+            self.progress.push_back((now, actual));
+            while self
+                .progress
+                .front()
+                .is_some_and(|(t, _)| now - t > config.stall_window_s)
+            {
+                self.progress.pop_front();
+            }
+            if let Some(&(t0, a0)) = self.progress.front() {
+                let span = now - t0;
+                let rate = actual.saturating_sub(a0) as f64 / span.max(1e-9);
+                if span >= config.stall_window_s * 0.99
+                    && rate < config.stall_rate_bytes_per_s as f64
+                {
+                    let settle = actual.saturating_sub(config.stall_backoff_bytes);
+                    self.limit = Some((settle, now + config.stall_hold_s));
+                    self.progress.clear();
+                    log::warn!(
+                        "{}: balloon stalled at {} MiB (target {} MiB); settling at {} MiB",
+                        guest.spec.name,
+                        actual >> 20,
+                        current >> 20,
+                        settle >> 20
+                    );
+                    return Actuation {
+                        send_bytes: Some(settle),
+                        stalled: true,
+                    };
+                }
+            }
+        } else {
+            self.progress.clear();
+        }
+        let mut wanted = memory.saturating_sub(decided_allocation);
+        if let Some((limit, _)) = self.limit {
+            wanted = wanted.min(limit);
+        }
+        let step = config.max_step_bytes.max(1);
+        let next = if wanted > current {
+            current + (wanted - current).min(step)
+        } else {
+            current - (current - wanted).min(step)
+        };
+        Actuation {
+            send_bytes: (next != current).then_some(next),
+            stalled: self.limit.is_some(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::GuestSpec;
+
+    const MIB: u64 = 1 << 20;
+
+    fn guest(target: u64, actual: u64) -> GuestState {
+        GuestState {
+            spec: GuestSpec {
+                name: "g".into(),
+                memory_bytes: 2048 * MIB,
+                min_bytes: 0,
+                max_bytes: 2048 * MIB,
+                shares: 1,
+                static_bytes: None,
+            },
+            reachable: true,
+            balloon_target_bytes: target * MIB,
+            balloon_actual_bytes: actual * MIB,
+            stats: None,
+            pinned: false,
+            balloon_limit_bytes: None,
+        }
+    }
+
+    #[test]
+    fn steps_are_rate_limited_both_ways() {
+        let c = ActuatorConfig::default();
+        let mut a = GuestActuator::default();
+        // Decided allocation 1 GiB of 2 GiB: balloon 1 GiB, reached in 256 MiB steps.
+        let plan = a.plan(&c, &guest(0, 0), 1024 * MIB, 0.0);
+        assert_eq!(plan.send_bytes, Some(256 * MIB));
+        let plan = a.plan(&c, &guest(900, 900), 1024 * MIB, 1.0);
+        assert_eq!(plan.send_bytes, Some(1024 * MIB));
+        let plan = a.plan(&c, &guest(1024, 1024), 1024 * MIB, 2.0);
+        assert_eq!(plan.send_bytes, None);
+        let plan = a.plan(&c, &guest(1024, 1024), 2048 * MIB, 3.0);
+        assert_eq!(plan.send_bytes, Some(768 * MIB));
+    }
+
+    #[test]
+    fn a_stalled_balloon_settles_and_is_held() {
+        let c = ActuatorConfig::default();
+        let mut a = GuestActuator::default();
+        // Target 1 GiB, stuck at 600 MiB for 4 s.
+        for t in 0..4 {
+            let plan = a.plan(&c, &guest(1024, 600), 1024 * MIB, t as f64);
+            assert!(!plan.stalled, "tick {t}");
+        }
+        let plan = a.plan(&c, &guest(1024, 600), 1024 * MIB, 4.0);
+        assert!(plan.stalled);
+        assert_eq!(plan.send_bytes, Some(472 * MIB));
+        // Held: the policy asking for more does not push past the settled size.
+        let plan = a.plan(&c, &guest(472, 472), 0, 5.0);
+        assert_eq!(plan.send_bytes, None);
+        assert!(plan.stalled);
+        assert_eq!(a.limit_at(30.0), Some(472 * MIB));
+        // After the hold, it may try again.
+        assert_eq!(a.limit_at(70.0), None);
+        let plan = a.plan(&c, &guest(472, 472), 0, 70.0);
+        assert_eq!(plan.send_bytes, Some(728 * MIB));
+    }
+
+    #[test]
+    fn a_slow_but_moving_balloon_is_not_a_stall() {
+        let c = ActuatorConfig::default();
+        let mut a = GuestActuator::default();
+        for t in 0..10 {
+            // 20 MB/s of progress.
+            let actual = 100 + t * 20;
+            let plan = a.plan(&c, &guest(1024, actual), 1024 * MIB, t as f64);
+            assert!(!plan.stalled, "tick {t}");
+        }
+    }
+}

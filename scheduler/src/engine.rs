@@ -1,0 +1,248 @@
+//! One scheduling step, shared by the daemon and the simulator: readings in, balloon targets
+//! and a trace record out.
+
+use crate::actuator::{ActuatorConfig, GuestActuator};
+use crate::drivers::DriverReading;
+use crate::model::{GuestMemoryStats, GuestSpec, GuestState, HostState, Snapshot};
+use crate::policy::{self, PolicyConfig, PolicyState};
+use crate::trace::{TraceGuest, TraceRecord};
+use std::collections::HashMap;
+
+/// What the engine remembers about one guest between ticks.
+#[derive(Debug, Clone, Default)]
+struct GuestMemory {
+    /// The balloon target last sent, or read from the driver when the scheduler started, so a
+    /// restarted scheduler never jumps a target.
+    target_bytes: Option<u64>,
+    /// Cumulative counters from the previous reading, for deltas.
+    last_swap_in: Option<u64>,
+    last_major_faults: Option<u64>,
+    actuator: GuestActuator,
+    /// Set by an operator: the allocation this guest keeps, outside the policy.
+    pinned_allocation: Option<u64>,
+}
+
+pub struct Engine {
+    pub policy: PolicyConfig,
+    pub actuator: ActuatorConfig,
+    policy_state: PolicyState,
+    guests: HashMap<String, GuestMemory>,
+}
+
+/// The outcome of a tick.
+#[derive(Debug, Clone)]
+pub struct TickOutcome {
+    /// Per guest, in input order: the balloon target to send now, if any.
+    pub send: Vec<Option<u64>>,
+    pub snapshot: Snapshot,
+    pub trace: TraceRecord,
+}
+
+impl Engine {
+    pub fn new(policy: PolicyConfig, actuator: ActuatorConfig) -> Self {
+        Engine {
+            policy,
+            actuator,
+            policy_state: PolicyState::default(),
+            guests: HashMap::new(),
+        }
+    }
+
+    /// Pins a guest at an allocation (memory it may use), outside the policy.
+    pub fn pin(&mut self, name: &str, allocation_bytes: Option<u64>) {
+        self.guests
+            .entry(name.to_string())
+            .or_default()
+            .pinned_allocation = allocation_bytes;
+    }
+
+    pub fn pinned(&self, name: &str) -> Option<u64> {
+        self.guests.get(name).and_then(|g| g.pinned_allocation)
+    }
+
+    /// The driver accepted a target: remember it.
+    pub fn sent(&mut self, name: &str, balloon_bytes: u64) {
+        self.guests
+            .entry(name.to_string())
+            .or_default()
+            .target_bytes = Some(balloon_bytes);
+    }
+
+    pub fn tick(
+        &mut self,
+        time_s: f64,
+        host: HostState,
+        inputs: &[(GuestSpec, Option<DriverReading>)],
+    ) -> TickOutcome {
+        let mut guests = Vec::with_capacity(inputs.len());
+        for (spec, reading) in inputs {
+            let mem = self.guests.entry(spec.name.clone()).or_default();
+            let limit = mem.actuator.limit_at(time_s);
+            let state = match reading {
+                Some(r) => {
+                    if mem.target_bytes.is_none() {
+                        // First sight (or a restart): adopt what the guest has now.
+                        mem.target_bytes = Some(r.target_bytes.unwrap_or(r.actual_bytes));
+                    }
+                    let stats = r.stats.map(|s| {
+                        let delta = |last: &mut Option<u64>, now: u64| {
+                            let d = last.map_or(0, |l| now.saturating_sub(l));
+                            *last = Some(now);
+                            d
+                        };
+                        GuestMemoryStats {
+                            available_bytes: s.available_bytes,
+                            total_bytes: s.total_bytes,
+                            swap_in_delta: delta(&mut mem.last_swap_in, s.swap_in),
+                            major_faults_delta: delta(&mut mem.last_major_faults, s.major_faults),
+                        }
+                    });
+                    GuestState {
+                        spec: spec.clone(),
+                        reachable: true,
+                        balloon_target_bytes: mem.target_bytes.unwrap_or(r.actual_bytes),
+                        balloon_actual_bytes: r.actual_bytes,
+                        stats,
+                        pinned: mem.pinned_allocation.is_some(),
+                        balloon_limit_bytes: limit,
+                    }
+                }
+                None => GuestState {
+                    spec: spec.clone(),
+                    reachable: false,
+                    balloon_target_bytes: mem.target_bytes.unwrap_or(0),
+                    balloon_actual_bytes: mem.target_bytes.unwrap_or(0),
+                    stats: None,
+                    pinned: mem.pinned_allocation.is_some(),
+                    balloon_limit_bytes: limit,
+                },
+            };
+            guests.push(state);
+        }
+        let snapshot = Snapshot {
+            time_s,
+            host,
+            guests,
+        };
+        let decided = policy::decide(&self.policy, &snapshot, &mut self.policy_state);
+        let mut send = Vec::with_capacity(decided.len());
+        let mut trace_guests = Vec::with_capacity(decided.len());
+        for (g, decided) in snapshot.guests.iter().zip(decided) {
+            let mem = self.guests.entry(g.spec.name.clone()).or_default();
+            let (lo, hi) = g.bounds();
+            let decided = match mem.pinned_allocation {
+                Some(pinned) => pinned.clamp(lo.min(pinned), hi),
+                None => decided,
+            };
+            let (plan, state) = if !g.reachable {
+                (None, "unreachable")
+            } else {
+                let a = mem.actuator.plan(&self.actuator, g, decided, time_s);
+                let state = if a.stalled {
+                    "stalled"
+                } else if g.pinned {
+                    "pinned"
+                } else {
+                    "ok"
+                };
+                (a.send_bytes, state)
+            };
+            send.push(plan);
+            trace_guests.push(TraceGuest {
+                name: g.spec.name.clone(),
+                memory_bytes: g.spec.memory_bytes,
+                allocation_bytes: g.allocation_bytes(),
+                used_bytes: g.stats.map(|_| g.used_bytes()),
+                available_bytes: g.stats.map(|s| s.available_bytes),
+                balloon_target_bytes: g.balloon_target_bytes,
+                balloon_actual_bytes: g.balloon_actual_bytes,
+                decided_allocation_bytes: decided,
+                sent_balloon_bytes: plan,
+                state: state.into(),
+            });
+        }
+        let trace = TraceRecord {
+            time_s,
+            policy: self.policy.kind.to_string(),
+            host_state: self.policy_state.host_level.level.to_string(),
+            host_total_bytes: host.total_bytes,
+            host_available_bytes: host.available_bytes,
+            budget_bytes: host.budget_bytes,
+            guests: trace_guests,
+        };
+        TickOutcome {
+            send,
+            snapshot,
+            trace,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicyKind;
+
+    const MIB: u64 = 1 << 20;
+
+    fn spec(name: &str) -> GuestSpec {
+        GuestSpec {
+            name: name.into(),
+            memory_bytes: 1024 * MIB,
+            min_bytes: 256 * MIB,
+            max_bytes: 1024 * MIB,
+            shares: 1000,
+            static_bytes: Some(512 * MIB),
+        }
+    }
+
+    fn host() -> HostState {
+        HostState {
+            total_bytes: 8192 * MIB,
+            available_bytes: 4096 * MIB,
+            budget_bytes: 2048 * MIB,
+        }
+    }
+
+    #[test]
+    fn a_restart_adopts_current_targets_and_moves_from_there() {
+        let policy = PolicyConfig {
+            kind: PolicyKind::Static,
+            ..Default::default()
+        };
+        let mut e = Engine::new(policy, ActuatorConfig::default());
+        // The guest already has a 300 MiB balloon (reached 280) from a previous run.
+        let reading = DriverReading {
+            target_bytes: Some(300 * MIB),
+            actual_bytes: 280 * MIB,
+            stats: None,
+        };
+        let out = e.tick(0.0, host(), &[(spec("a"), Some(reading))]);
+        // Static wants 512 MiB allocated: a 512 MiB balloon, reached from 300 in one capped
+        // step, never from 0.
+        assert_eq!(out.send, vec![Some(512 * MIB)]);
+        assert_eq!(out.trace.guests[0].balloon_target_bytes, 300 * MIB);
+    }
+
+    #[test]
+    fn unreachable_guests_are_reported_not_guessed() {
+        let mut e = Engine::new(PolicyConfig::default(), ActuatorConfig::default());
+        let out = e.tick(0.0, host(), &[(spec("a"), None)]);
+        assert_eq!(out.send, vec![None]);
+        assert_eq!(out.trace.guests[0].state, "unreachable");
+    }
+
+    #[test]
+    fn pinned_guests_keep_the_operators_size() {
+        let mut e = Engine::new(PolicyConfig::default(), ActuatorConfig::default());
+        e.pin("a", Some(900 * MIB));
+        let reading = DriverReading {
+            target_bytes: Some(0),
+            actual_bytes: 0,
+            stats: None,
+        };
+        let out = e.tick(0.0, host(), &[(spec("a"), Some(reading))]);
+        assert_eq!(out.send, vec![Some(124 * MIB)]);
+        assert_eq!(out.trace.guests[0].state, "pinned");
+    }
+}
