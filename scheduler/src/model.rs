@@ -55,7 +55,9 @@ pub struct GuestState {
 impl GuestState {
     /// Memory the guest may use now.
     pub fn allocation_bytes(&self) -> u64 {
-        self.spec.memory_bytes.saturating_sub(self.balloon_actual_bytes)
+        self.spec
+            .memory_bytes
+            .saturating_sub(self.balloon_actual_bytes)
     }
 
     /// Memory the guest actively uses: what it holds minus what it could give up easily.
@@ -79,7 +81,9 @@ impl GuestState {
         let max = self.spec.max_bytes.min(self.spec.memory_bytes);
         let mut min = self.spec.min_bytes.min(max);
         if let Some(limit) = self.balloon_limit_bytes {
-            min = min.max(self.spec.memory_bytes.saturating_sub(limit)).min(max);
+            min = min
+                .max(self.spec.memory_bytes.saturating_sub(limit))
+                .min(max);
         }
         (min, max)
     }

@@ -47,11 +47,13 @@ fn inflate_returns_memory_and_deflate_gives_it_back() {
         Duration::from_millis(20),
         || {
             let now = vm.host_memory()?;
-            Ok(if before.rss_shmem.saturating_sub(now.rss_shmem) >= balloon * 9 / 10 {
-                Poll::Ready(now)
-            } else {
-                Poll::Pending(format!("RssShmem {} MiB", mib(now.rss_shmem)))
-            })
+            Ok(
+                if before.rss_shmem.saturating_sub(now.rss_shmem) >= balloon * 9 / 10 {
+                    Poll::Ready(now)
+                } else {
+                    Poll::Pending(format!("RssShmem {} MiB", mib(now.rss_shmem)))
+                },
+            )
         },
     )
     .unwrap();

@@ -187,8 +187,13 @@ mod tests {
 
     #[test]
     fn the_shipped_example_config_is_valid() {
-        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/vhost-balloon-backend.toml");
-        let o = Cli::parse_from(["x", "--config", example]).resolve().unwrap();
+        let example = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/vhost-balloon-backend.toml"
+        );
+        let o = Cli::parse_from(["x", "--config", example])
+            .resolve()
+            .unwrap();
         assert_eq!(o.socket, PathBuf::from("/run/vhost-balloon/vm1.sock"));
         assert_eq!(o.target, Some(0));
         assert!(o.discard && o.free_page_reporting);
