@@ -6,3 +6,4 @@ pub mod engine;
 pub mod model;
 pub mod policy;
 pub mod trace;
+pub mod api;
