@@ -23,61 +23,83 @@ fn under_pressure(config: &PolicyConfig, g: &GuestState) -> bool {
 pub fn allocate(config: &PolicyConfig, snap: &Snapshot, level: HostLevel) -> Vec<u64> {
     let mut alloc: Vec<u64> = snap.guests.iter().map(planned).collect();
     let bounds: Vec<(u64, u64)> = snap.guests.iter().map(GuestState::bounds).collect();
-    let total: u64 = alloc.iter().sum();
+    let pressured: Vec<bool> = snap
+        .guests
+        .iter()
+        .map(|g| under_pressure(config, g))
+        .collect();
     let host = &snap.host;
+    // What each guest can spare at this level: at high and soft, only free memory above its
+    // reserve; at hard, above half the reserve; at low, anything above its minimum. A guest
+    // under pressure spares nothing unless the host is low.
+    let reserve = match level {
+        HostLevel::High | HostLevel::Soft => config.guest_reserve_bytes,
+        HostLevel::Hard => config.guest_reserve_bytes / 2,
+        HostLevel::Low => 0,
+    };
+    let mut spare: Vec<u64> = snap
+        .guests
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let free = match (level, g.stats) {
+                (HostLevel::Low, _) => alloc[i],
+                (_, _) if pressured[i] => 0,
+                (_, Some(s)) => s.available_bytes.saturating_sub(reserve),
+                (_, None) => 0,
+            };
+            free.min(alloc[i].saturating_sub(bounds[i].0))
+        })
+        .collect();
+    // Takes up to `amount` from the guests with the most to spare; returns what it got.
+    let take = |amount: u64, alloc: &mut Vec<u64>, spare: &mut Vec<u64>| -> u64 {
+        let mut order: Vec<usize> = (0..alloc.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(spare[i]));
+        let mut got = 0;
+        for i in order {
+            let t = spare[i].min(amount - got);
+            alloc[i] -= t;
+            spare[i] -= t;
+            got += t;
+            if got == amount {
+                break;
+            }
+        }
+        got
+    };
+    // 1. Whatever the budget or the host's free level needs back.
+    let total: u64 = alloc.iter().sum();
     let host_short = if level > HostLevel::High {
         ((config.high_free * host.total_bytes as f64) as u64).saturating_sub(host.available_bytes)
     } else {
         0
     };
-    let mut need = total.saturating_sub(host.budget_bytes) + host_short;
+    let need = total.saturating_sub(host.budget_bytes) + host_short;
     if need > 0 {
-        // What each guest can spare at this level: at soft, only free memory above its reserve;
-        // at hard, down to half the reserve; at low, anything above its minimum.
-        let reserve = match level {
-            HostLevel::High | HostLevel::Soft => config.guest_reserve_bytes,
-            HostLevel::Hard => config.guest_reserve_bytes / 2,
-            HostLevel::Low => 0,
-        };
-        let spare: Vec<u64> = snap
-            .guests
-            .iter()
-            .enumerate()
-            .map(|(i, g)| {
-                let free = match (level, g.stats) {
-                    (HostLevel::Low, _) => alloc[i].saturating_sub(bounds[i].0),
-                    (_, Some(s)) => s.available_bytes.saturating_sub(reserve),
-                    (_, None) => 0,
-                };
-                free.min(alloc[i].saturating_sub(bounds[i].0))
-            })
-            .collect();
-        let mut order: Vec<usize> = (0..alloc.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(spare[i]));
-        for i in order {
-            if need == 0 {
-                break;
-            }
-            let take = spare[i].min(need);
-            alloc[i] -= take;
-            need -= take;
+        take(need, &mut alloc, &mut spare);
+    }
+    // 2. Guests under pressure grow, from the budget's room while the host is at high, and
+    //    otherwise (or beyond it) from what other guests can spare.
+    let mut room = if level == HostLevel::High {
+        host.budget_bytes.saturating_sub(alloc.iter().sum())
+    } else {
+        0
+    };
+    for i in 0..alloc.len() {
+        if !pressured[i] {
+            continue;
         }
-    } else if level == HostLevel::High {
-        let mut room = host.budget_bytes.saturating_sub(total);
-        for (i, g) in snap.guests.iter().enumerate() {
-            if room == 0 {
-                break;
-            }
-            if under_pressure(config, g) {
-                let step = config
-                    .guest_reserve_bytes
-                    .max(alloc[i] / 10)
-                    .min(room)
-                    .min(bounds[i].1.saturating_sub(alloc[i]));
-                alloc[i] += step;
-                room -= step;
-            }
+        let want = config
+            .guest_reserve_bytes
+            .max(alloc[i] / 10)
+            .min(bounds[i].1.saturating_sub(alloc[i]));
+        if room < want {
+            // Donors are the unpressured guests; this one's own spare is already 0.
+            room += take(want - room, &mut alloc, &mut spare);
         }
+        let give = want.min(room);
+        alloc[i] += give;
+        room -= give;
     }
     alloc
         .iter()
@@ -160,8 +182,9 @@ mod tests {
         let a = allocate(&c, &s, HostLevel::High);
         assert!(a[0] > 1024 * MIB, "{a:?}");
         assert_eq!(a[1], 1024 * MIB);
-        // Not while the host is short.
+        // While the host is short, only from what the other guest can spare.
         let b = allocate(&c, &s, HostLevel::Soft);
-        assert_eq!(b[0], 1024 * MIB);
+        assert!(b[0] > 1024 * MIB, "{b:?}");
+        assert_eq!(b[0] + b[1], 2048 * MIB, "{b:?}");
     }
 }

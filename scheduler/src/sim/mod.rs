@@ -1,0 +1,287 @@
+//! `balloon-scheduler simulate SCENARIO.toml`: the same engine and policies against modelled
+//! guests in virtual time, for policy tests and for scales far past one machine.
+//!
+//! A modelled guest has a working set that follows a piecewise-linear trace, some swap, and a
+//! balloon that moves at a bounded rate. The balloon can only take memory the guest has free
+//! (the Linux driver allocates with __GFP_NORETRY and stalls rather than forcing reclaim); a
+//! working set larger than the allocation runs slower (paging) and, beyond the swap, is an OOM
+//! event. Work completed counts seconds of full-speed progress.
+
+use crate::actuator::ActuatorConfig;
+use crate::config::Size;
+use crate::drivers::{DriverReading, RawGuestStats};
+use crate::engine::Engine;
+use crate::model::{GuestSpec, HostState};
+use crate::policy::PolicyConfig;
+use crate::trace::TraceRecord;
+use serde::{Deserialize, Serialize};
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimGuest {
+    pub name: String,
+    pub memory: Size,
+    pub min: Option<Size>,
+    pub max: Option<Size>,
+    #[serde(default = "default_shares")]
+    pub shares: u64,
+    #[serde(rename = "static")]
+    pub static_size: Option<Size>,
+    /// Swap space; 0 means a working set beyond the allocation is an OOM at once.
+    #[serde(default)]
+    pub swap: Option<Size>,
+    /// How fast the balloon moves (bytes/s), both ways.
+    #[serde(default)]
+    pub balloon_rate: Option<Size>,
+    /// (time_s, bytes) points; linear between them, constant after the last.
+    pub working_set: Vec<(f64, Size)>,
+}
+
+fn default_shares() -> u64 {
+    1000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub duration_s: f64,
+    #[serde(default = "default_tick")]
+    pub tick_s: f64,
+    pub host_memory: Size,
+    /// What the host itself uses besides the guests.
+    #[serde(default)]
+    pub host_overhead: Option<Size>,
+    pub budget: Size,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub actuator: ActuatorConfig,
+    #[serde(rename = "guest")]
+    pub guests: Vec<SimGuest>,
+}
+
+fn default_tick() -> f64 {
+    2.0
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GuestOutcome {
+    pub name: String,
+    /// Seconds of full-speed work done.
+    pub work_s: f64,
+    pub oom_events: u64,
+    /// Seconds its balloon reported stalled.
+    pub stalled_s: f64,
+    /// Seconds its working set exceeded its allocation (paging or OOM).
+    pub starved_s: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SimOutcome {
+    pub policy: String,
+    pub guests: Vec<GuestOutcome>,
+    pub work_s: f64,
+    pub oom_events: u64,
+    /// Seconds the guests' allocations together exceeded the budget.
+    pub over_budget_s: f64,
+    /// Largest excess over the budget seen.
+    pub max_over_budget_bytes: u64,
+    /// Seconds the host had less than 0 bytes available (would have swapped or OOM-killed).
+    pub host_short_s: f64,
+    #[serde(skip)]
+    pub trace: Vec<TraceRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("reading {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("scenario: {0}")]
+    Parse(Box<toml::de::Error>),
+    #[error("scenario: {0}")]
+    Invalid(String),
+}
+
+impl Scenario {
+    pub fn parse(text: &str) -> Result<Self, SimError> {
+        let s: Scenario = toml::from_str(text).map_err(|e| SimError::Parse(Box::new(e)))?;
+        if s.tick_s.is_nan() || s.tick_s <= 0.0 || s.duration_s.is_nan() || s.duration_s < 0.0 {
+            return Err(SimError::Invalid(
+                "tick_s must be > 0 and duration_s >= 0".into(),
+            ));
+        }
+        s.policy.validate().map_err(SimError::Invalid)?;
+        for g in &s.guests {
+            if g.working_set.is_empty() {
+                return Err(SimError::Invalid(format!(
+                    "guest {}: empty working_set",
+                    g.name
+                )));
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, SimError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SimError::Read(path.display().to_string(), e))?;
+        Self::parse(&text)
+    }
+}
+
+impl SimGuest {
+    fn spec(&self) -> GuestSpec {
+        let memory = self.memory.0;
+        GuestSpec {
+            name: self.name.clone(),
+            memory_bytes: memory,
+            min_bytes: self.min.map_or(0, |s| s.0),
+            max_bytes: self.max.map_or(memory, |s| s.0.min(memory)),
+            shares: self.shares,
+            static_bytes: self.static_size.map(|s| s.0),
+        }
+    }
+
+    fn working_set_at(&self, t: f64) -> u64 {
+        let pts = &self.working_set;
+        if t <= pts[0].0 {
+            return pts[0].1 .0;
+        }
+        for w in pts.windows(2) {
+            let ((t0, a), (t1, b)) = (w[0], w[1]);
+            if t <= t1 {
+                let f = if t1 > t0 { (t - t0) / (t1 - t0) } else { 1.0 };
+                return (a.0 as f64 + (b.0 as f64 - a.0 as f64) * f) as u64;
+            }
+        }
+        pts[pts.len() - 1].1 .0
+    }
+}
+
+/// A modelled guest's moving parts.
+#[derive(Debug, Clone, Default)]
+struct Model {
+    target: u64,
+    actual: u64,
+    swapped_in_pages: u64,
+    in_oom: bool,
+}
+
+/// Free memory a guest keeps that the balloon cannot take (kernel reserves).
+const GUEST_FLOOR: u64 = 16 * MIB;
+
+pub fn run(scenario: &Scenario) -> SimOutcome {
+    let mut engine = Engine::new(scenario.policy.clone(), scenario.actuator.clone());
+    let specs: Vec<GuestSpec> = scenario.guests.iter().map(SimGuest::spec).collect();
+    let mut models = vec![Model::default(); specs.len()];
+    let mut out = SimOutcome {
+        policy: scenario.policy.kind.to_string(),
+        guests: scenario
+            .guests
+            .iter()
+            .map(|g| GuestOutcome {
+                name: g.name.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let dt = scenario.tick_s;
+    let overhead = scenario.host_overhead.map_or(0, |s| s.0);
+    let mut t = 0.0;
+    while t < scenario.duration_s {
+        // The guests move for one tick.
+        for (i, g) in scenario.guests.iter().enumerate() {
+            let m = &mut models[i];
+            let rate = (g.balloon_rate.map_or(200 * MIB, |s| s.0) as f64 * dt) as u64;
+            let ws = g.working_set_at(t);
+            let memory = g.memory.0;
+            if m.target > m.actual {
+                let free = (memory - m.actual).saturating_sub(ws + GUEST_FLOOR);
+                m.actual += rate.min(m.target - m.actual).min(free);
+            } else {
+                m.actual -= rate.min(m.actual - m.target);
+            }
+            let alloc = memory - m.actual;
+            let o = &mut out.guests[i];
+            let swap = g.swap.map_or(0, |s| s.0);
+            if ws <= alloc {
+                o.work_s += dt;
+                m.in_oom = false;
+            } else if ws - alloc <= swap {
+                o.work_s += dt * alloc as f64 / ws as f64;
+                o.starved_s += dt;
+                m.swapped_in_pages += (ws - alloc) / 4096;
+                m.in_oom = false;
+            } else {
+                o.starved_s += dt;
+                if !m.in_oom {
+                    o.oom_events += 1;
+                    m.in_oom = true;
+                }
+            }
+        }
+        let total_alloc: u64 = specs
+            .iter()
+            .zip(&models)
+            .map(|(s, m)| s.memory_bytes - m.actual)
+            .sum();
+        if total_alloc > scenario.budget.0 {
+            out.over_budget_s += dt;
+            out.max_over_budget_bytes = out
+                .max_over_budget_bytes
+                .max(total_alloc - scenario.budget.0);
+        }
+        let host_used = total_alloc + overhead;
+        if host_used > scenario.host_memory.0 {
+            out.host_short_s += dt;
+        }
+        let host = HostState {
+            total_bytes: scenario.host_memory.0,
+            available_bytes: scenario.host_memory.0.saturating_sub(host_used),
+            budget_bytes: scenario.budget.0,
+        };
+        let inputs: Vec<(GuestSpec, Option<DriverReading>)> = scenario
+            .guests
+            .iter()
+            .zip(&specs)
+            .zip(&models)
+            .map(|((g, s), m)| {
+                let alloc = s.memory_bytes - m.actual;
+                let ws = g.working_set_at(t);
+                let reading = DriverReading {
+                    target_bytes: Some(m.target),
+                    actual_bytes: m.actual,
+                    stats: Some(RawGuestStats {
+                        available_bytes: alloc.saturating_sub(ws),
+                        total_bytes: alloc,
+                        swap_in: m.swapped_in_pages,
+                        major_faults: m.swapped_in_pages,
+                        age_seconds: Some(0.0),
+                    }),
+                };
+                (s.clone(), Some(reading))
+            })
+            .collect();
+        let tick = engine.tick(t, host, &inputs);
+        for (i, send) in tick.send.iter().enumerate() {
+            if let Some(b) = send {
+                models[i].target = (*b).min(specs[i].memory_bytes);
+                engine.sent(&specs[i].name, models[i].target);
+            }
+            if tick.trace.guests[i].state == "stalled" {
+                out.guests[i].stalled_s += dt;
+            }
+        }
+        out.trace.push(tick.trace);
+        t += dt;
+    }
+    out.work_s = out.guests.iter().map(|g| g.work_s).sum();
+    out.oom_events = out.guests.iter().map(|g| g.oom_events).sum();
+    out
+}
+
+#[cfg(test)]
+mod tests;

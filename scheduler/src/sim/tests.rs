@@ -1,0 +1,195 @@
+//! Policy tests in the simulator: each runs a scenario and checks what an operator would.
+
+use super::*;
+use crate::policy::PolicyKind;
+
+fn scenario(policy: &str, budget: &str, guests: &str) -> Scenario {
+    Scenario::parse(&format!(
+        r#"
+        duration_s = 600
+        tick_s = 2
+        host_memory = "8G"
+        host_overhead = "1G"
+        budget = "{budget}"
+        [policy]
+        kind = "{policy}"
+        {guests}
+        "#
+    ))
+    .unwrap()
+}
+
+/// Three 1 GiB guests; "c" grows from 300 MiB to 800 MiB of working set and back.
+const THREE: &str = r#"
+    [[guest]]
+    name = "a"
+    memory = "1G"
+    min = "256M"
+    swap = "256M"
+    working_set = [[0, "300M"]]
+    [[guest]]
+    name = "b"
+    memory = "1G"
+    min = "256M"
+    swap = "256M"
+    working_set = [[0, "250M"]]
+    [[guest]]
+    name = "c"
+    memory = "1G"
+    min = "256M"
+    swap = "256M"
+    working_set = [[0, "300M"], [150, "300M"], [250, "800M"], [400, "800M"], [450, "300M"]]
+"#;
+
+fn alloc_of(r: &TraceRecord, name: &str) -> u64 {
+    r.guests
+        .iter()
+        .find(|g| g.name == name)
+        .map(|g| g.allocation_bytes)
+        .unwrap()
+}
+
+#[test]
+fn every_policy_honours_min_and_max() {
+    for policy in ["static", "shares", "pressure", "mom"] {
+        let s = scenario(policy, "1500M", THREE);
+        let out = run(&s);
+        for r in &out.trace {
+            for g in &r.guests {
+                assert!(g.allocation_bytes >= 256 * MIB, "{policy}: {g:?}");
+                assert!(g.allocation_bytes <= 1024 * MIB, "{policy}: {g:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn shares_keeps_the_host_inside_its_budget_in_steady_state() {
+    let s = scenario("shares", "1800M", THREE);
+    let out = run(&s);
+    // Converged windows: before c grows (100-150 s) and after it shrinks back (520-600 s).
+    for r in out
+        .trace
+        .iter()
+        .filter(|r| (100.0..150.0).contains(&r.time_s) || r.time_s >= 520.0)
+    {
+        let total: u64 = r.guests.iter().map(|g| g.allocation_bytes).sum();
+        assert!(
+            total <= 1800 * MIB + MIB,
+            "t={} total {} MiB",
+            r.time_s,
+            total / MIB
+        );
+    }
+    assert_eq!(out.oom_events, 0);
+}
+
+#[test]
+fn memory_moves_to_the_guest_that_needs_it_and_back() {
+    for policy in ["shares", "pressure"] {
+        let s = scenario(policy, "1800M", THREE);
+        let out = run(&s);
+        let at = |t: f64| out.trace.iter().find(|r| r.time_s >= t).unwrap();
+        let before = alloc_of(at(140.0), "c");
+        let during = alloc_of(at(390.0), "c");
+        let after = alloc_of(at(590.0), "c");
+        assert!(
+            during >= 800 * MIB,
+            "{policy}: c got {} MiB at its peak",
+            during / MIB
+        );
+        assert!(
+            during > before + 200 * MIB,
+            "{policy}: {} -> {}",
+            before / MIB,
+            during / MIB
+        );
+        // Shares takes the idle memory back at once; pressure leaves it until someone needs it.
+        if policy == "shares" {
+            assert!(
+                after < during,
+                "{policy}: c kept {} MiB after shrinking",
+                after / MIB
+            );
+        }
+        assert_eq!(out.oom_events, 0, "{policy}: {:?}", out.guests);
+    }
+}
+
+#[test]
+fn no_guest_is_pushed_below_its_working_set_while_memory_is_free() {
+    // The budget holds every working set with room to spare.
+    let s = scenario("shares", "2200M", THREE);
+    let out = run(&s);
+    for r in out.trace.iter().filter(|r| r.time_s > 20.0) {
+        for g in &r.guests {
+            let used = g.used_bytes.unwrap();
+            assert!(
+                g.decided_allocation_bytes >= used,
+                "t={} {}: decided {} MiB below used {} MiB",
+                r.time_s,
+                g.name,
+                g.decided_allocation_bytes / MIB,
+                used / MIB
+            );
+        }
+    }
+    assert!(
+        out.guests.iter().all(|g| g.starved_s == 0.0),
+        "{:?}",
+        out.guests
+    );
+}
+
+#[test]
+fn idle_memory_is_taxed() {
+    // Equal shares, one busy guest and one idle one, budget short for both at full size.
+    let guests = r#"
+        [[guest]]
+        name = "busy"
+        memory = "2G"
+        working_set = [[0, "1200M"]]
+        [[guest]]
+        name = "idle"
+        memory = "2G"
+        working_set = [[0, "200M"]]
+    "#;
+    let out = run(&scenario("shares", "2500M", guests));
+    let last = out.trace.last().unwrap();
+    let (busy, idle) = (alloc_of(last, "busy"), alloc_of(last, "idle"));
+    assert!(
+        busy > idle + 400 * MIB,
+        "busy {} MiB, idle {} MiB",
+        busy / MIB,
+        idle / MIB
+    );
+    assert!(idle >= (200 + 64) * MIB);
+}
+
+#[test]
+fn a_guest_that_cannot_give_more_stalls_and_settles_without_oom() {
+    // Static wants 300 MiB allocated, but the working set is 700 MiB: the balloon stalls.
+    let guests = r#"
+        [[guest]]
+        name = "full"
+        memory = "1G"
+        static = "300M"
+        working_set = [[0, "700M"]]
+    "#;
+    let out = run(&scenario("static", "4G", guests));
+    assert!(out.guests[0].stalled_s > 0.0, "{:?}", out.guests);
+    assert_eq!(out.oom_events, 0);
+    let last = out.trace.last().unwrap();
+    assert!(alloc_of(last, "full") >= 700 * MIB);
+}
+
+#[test]
+fn scenarios_parse_errors_are_clear() {
+    assert!(Scenario::parse("duration_s = 1").is_err());
+    let e = Scenario::parse(
+        "duration_s=1\nhost_memory=\"1G\"\nbudget=\"1G\"\n[[guest]]\nname=\"a\"\nmemory=\"1G\"\nworking_set=[]",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("empty working_set"), "{e}");
+    assert_eq!(PolicyKind::Shares.to_string(), "shares");
+}
