@@ -13,14 +13,23 @@ pub enum ApiRequest {
     Status,
     /// Give a guest this much memory (its allocation, as QEMU's `balloon` command counts) and
     /// pin it there, outside the policy.
-    Set { guest: String, memory_bytes: u64 },
+    Set {
+        guest: String,
+        memory_bytes: u64,
+    },
     /// Pin a guest at its current allocation.
-    Pin { guest: String },
+    Pin {
+        guest: String,
+    },
     /// Hand a guest back to the policy.
-    Unpin { guest: String },
+    Unpin {
+        guest: String,
+    },
     PolicyShow,
     /// Change the policy kind (static, shares, pressure, mom).
-    PolicySet { kind: String },
+    PolicySet {
+        kind: String,
+    },
     /// Stream one status reply per tick on this connection until it closes.
     Watch,
 }

@@ -2,10 +2,14 @@
 
 pub mod actuator;
 pub mod api;
+pub mod api_server;
 pub mod config;
+pub mod daemon;
 pub mod drivers;
 pub mod engine;
+pub mod host;
 pub mod model;
 pub mod policy;
+pub mod run;
 pub mod sim;
 pub mod trace;

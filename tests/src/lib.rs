@@ -14,6 +14,7 @@ pub mod frontend;
 pub mod host;
 pub mod lab;
 pub mod qmp;
+pub mod scheduler;
 pub mod vm;
 pub mod wait;
 

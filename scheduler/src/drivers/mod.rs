@@ -49,3 +49,33 @@ pub trait BalloonDriver: Send {
     /// For logs and status: the driver kind and its address.
     fn describe(&self) -> String;
 }
+
+pub mod backend;
+
+use crate::config::DriverConfig;
+
+/// A driver that can only report that its kind is not available in this build.
+struct Unavailable(String);
+
+impl BalloonDriver for Unavailable {
+    fn read(&mut self) -> Result<DriverReading, DriverError> {
+        Err(DriverError::Protocol(self.0.clone()))
+    }
+    fn set_balloon(&mut self, _: u64) -> Result<(), DriverError> {
+        Err(DriverError::Protocol(self.0.clone()))
+    }
+    fn describe(&self) -> String {
+        self.0.clone()
+    }
+}
+
+/// Builds a guest's driver from its config. Connections are made lazily, so a guest whose VMM
+/// is not up yet is reported unreachable instead of stopping the scheduler.
+pub fn from_config(config: &DriverConfig, _memory_bytes: u64) -> Box<dyn BalloonDriver> {
+    match config {
+        DriverConfig::Backend { control_socket } => {
+            Box::new(backend::BackendDriver::new(control_socket.clone()))
+        }
+        other => Box::new(Unavailable(format!("{other:?}: driver not built yet"))),
+    }
+}

@@ -1,0 +1,132 @@
+//! The two commands of `balloon-scheduler`, as library functions (main.rs stays thin).
+
+use crate::config::{Config, DriverConfig};
+use crate::daemon::{self, Budget, Guest, Shared};
+use crate::drivers::BalloonDriver;
+use crate::engine::Engine;
+use crate::sim::{self, Scenario};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Sim(#[from] sim::SimError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+    let what = what.into();
+    move |source| RunError::Io { what, source }
+}
+
+/// Builds a guest's driver from its config.
+pub fn connect_driver(config: &DriverConfig, memory_bytes: u64) -> Box<dyn BalloonDriver> {
+    crate::drivers::from_config(config, memory_bytes)
+}
+
+/// Blocks SIGTERM and SIGINT and turns them into `shared.stop`.
+fn handle_signals(shared: Arc<Shared>) -> Result<(), RunError> {
+    // SAFETY: signal-mask calls on a set we own, before other threads start.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(RunError::Io {
+                what: "blocking signals".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: sigwait on the set blocked above.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                log::info!("signal {sig}: stopping after this tick");
+                shared.stop.store(true, Ordering::Relaxed);
+                shared.ticked.notify_all();
+            }
+        })
+        .map(|_| ())
+        .map_err(io("starting the signal thread"))
+}
+
+pub fn run(config_path: &Path, trace: Option<PathBuf>) -> Result<(), RunError> {
+    let config = Config::load(config_path)?;
+    let guests: Vec<Guest> = config
+        .guests
+        .iter()
+        .map(|g| Guest {
+            spec: g.spec(),
+            driver: Mutex::new(connect_driver(&g.driver, g.memory.0)),
+        })
+        .collect();
+    let engine = Engine::new(config.policy.clone(), config.actuator.clone());
+    let shared = Shared::new(engine, guests);
+    handle_signals(shared.clone())?;
+    if let Some(path) = &config.api_socket {
+        let listener =
+            crate::api_server::bind(path).map_err(io(format!("API socket {}", path.display())))?;
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || crate::api_server::serve(listener, s))
+            .map_err(io("starting the API thread"))?;
+        log::info!("API on {}", path.display());
+    }
+    if config.metrics_listen.is_some() {
+        return Err(RunError::Invalid("METRICS-PENDING".into()));
+    }
+    log::info!(
+        "{} guests, policy {}, tick {} s",
+        config.guests.len(),
+        config.policy.kind,
+        config.tick_seconds
+    );
+    daemon::run_loop(
+        shared.clone(),
+        config.tick_seconds,
+        Budget::from_config(&config),
+        trace,
+    );
+    if let Some(path) = &config.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    log::info!("stopped");
+    Ok(())
+}
+
+pub fn simulate(path: &Path, policy: Option<&str>, trace: Option<&Path>) -> Result<(), RunError> {
+    let mut scenario = Scenario::load(path)?;
+    if let Some(p) = policy {
+        scenario.policy.kind = p.parse().map_err(RunError::Invalid)?;
+    }
+    let out = sim::run(&scenario);
+    if let Some(t) = trace {
+        let mut text = String::new();
+        for r in &out.trace {
+            text.push_str(&serde_json::to_string(r).unwrap_or_default());
+            text.push('\n');
+        }
+        std::fs::write(t, text).map_err(io(format!("writing {}", t.display())))?;
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&out).map_err(|e| RunError::Invalid(e.to_string()))?
+    );
+    Ok(())
+}
