@@ -220,7 +220,10 @@ mod tests {
 
     #[test]
     fn the_shipped_example_config_is_valid() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/balloon-scheduler.toml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/balloon-scheduler.toml"
+        );
         let c = Config::load(Path::new(path)).unwrap();
         assert_eq!(c.guests.len(), 3);
         assert_eq!(c.specs()[1].static_bytes, Some(2 << 30));

@@ -252,7 +252,7 @@ impl Vm {
                 if let Some(status) = child.try_wait().ctx(|| "waiting on QEMU".into())? {
                     return Err(exited(&run_dir, status.to_string()));
                 }
-                Ok(match Qmp::connect(&qmp_path) {
+                Ok(match Qmp::connect(&qmp_path, Duration::from_secs(60)) {
                     Ok(qmp) => Poll::Ready(qmp),
                     Err(e) => Poll::Pending(e.to_string()),
                 })

@@ -51,6 +51,7 @@ pub trait BalloonDriver: Send {
 }
 
 pub mod backend;
+pub mod qmp;
 
 use crate::config::DriverConfig;
 
@@ -76,6 +77,11 @@ pub fn from_config(config: &DriverConfig, _memory_bytes: u64) -> Box<dyn Balloon
         DriverConfig::Backend { control_socket } => {
             Box::new(backend::BackendDriver::new(control_socket.clone()))
         }
+        DriverConfig::Qmp { socket, device } => Box::new(qmp::QmpDriver::new(
+            socket.clone(),
+            device.clone(),
+            _memory_bytes,
+        )),
         other => Box::new(Unavailable(format!("{other:?}: driver not built yet"))),
     }
 }
