@@ -29,7 +29,7 @@ fn the_qmp_driver_sizes_the_builtin_balloon_and_reads_its_statistics() {
     )
     .unwrap();
     let qmp = &mut vm.qmp;
-    let mut wait_memory = |want: u64, qmp: &mut balloon_lab::qmp::Qmp| {
+    let wait_memory = |want: u64, qmp: &mut balloon_lab::qmp::Qmp| {
         wait_for(
             "QEMU's balloon to reach the scheduler's size",
             Duration::from_secs(120),
