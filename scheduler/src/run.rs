@@ -88,8 +88,17 @@ pub fn run(config_path: &Path, trace: Option<PathBuf>) -> Result<(), RunError> {
             .map_err(io("starting the API thread"))?;
         log::info!("API on {}", path.display());
     }
-    if config.metrics_listen.is_some() {
-        return Err(RunError::Invalid("METRICS-PENDING".into()));
+    if let Some(addr) = &config.metrics_listen {
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(io(format!("metrics address {addr}")))?;
+        let s = shared.clone();
+        let render: Arc<dyn Fn() -> String + Send + Sync> =
+            Arc::new(move || crate::metrics::render(&s.status()));
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || crate::metrics::serve(listener, render))
+            .map_err(io("starting the metrics thread"))?;
+        log::info!("metrics on http://{addr}/metrics");
     }
     log::info!(
         "{} guests, policy {}, tick {} s",

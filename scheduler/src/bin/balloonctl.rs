@@ -209,7 +209,11 @@ fn run(cli: Cli) -> Result<(), String> {
                 std::io::stdout().flush().map_err(|e| e.to_string())?;
             }
         }
-        Command::Plot { .. } => return Err("PLOT-PENDING".into()),
+        Command::Plot { trace, output } => {
+            let records = scheduler::plot::read_trace(&trace).map_err(|e| e.to_string())?;
+            scheduler::plot::plot_trace(&records, &output).map_err(|e| e.to_string())?;
+            println!("{}", output.display());
+        }
     }
     Ok(())
 }
