@@ -51,28 +51,15 @@ pub trait BalloonDriver: Send {
 }
 
 pub mod backend;
+pub mod cloud_hypervisor;
+pub mod fake_ch;
 pub mod qmp;
 
 use crate::config::DriverConfig;
 
-/// A driver that can only report that its kind is not available in this build.
-struct Unavailable(String);
-
-impl BalloonDriver for Unavailable {
-    fn read(&mut self) -> Result<DriverReading, DriverError> {
-        Err(DriverError::Protocol(self.0.clone()))
-    }
-    fn set_balloon(&mut self, _: u64) -> Result<(), DriverError> {
-        Err(DriverError::Protocol(self.0.clone()))
-    }
-    fn describe(&self) -> String {
-        self.0.clone()
-    }
-}
-
 /// Builds a guest's driver from its config. Connections are made lazily, so a guest whose VMM
 /// is not up yet is reported unreachable instead of stopping the scheduler.
-pub fn from_config(config: &DriverConfig, _memory_bytes: u64) -> Box<dyn BalloonDriver> {
+pub fn from_config(config: &DriverConfig, memory_bytes: u64) -> Box<dyn BalloonDriver> {
     match config {
         DriverConfig::Backend { control_socket } => {
             Box::new(backend::BackendDriver::new(control_socket.clone()))
@@ -80,8 +67,10 @@ pub fn from_config(config: &DriverConfig, _memory_bytes: u64) -> Box<dyn Balloon
         DriverConfig::Qmp { socket, device } => Box::new(qmp::QmpDriver::new(
             socket.clone(),
             device.clone(),
-            _memory_bytes,
+            memory_bytes,
         )),
-        other => Box::new(Unavailable(format!("{other:?}: driver not built yet"))),
+        DriverConfig::CloudHypervisor { api_socket } => Box::new(
+            cloud_hypervisor::CloudHypervisorDriver::new(api_socket.clone()),
+        ),
     }
 }
