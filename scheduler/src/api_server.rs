@@ -128,3 +128,34 @@ fn watch(writer: &mut UnixStream, shared: &Shared) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+    use crate::api::ApiRequest;
+
+    #[test]
+    fn requests_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            parse(r#"{"version":1,"cmd":"status"}"#),
+            Ok(ApiRequest::Status)
+        );
+        assert_eq!(
+            parse(r#"{"version":1,"cmd":"set","guest":"a","memory_bytes":5}"#),
+            Ok(ApiRequest::Set {
+                guest: "a".into(),
+                memory_bytes: 5
+            })
+        );
+        for (line, want) in [
+            ("nope", "not JSON"),
+            (r#"{"cmd":"status"}"#, "missing"),
+            (r#"{"version":7,"cmd":"status"}"#, "version 7"),
+            (r#"{"version":1,"cmd":"launch"}"#, "bad request"),
+            (r#"{"version":1,"cmd":"set","guest":"a"}"#, "bad request"),
+        ] {
+            let err = parse(line).unwrap_err();
+            assert!(err.contains(want), "{line}: {err}");
+        }
+    }
+}

@@ -18,10 +18,15 @@ fn the_qmp_driver_sizes_the_builtin_balloon_and_reads_its_statistics() {
         format!("unix:{},server=on,wait=off", qmp2.display()),
     ];
     let mut vm = Vm::start(config).unwrap();
-    let sched = SchedulerProcess::start(
+    // A free port for the metrics endpoint.
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut sched = SchedulerProcess::start(
         "qmp",
         &format!(
-            "tick_seconds = 1\nbudget = {{ bytes = \"4G\" }}\n[policy]\nkind = \"static\"\n\
+            "tick_seconds = 1\nmetrics_listen = \"{metrics_addr}\"\nbudget = {{ bytes = \"4G\" }}\n[policy]\nkind = \"static\"\n\
              [[guest]]\nname = \"q\"\nmemory = \"1G\"\nmin = \"256M\"\nstatic = \"512M\"\n\
              driver = {{ kind = \"qmp\", socket = \"{}\" }}\n",
             qmp2.display()
@@ -88,5 +93,97 @@ fn the_qmp_driver_sizes_the_builtin_balloon_and_reads_its_statistics() {
         .unwrap();
     assert!(!bad.ok && bad.error.unwrap().contains("no guest"));
     assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+
+    // The operator's tools against the live daemon, once a tick has seen the new size.
+    wait_for(
+        "a tick that saw the pinned size",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let s = sched.status()?;
+            let alloc = s.last.as_ref().map_or(0, |r| r.guests[0].allocation_bytes);
+            Ok(if alloc == 768 * MIB {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("{alloc}"))
+            })
+        },
+    )
+    .unwrap();
+    let ctl = balloon_lab::lab::workspace_binary("balloonctl").unwrap();
+    let out = std::process::Command::new(&ctl)
+        .arg("--socket")
+        .arg(&sched.api_socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("GUEST") && table.contains("pinned"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("q ") && l.contains("768M")),
+        "{table}"
+    );
+    // watch redraws once per tick: two screens arrive.
+    let mut watch = std::process::Command::new(&ctl)
+        .arg("--socket")
+        .arg(&sched.api_socket)
+        .arg("watch")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut screen = std::io::BufReader::new(watch.stdout.take().unwrap());
+    let mut screens = 0;
+    let mut line = String::new();
+    while screens < 2 {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut screen, &mut line).unwrap();
+        assert!(n > 0, "watch ended early");
+        if line.contains("\x1b[2J") {
+            screens += 1;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    // Metrics.
+    let mut http = std::net::TcpStream::connect(metrics_addr).unwrap();
+    std::io::Write::write_all(&mut http, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut http, &mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains("balloon_scheduler_guest_allocation_bytes{guest=\"q\"} 805306368"),
+        "{body}"
+    );
+    // The trace plots.
+    let svg = dir.join("memory.svg");
+    let out = std::process::Command::new(&ctl)
+        .arg("plot")
+        .arg(&sched.trace)
+        .arg("-o")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read_to_string(&svg)
+        .unwrap()
+        .contains("q allocation"));
+    // SIGTERM: a clean exit that removes the API socket.
+    let status = sched.terminate().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!sched.api_socket.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
