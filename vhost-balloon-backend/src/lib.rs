@@ -18,3 +18,6 @@ pub mod memory;
 pub mod options;
 pub mod state;
 pub mod vhu_balloon;
+
+#[cfg(test)]
+mod queue_tests;

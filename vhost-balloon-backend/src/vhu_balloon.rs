@@ -189,6 +189,26 @@ impl VhostUserBalloon {
     }
 }
 
+/// The guest memory map as the device model sees it: each region's guest address, size,
+/// mapping in this process, backing file and offset, and host page size.
+pub fn regions_of(mem: &GuestMemoryMmap<()>) -> Vec<GuestRegion> {
+    mem.iter()
+        .map(|r| {
+            let file = r.file_offset().map(|fo| (fo.arc().clone(), fo.start()));
+            let page = host_page_size(file.as_ref().map(|(f, _)| &**f));
+            GuestRegion::new(
+                r.start_addr().0,
+                r.len(),
+                Backing {
+                    host_addr: r.as_ptr() as usize,
+                    file,
+                },
+                page,
+            )
+        })
+        .collect()
+}
+
 impl VhostUserBackend for VhostUserBalloon {
     type Bitmap = ();
     type Vring = Vring;
@@ -241,24 +261,7 @@ impl VhostUserBackend for VhostUserBalloon {
     }
 
     fn update_memory(&self, atomic: GuestMemoryMmapAtomic) -> io::Result<()> {
-        let regions: Vec<GuestRegion> = {
-            let mem = atomic.memory();
-            mem.iter()
-                .map(|r| {
-                    let file = r.file_offset().map(|fo| (fo.arc().clone(), fo.start()));
-                    let page = host_page_size(file.as_ref().map(|(f, _)| &**f));
-                    GuestRegion::new(
-                        r.start_addr().0,
-                        r.len(),
-                        Backing {
-                            host_addr: r.as_ptr() as usize,
-                            file,
-                        },
-                        page,
-                    )
-                })
-                .collect()
-        };
+        let regions = regions_of(&atomic.memory());
         {
             let mut balloon = lock(&self.balloon);
             for r in &regions {
