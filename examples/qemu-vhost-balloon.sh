@@ -1,18 +1,22 @@
 #!/bin/sh
-# A guest with the vhost-user balloon, by hand. QEMU >= 10.2 (the lab's QEMU 11 wrapper:
-# .lab/bin/qemu-system-x86_64). Guest RAM must be shared memory for a vhost-user device.
-#
-#   num_vqs=4     inflate, deflate, statistics, free page reporting (the backend always
-#                 exposes 4; the driver uses those whose feature it negotiates)
-#   config_size=8 struct virtio_balloon_config up to `actual`
-#
-# Do not add reconnect-ms to the chardev: QEMU 11.1's generic device then fails at start-up
-# (docs/qemu-vhost-user-base-reconnect.md).
+# A guest with the vhost-user balloon, by hand: starts the backend, then QEMU with the device
+# lines from examples/qemu/*.args (the same files the tests and the demo use).
+#   QEMU=... BACKEND=... MEM_MIB=1024 ACCEL=tcg examples/qemu-vhost-balloon.sh
 set -eu
-QEMU=${QEMU:-.lab/bin/qemu-system-x86_64}
-BACKEND=${BACKEND:-target/release/vhost-balloon-backend}
+HERE=$(cd "$(dirname "$0")" && pwd)
+TOP=$(dirname "$HERE")
+QEMU=${QEMU:-$TOP/.lab/bin/qemu-system-x86_64}
+BACKEND=${BACKEND:-$TOP/target/release/vhost-balloon-backend}
 DIR=${DIR:-/tmp/vhost-balloon-example}
+MEM_MIB=${MEM_MIB:-1024}
+ACCEL=${ACCEL:-tcg}
 mkdir -p "$DIR"
+
+# Reads an args file: drops comments, fills in the placeholders, one argument per line.
+args() {
+    sed -e '/^#/d' -e '/^$/d' -e "s|{accel}|$ACCEL|g" -e "s|{mem_mib}|$MEM_MIB|g" \
+        -e "s|{socket}|$DIR/vm.sock|g" "$1"
+}
 
 "$BACKEND" --socket "$DIR/vm.sock" --control-socket "$DIR/control.sock" \
     --state-file "$DIR/state.json" &
@@ -20,9 +24,10 @@ BACKEND_PID=$!
 trap 'kill $BACKEND_PID 2>/dev/null' EXIT
 while [ ! -S "$DIR/control.sock" ]; do sleep 0.1; done
 
-"$QEMU" -machine q35,accel=${ACCEL:-tcg},memory-backend=mem -m 1G \
-    -object memory-backend-memfd,id=mem,size=1G,share=on \
-    -kernel .lab/images/mini/vmlinuz -initrd .lab/images/mini/initrd.cpio \
-    -append "console=ttyS0 lab.modules=virtio_balloon" -nographic \
-    -chardev socket,id=balloon,path="$DIR/vm.sock" \
-    -device vhost-user-test-device-pci,chardev=balloon,virtio-id=5,num_vqs=4,config_size=8
+# shellcheck disable=SC2046 # one argument per line, no spaces inside
+IFS='
+'
+set -- $(args "$HERE/qemu/guest-ram.args") $(args "$HERE/qemu/vhost-balloon.args")
+unset IFS
+"$QEMU" "$@" -kernel "$TOP/.lab/images/mini/vmlinuz" -initrd "$TOP/.lab/images/mini/initrd.cpio" \
+    -append "console=ttyS0 lab.modules=virtio_balloon" -nographic

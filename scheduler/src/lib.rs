@@ -14,4 +14,5 @@ pub mod plot;
 pub mod policy;
 pub mod run;
 pub mod sim;
+pub mod table;
 pub mod trace;

@@ -11,11 +11,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// Queues the backend offers by default: inflate, deflate, stats, free page reporting.
-pub const NUM_QUEUES: u32 = 4;
-/// struct virtio_balloon_config up to `actual`.
-pub const CONFIG_SIZE: u32 = 8;
-
 pub struct Backend {
     pub dir: PathBuf,
     pub socket: PathBuf,
@@ -95,9 +90,6 @@ impl Backend {
     pub fn device(&self) -> VhostUserBalloon {
         VhostUserBalloon {
             socket: self.socket.clone(),
-            num_vqs: NUM_QUEUES,
-            config_size: CONFIG_SIZE,
-            reconnect_ms: None,
         }
     }
 

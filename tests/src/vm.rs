@@ -62,15 +62,11 @@ pub struct BuiltinBalloon {
     pub deflate_on_oom: bool,
 }
 
-/// Our device: `vhost-user-test-device-pci` with virtio-id 5 on a backend's socket.
+/// Our device: `vhost-user-test-device-pci` with virtio-id 5 on a backend's socket, with the
+/// command line from examples/qemu/vhost-balloon.args.
 #[derive(Debug, Clone)]
 pub struct VhostUserBalloon {
     pub socket: PathBuf,
-    /// Must cover every queue the guest driver sets up for the features the backend offers.
-    pub num_vqs: u32,
-    pub config_size: u32,
-    /// Lets QEMU reconnect to a restarted backend.
-    pub reconnect_ms: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,13 +117,6 @@ impl VmConfig {
             "-no-reboot".into(),
             "-display".into(),
             "none".into(),
-            "-machine".into(),
-            format!("q35,accel={accel},memory-backend=mem"),
-            "-m".into(),
-            format!("{mem}M"),
-            // Shared memory: a vhost-user backend maps it, and discards on it return host memory.
-            "-object".into(),
-            format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
             "-smp".into(),
             self.cpus.to_string(),
             "-kernel".into(),
@@ -150,6 +139,10 @@ impl VmConfig {
             "-device".into(),
             format!("virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT_NAME}"),
         ];
+        a.extend(example_args(
+            GUEST_RAM_ARGS,
+            &[("accel", accel.to_string()), ("mem_mib", mem.to_string())],
+        ));
         if lab::use_kvm() {
             a.extend(["-cpu".into(), "host".into()]);
         }
@@ -180,24 +173,31 @@ impl VmConfig {
             ]);
         }
         if let Some(v) = &self.vhost_user_balloon {
-            let mut chardev = format!("socket,id=balloon,path={}", v.socket.display());
-            if let Some(ms) = v.reconnect_ms {
-                chardev.push_str(&format!(",reconnect-ms={ms}"));
-            }
-            a.extend([
-                "-chardev".into(),
-                chardev,
-                "-device".into(),
-                format!(
-                    "vhost-user-test-device-pci,id=balloon0,chardev=balloon,virtio-id=5,num_vqs={},config_size={}",
-                    v.num_vqs, v.config_size
-                ),
-            ]);
+            a.extend(example_args(
+                VHOST_BALLOON_ARGS,
+                &[("socket", v.socket.display().to_string())],
+            ));
         }
         a.extend(self.extra_args.iter().cloned());
         Ok(a)
     }
 }
+
+/// QEMU arguments from one of the files in examples/qemu/ (one argument per line, `#` comments,
+/// `{name}` placeholders): the examples and the tests share one source for these lines.
+pub fn example_args(text: &str, vars: &[(&str, String)]) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            vars.iter()
+                .fold(l.to_string(), |l, (k, v)| l.replace(&format!("{{{k}}}"), v))
+        })
+        .collect()
+}
+
+const GUEST_RAM_ARGS: &str = include_str!("../../examples/qemu/guest-ram.args");
+const VHOST_BALLOON_ARGS: &str = include_str!("../../examples/qemu/vhost-balloon.args");
 
 fn on_off(b: bool) -> &'static str {
     if b {
