@@ -126,7 +126,8 @@ impl Engine {
         };
         let decided = policy::decide(&self.policy, &snapshot, &mut self.policy_state);
         let mut send = Vec::with_capacity(decided.len());
-        let mut trace_guests = Vec::with_capacity(decided.len());
+        let mut states = Vec::with_capacity(decided.len());
+        let mut decisions = Vec::with_capacity(decided.len());
         for (g, decided) in snapshot.guests.iter().zip(decided) {
             let mem = self.guests.entry(g.spec.name.clone()).or_default();
             let (lo, hi) = g.bounds();
@@ -148,7 +149,15 @@ impl Engine {
                 (a.send_bytes, state)
             };
             send.push(plan);
-            trace_guests.push(TraceGuest {
+            states.push(state);
+            decisions.push(decided);
+        }
+        fund_growth(&snapshot, &mut send);
+        let trace_guests = snapshot
+            .guests
+            .iter()
+            .zip(send.iter().zip(states.iter().zip(&decisions)))
+            .map(|(g, (plan, (state, decided)))| TraceGuest {
                 name: g.spec.name.clone(),
                 memory_bytes: g.spec.memory_bytes,
                 allocation_bytes: g.allocation_bytes(),
@@ -156,11 +165,11 @@ impl Engine {
                 available_bytes: g.stats.map(|s| s.available_bytes),
                 balloon_target_bytes: g.balloon_target_bytes,
                 balloon_actual_bytes: g.balloon_actual_bytes,
-                decided_allocation_bytes: decided,
-                sent_balloon_bytes: plan,
-                state: state.into(),
-            });
-        }
+                decided_allocation_bytes: *decided,
+                sent_balloon_bytes: *plan,
+                state: state.to_string(),
+            })
+            .collect();
         let trace = TraceRecord {
             time_s,
             policy: self.policy.kind.to_string(),
@@ -175,6 +184,36 @@ impl Engine {
             snapshot,
             trace,
         }
+    }
+}
+
+/// Growth is paid for with memory already free under the budget: a guest's balloon deflates
+/// only as far as the other balloons have really inflated, so moving memory between guests
+/// never takes the host over its budget (deflating is fast, inflating takes the guest's time).
+/// When the free memory cannot cover every growth, each gets the same fraction of its own.
+fn fund_growth(snap: &Snapshot, send: &mut [Option<u64>]) {
+    let held: u64 = snap.guests.iter().map(GuestState::allocation_bytes).sum();
+    let free = snap.host.budget_bytes.saturating_sub(held);
+    let growth: Vec<u64> = snap
+        .guests
+        .iter()
+        .zip(send.iter())
+        .map(|(g, plan)| match plan {
+            Some(b) => g.balloon_actual_bytes.saturating_sub(*b),
+            None => 0,
+        })
+        .collect();
+    let wanted: u64 = growth.iter().sum();
+    if wanted <= free {
+        return;
+    }
+    for ((g, plan), grow) in snap.guests.iter().zip(send.iter_mut()).zip(growth) {
+        if grow == 0 {
+            continue;
+        }
+        let funded = ((grow as u128 * free as u128 / wanted as u128) as u64) & !4095;
+        let balloon = g.balloon_actual_bytes - funded;
+        *plan = (balloon != g.balloon_target_bytes).then_some(balloon);
     }
 }
 
@@ -244,5 +283,47 @@ mod tests {
         let out = e.tick(0.0, host(), &[(spec("a"), Some(reading))]);
         assert_eq!(out.send, vec![Some(124 * MIB)]);
         assert_eq!(out.trace.guests[0].state, "pinned");
+    }
+
+    #[test]
+    fn growth_waits_for_memory_the_others_have_given_up() {
+        // Budget 1536 MiB; a holds 1024 and b 512 (full). The policy moves 256 MiB from a to b:
+        // b may only grow once a's balloon has really taken it.
+        let mut e = Engine::new(
+            PolicyConfig {
+                kind: PolicyKind::Static,
+                ..Default::default()
+            },
+            ActuatorConfig::default(),
+        );
+        let mut a = spec("a");
+        a.static_bytes = Some(768 * MIB);
+        let mut b = spec("b");
+        b.static_bytes = Some(768 * MIB);
+        let host = HostState {
+            budget_bytes: 1536 * MIB,
+            ..host()
+        };
+        let at = |target: u64, actual: u64| {
+            Some(DriverReading {
+                target_bytes: Some(target * MIB),
+                actual_bytes: actual * MIB,
+                stats: None,
+            })
+        };
+        let out = e.tick(
+            0.0,
+            host,
+            &[(a.clone(), at(0, 0)), (b.clone(), at(512, 512))],
+        );
+        assert_eq!(out.send, vec![Some(256 * MIB), None], "b waits");
+        e.sent("a", 256 * MIB);
+        // a's balloon has reached 128 MiB: b may take those 128.
+        let out = e.tick(
+            1.0,
+            host,
+            &[(a.clone(), at(256, 128)), (b.clone(), at(512, 512))],
+        );
+        assert_eq!(out.send, vec![None, Some(384 * MIB)]);
     }
 }

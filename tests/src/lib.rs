@@ -9,6 +9,7 @@ pub mod agent;
 pub mod agent_proto;
 pub mod backend;
 pub mod bench;
+pub mod demo;
 pub mod error;
 pub mod frontend;
 pub mod host;
