@@ -80,6 +80,22 @@ pub struct Balloon {
     /// Discards inflated pages off the queue's path (see memory::worker); without it, inflate
     /// discards before returning the buffer.
     discard_worker: Option<Arc<DiscardWorker>>,
+    /// The user-level balloon app's pages, tracked apart from the driver's.
+    pub app: AppBalloon,
+}
+
+/// The guest app's side of the device (see app_channel.rs).
+#[derive(Default)]
+pub struct AppBalloon {
+    pub memory: GuestMemoryMap,
+    pub connected: bool,
+    pub target_bytes: u64,
+    pub held_bytes: u64,
+    pub stalled: bool,
+    pub psi_some_avg10: Option<f64>,
+    pub last_heard: Option<Instant>,
+    /// Where targets go to the app.
+    pub writer: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Balloon {
@@ -100,6 +116,7 @@ impl Balloon {
             sockets_before_channel: BTreeSet::new(),
             state_file,
             discard_worker: None,
+            app: AppBalloon::default(),
         }
     }
 
@@ -122,6 +139,7 @@ impl Balloon {
 
     /// Takes over what a previous run persisted.
     pub fn restore(&mut self, state: &PersistentState) {
+        self.app.target_bytes = state.app_target_bytes;
         self.config.num_pages = state.target_pages.min(u64::from(u32::MAX)) as u32;
         self.stats_interval_seconds = state.stats_interval_seconds;
         self.discard_enabled = state.discard_enabled;
@@ -134,6 +152,7 @@ impl Balloon {
                 target_pages: u64::from(self.config.num_pages),
                 stats_interval_seconds: self.stats_interval_seconds,
                 discard_enabled: self.discard_enabled,
+                app_target_bytes: self.app.target_bytes,
             }
             .save(path)?;
         }
@@ -284,7 +303,98 @@ impl Balloon {
             }),
             rejected: self.counters.rejected.clone(),
             features: features::names(self.acked_features),
+            app: balloon_protocol::AppStatus {
+                connected: self.app.connected,
+                target_bytes: self.app.target_bytes,
+                ballooned_bytes: pages_to_bytes(self.app.memory.ballooned_pages()),
+                held_bytes: self.app.held_bytes,
+                stalled: self.app.stalled,
+                psi_some_avg10: self.app.psi_some_avg10,
+                reclaimable: !self.memory.is_empty(),
+                note: self.memory.is_empty().then(|| {
+                    "the guest has not started the balloon device, so the backend has no \
+                     memory table: app pages cannot be reclaimed (load virtio_balloon in the guest)"
+                        .to_string()
+                }),
+            },
         }
+    }
+
+    /// Sends the app its target, if one is connected.
+    pub fn send_app_target(&mut self) {
+        use balloon_protocol::app::{encode, HostMessage};
+        use std::io::Write;
+        let line = encode(HostMessage::Target {
+            bytes: self.app.target_bytes,
+        });
+        if let Some(w) = self.app.writer.as_mut() {
+            if let Err(e) = w.write_all(line.as_bytes()) {
+                log::warn!("app channel: {e}");
+            }
+        }
+    }
+
+    pub fn set_app_target(&mut self, target_bytes: u64) -> Result<(), BalloonError> {
+        let ram = self.memory.ram_bytes();
+        if ram > 0 && target_bytes > ram {
+            return Err(BalloonError::TargetTooLarge {
+                requested: target_bytes,
+                ram,
+            });
+        }
+        self.app.target_bytes = target_bytes;
+        self.persist()?;
+        self.send_app_target();
+        Ok(())
+    }
+
+    /// The app's pages are the guest's again (it exited, or a new one said hello).
+    pub fn app_gone(&mut self) {
+        let pages = self.app.memory.clear_tracking();
+        if pages > 0 {
+            log::info!(
+                "app balloon released: {} MiB back to the guest",
+                pages_to_bytes(pages) >> 20
+            );
+        }
+        self.app.held_bytes = 0;
+        self.app.stalled = false;
+    }
+
+    /// The app holds these pinned pages: validate them like driver pages and discard.
+    pub fn app_inflated(&mut self, ranges: &[crate::memory::PfnRange]) -> Result<(), String> {
+        if self.memory.is_empty() {
+            return Err("no memory table: the guest has not started the balloon device".into());
+        }
+        let mode = if self.discard_enabled {
+            DiscardMode::Now
+        } else {
+            DiscardMode::Off
+        };
+        let out = self.app.memory.inflate(ranges, mode);
+        self.count_discards(out);
+        self.counters.reclaimed_bytes += out.discarded_bytes;
+        log_outside("app inflate", out);
+        if out.outside_pages > 0 {
+            return Err(format!(
+                "{} pages outside guest RAM skipped",
+                out.outside_pages
+            ));
+        }
+        Ok(())
+    }
+
+    /// The app wants these pages back: after this returns no discard touches them.
+    pub fn app_deflate(&mut self, ranges: &[crate::memory::PfnRange]) {
+        if let Some(worker) = &self.discard_worker {
+            let gpa: Vec<(u64, u64)> = ranges
+                .iter()
+                .map(|r| (r.gpa(), r.gpa() + r.bytes()))
+                .collect();
+            worker.withdraw(&gpa);
+        }
+        let out = self.app.memory.deflate(ranges);
+        self.count_discards(out);
     }
 
     fn worker_count(

@@ -59,6 +59,9 @@ impl ControlHandler for Control {
                         .set_interval(seconds)
                         .map_err(|e| format!("statistics timer: {e}"))
                 }),
+            ControlRequest::SetAppTarget { target_bytes } => balloon
+                .set_app_target(target_bytes)
+                .map_err(|e| e.to_string()),
             ControlRequest::SetDiscard { enabled } => {
                 balloon.set_discard(enabled).map_err(|e| e.to_string())
             }
@@ -108,6 +111,7 @@ fn handle_signals(cleanup: Vec<PathBuf>) -> Result<(), DaemonError> {
 pub fn run(options: Options) -> Result<(), DaemonError> {
     let mut cleanup = vec![options.socket.clone()];
     cleanup.extend(options.control_socket.clone());
+    cleanup.extend(options.app_socket.clone());
     handle_signals(cleanup)?;
 
     let choice = FeatureChoice {
@@ -160,6 +164,22 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
                 source,
             })?;
         log::info!("control socket {}", path.display());
+    }
+
+    if let Some(path) = &options.app_socket {
+        let listener = control::bind(path).map_err(|source| DaemonError::ControlSocket {
+            path: path.clone(),
+            source,
+        })?;
+        let b = balloon.clone();
+        std::thread::Builder::new()
+            .name("app-channel".into())
+            .spawn(move || crate::app_channel::serve(listener, b))
+            .map_err(|source| DaemonError::ControlSocket {
+                path: path.clone(),
+                source,
+            })?;
+        log::info!("guest app channel on {}", path.display());
     }
 
     let backend = VhostUserBalloon::new(balloon, stats_timer);

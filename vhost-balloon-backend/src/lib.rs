@@ -9,6 +9,7 @@
 //! - `config_change`: the config-change message vhost 0.18 cannot send;
 //! - `control`, `state`, `options`, `daemon`: the control socket, persistence, options, wiring.
 
+pub mod app_channel;
 pub mod balloon;
 pub mod config_change;
 pub mod control;

@@ -24,6 +24,10 @@ pub struct Cli {
     /// Control socket for the scheduler and operators (JSON lines, mode 0600).
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
+    /// Unix socket for the guest app (balloon-guest): QEMU's virtio-serial chardev connects
+    /// to it (`-chardev socket,path=...,reconnect-ms=1000` + `virtserialport`).
+    #[arg(long)]
+    pub app_socket: Option<PathBuf>,
     /// Where the target and settings persist across restarts (written atomically).
     #[arg(long)]
     pub state_file: Option<PathBuf>,
@@ -63,6 +67,7 @@ pub struct FileConfig {
     pub socket: Option<PathBuf>,
     pub client: Option<bool>,
     pub control_socket: Option<PathBuf>,
+    pub app_socket: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
     pub stats_interval: Option<u64>,
     pub target: Option<String>,
@@ -97,6 +102,7 @@ pub struct Options {
     pub socket: PathBuf,
     pub client: bool,
     pub control_socket: Option<PathBuf>,
+    pub app_socket: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
     pub stats_interval: u64,
     pub target: Option<u64>,
@@ -129,6 +135,7 @@ impl Cli {
             socket: self.socket.or(file.socket).ok_or(OptionsError::NoSocket)?,
             client: self.client || file.client.unwrap_or(false),
             control_socket: self.control_socket.or(file.control_socket),
+            app_socket: self.app_socket.or(file.app_socket),
             state_file: self.state_file.or(file.state_file),
             stats_interval: self
                 .stats_interval

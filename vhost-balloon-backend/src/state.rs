@@ -31,6 +31,9 @@ pub struct PersistentState {
     pub target_pages: u64,
     pub stats_interval_seconds: u64,
     pub discard_enabled: bool,
+    /// The guest app's target (absent in files from before the app existed).
+    #[serde(default)]
+    pub app_target_bytes: u64,
 }
 
 impl PersistentState {
@@ -96,6 +99,7 @@ mod tests {
             target_pages: 65536,
             stats_interval_seconds: 5,
             discard_enabled: true,
+            app_target_bytes: 1 << 28,
         };
         s.save(&path).unwrap();
         assert_eq!(PersistentState::load(&path).unwrap(), Some(s));

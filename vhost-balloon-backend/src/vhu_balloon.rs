@@ -278,6 +278,10 @@ impl VhostUserBackend for VhostUserBalloon {
                 );
             }
             balloon.memory.replace_regions(regions);
+            balloon
+                .app
+                .memory
+                .replace_regions(regions_of(&atomic.memory()));
         }
         // The old mappings stay alive until this (and every guard on it) is replaced.
         *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = Some(atomic);

@@ -22,6 +22,8 @@ pub enum ControlRequest {
     /// background snapshots), which QEMU's own discard inhibitors cannot stop for an
     /// out-of-process device.
     SetDiscard { enabled: bool },
+    /// Ask the guest app (balloon-guest) to hold this many bytes.
+    SetAppTarget { target_bytes: u64 },
 }
 
 /// A request on the wire.
@@ -125,6 +127,27 @@ pub struct BackendStatus {
     pub rejected: RejectedInput,
     /// Negotiated virtio features, by name.
     pub features: Vec<String>,
+    /// The user-level balloon app of this VM (balloon-guest), if the backend serves one.
+    #[serde(default)]
+    pub app: AppStatus,
+}
+
+/// The guest app's balloon, apart from the driver's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    /// An app is talking to the backend now.
+    pub connected: bool,
+    /// Bytes the app is asked to hold.
+    pub target_bytes: u64,
+    /// Bytes of app pages the backend tracks (and has returned to the host).
+    pub ballooned_bytes: u64,
+    /// Bytes the app says it holds.
+    pub held_bytes: u64,
+    pub stalled: bool,
+    pub psi_some_avg10: Option<f64>,
+    /// Whether app pages can be reclaimed; if not, `note` says why.
+    pub reclaimable: bool,
+    pub note: Option<String>,
 }
 
 #[cfg(test)]

@@ -2,13 +2,14 @@
 //! guest app), so both ends use one definition. The control protocol is JSON, one object per
 //! line, each with a `version` field.
 
+pub mod app;
 pub mod client;
 pub mod control;
 pub mod units;
 
 pub use client::ControlClient;
 pub use control::{
-    BackendStatus, ControlReply, ControlRequest, GuestStatsSnapshot, RejectedInput,
+    AppStatus, BackendStatus, ControlReply, ControlRequest, GuestStatsSnapshot, RejectedInput,
     CONTROL_PROTOCOL_VERSION,
 };
 pub use units::{bytes_to_pages, pages_to_bytes, parse_size, PAGE_SIZE};

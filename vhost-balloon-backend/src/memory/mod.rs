@@ -208,6 +208,19 @@ impl GuestMemoryMap {
         self.apply(ranges, Op::FreeReport)
     }
 
+    /// Forgets every ballooned page (their owner went away and the guest has them back).
+    /// Returns how many pages were tracked.
+    pub fn clear_tracking(&mut self) -> u64 {
+        self.regions
+            .iter_mut()
+            .map(|r| {
+                let n = r.ballooned.count();
+                r.ballooned = PageBitmap::new(r.len / PAGE_SIZE);
+                n
+            })
+            .sum()
+    }
+
     /// Discards every ballooned page again, e.g. after discarding was switched back on.
     pub fn discard_all_ballooned(&mut self) -> PageOutcome {
         let ranges: Vec<PfnRange> = self

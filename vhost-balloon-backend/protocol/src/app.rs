@@ -1,0 +1,145 @@
+//! The guest app protocol: the user-level balloon in the guest (balloon-guest) and its VM's
+//! backend, over virtio-serial, vsock, or a Unix/TCP socket in tests. JSON, one message per
+//! line, each with `v` (the protocol version) and `type`.
+//!
+//! The host sends targets; the app reports the page ranges it holds (after pinning them) and
+//! asks before giving any back: a `deflate` is answered with an `ack` only after the backend
+//! has stopped every discard of those pages, and only then may the app release them.
+
+use serde::{Deserialize, Serialize};
+
+pub const APP_PROTOCOL_VERSION: u32 = 1;
+/// The longest line either side accepts.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// `count` 4 KiB pages from page frame number `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRange {
+    pub start: u64,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HostMessage {
+    /// Hold this many bytes.
+    Target { bytes: u64 },
+    /// The `inflated` or `deflate` with this sequence number is done on the host.
+    Ack { seq: u64 },
+    /// The message with this sequence number was refused (bad ranges, not started device).
+    Nack { seq: u64, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AppMessage {
+    Hello {
+        pid: u32,
+    },
+    /// These pages are pinned and held; the host may take them.
+    Inflated {
+        seq: u64,
+        ranges: Vec<PageRange>,
+    },
+    /// The app wants these pages back; it releases them only after the `ack`.
+    Deflate {
+        seq: u64,
+        ranges: Vec<PageRange>,
+    },
+    /// The app's state, for status and the scheduler.
+    State {
+        held_bytes: u64,
+        /// Current inflation rate (bytes/s).
+        rate_bytes_per_s: u64,
+        /// /proc/pressure/memory "some avg10", when the guest has PSI.
+        psi_some_avg10: Option<f64>,
+        /// Inflation stopped short of the target (the guest could not give more).
+        stalled: bool,
+    },
+}
+
+/// A message on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub v: u32,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AppProtocolError {
+    #[error("line of {0} bytes exceeds the limit")]
+    TooLong(usize),
+    #[error("unsupported protocol version {0}")]
+    Version(u32),
+    #[error("bad message: {0}")]
+    Bad(String),
+}
+
+pub fn encode<T: Serialize>(body: T) -> String {
+    let mut s = serde_json::to_string(&Envelope {
+        v: APP_PROTOCOL_VERSION,
+        body,
+    })
+    .unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(line: &str) -> Result<T, AppProtocolError> {
+    if line.len() > MAX_LINE_BYTES {
+        return Err(AppProtocolError::TooLong(line.len()));
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| AppProtocolError::Bad(e.to_string()))?;
+    match value.get("v").and_then(|v| v.as_u64()) {
+        Some(v) if v == u64::from(APP_PROTOCOL_VERSION) => {}
+        Some(v) => return Err(AppProtocolError::Version(v as u32)),
+        None => return Err(AppProtocolError::Bad("missing \"v\"".into())),
+    }
+    serde_json::from_value::<Envelope<T>>(value)
+        .map(|e| e.body)
+        .map_err(|e| AppProtocolError::Bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let m = AppMessage::Inflated {
+            seq: 7,
+            ranges: vec![PageRange {
+                start: 100,
+                count: 512,
+            }],
+        };
+        let line = encode(&m);
+        assert!(line.ends_with('\n'));
+        assert_eq!(decode::<AppMessage>(line.trim()), Ok(m));
+        let h = HostMessage::Target { bytes: 1 << 28 };
+        assert_eq!(decode::<HostMessage>(encode(&h).trim()), Ok(h));
+    }
+
+    #[test]
+    fn hostile_lines_are_errors() {
+        for line in [
+            "",
+            "garbage",
+            r#"{"type":"hello","pid":1}"#,
+            r#"{"v":2,"type":"hello","pid":1}"#,
+            r#"{"v":1,"type":"inflated","seq":1,"ranges":[{"start":-1,"count":1}]}"#,
+            r#"{"v":1,"type":"inflated","seq":1}"#,
+            r#"{"v":1,"type":"explode"}"#,
+            r#"{"v":1,"type":"hello","pid":1,"extra":true}"#,
+        ] {
+            assert!(decode::<AppMessage>(line).is_err(), "{line}");
+        }
+        let long = "x".repeat(MAX_LINE_BYTES + 1);
+        assert_eq!(
+            decode::<AppMessage>(&long),
+            Err(AppProtocolError::TooLong(long.len()))
+        );
+    }
+}
