@@ -1,1 +1,99 @@
-fn main() {}
+use balloon_protocol::parse_size;
+use clap::Parser;
+use guest_app::app::{App, Settings};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "balloon-guest",
+    version,
+    about = "A user-level memory balloon for Linux guests"
+)]
+struct Cli {
+    /// The channel to the VM's backend: serial:/dev/virtio-ports/NAME, vsock:CID:PORT,
+    /// unix:PATH or tcp:HOST:PORT.
+    #[arg(long, default_value = "serial:/dev/virtio-ports/org.balloon.app")]
+    connect: String,
+    /// Lowest inflation rate (per second).
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    min_rate: u64,
+    /// Highest inflation rate (per second).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    max_rate: u64,
+    /// Added to the rate after each chunk the guest gave without trouble.
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    rate_step: u64,
+    /// The rate is divided by this on failure or pressure.
+    #[arg(long, default_value_t = 4)]
+    rate_divisor: u64,
+    /// PSI memory "some avg10" (percent) above which the guest counts as under pressure.
+    #[arg(long, default_value_t = 10.0)]
+    psi_threshold: f64,
+    /// Log level.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log_level))
+        .init();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let missing = guest_app::caps::missing(guest_app::caps::effective(&status).unwrap_or(0));
+    if !missing.is_empty() {
+        eprintln!(
+            "balloon-guest: missing {} (mlock and pinning need CAP_IPC_LOCK, physical page numbers need CAP_SYS_ADMIN)",
+            missing.join(" and ")
+        );
+        std::process::exit(2);
+    }
+    if let Err(e) = install_signal_handlers() {
+        eprintln!("balloon-guest: signal setup: {e}");
+        std::process::exit(1);
+    }
+    let old_compact = std::fs::read_to_string(guest_app::caps::COMPACT_UNEVICTABLE).ok();
+    if let Err(e) = std::fs::write(guest_app::caps::COMPACT_UNEVICTABLE, "0") {
+        log::warn!("cannot set {}: {e}", guest_app::caps::COMPACT_UNEVICTABLE);
+    }
+    let settings = Settings {
+        min_rate: cli.min_rate,
+        max_rate: cli.max_rate,
+        rate_step: cli.rate_step,
+        rate_divisor: cli.rate_divisor,
+        psi_threshold: cli.psi_threshold,
+        pressure_ticks: 3,
+        tick: Duration::from_millis(200),
+        max_chunk: 64 << 20,
+    };
+    let result = guest_app::transport::connect(&cli.connect)
+        .map_err(guest_app::app::AppError::Setup)
+        .and_then(|stream| App::new(settings, stream))
+        .and_then(|mut app| app.run(&STOP));
+    if let Some(old) = old_compact {
+        let _ = std::fs::write(guest_app::caps::COMPACT_UNEVICTABLE, old.trim());
+    }
+    if let Err(e) = result {
+        eprintln!("balloon-guest: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Set by SIGTERM/SIGINT; the loop sees it within a tick.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() -> std::io::Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let handler: extern "C" fn(libc::c_int) = on_signal;
+        // SAFETY: the handler only stores to an atomic.
+        let prev = unsafe { libc::signal(sig, handler as *const () as libc::sighandler_t) };
+        if prev == libc::SIG_ERR {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -16,6 +16,8 @@ pub struct Backend {
     pub socket: PathBuf,
     pub control_socket: PathBuf,
     pub state_file: PathBuf,
+    /// Where the guest app's virtio-serial port connects.
+    pub app_socket: PathBuf,
     pub extra_args: Vec<String>,
     child: Option<Child>,
 }
@@ -28,6 +30,7 @@ impl Backend {
             socket: dir.join("vhost.sock"),
             control_socket: dir.join("control.sock"),
             state_file: dir.join("state.json"),
+            app_socket: dir.join("app.sock"),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             dir,
             child: None,
@@ -53,6 +56,8 @@ impl Backend {
             .arg(&self.control_socket)
             .arg("--state-file")
             .arg(&self.state_file)
+            .arg("--app-socket")
+            .arg(&self.app_socket)
             .args(&self.extra_args)
             .env(
                 "RUST_LOG",

@@ -1,0 +1,275 @@
+//! The balloon application's loop: follow the host's target at an adaptive rate, report pinned
+//! pages, give pages back only after the host acknowledged, deflate under sustained pressure.
+
+use crate::chunk::{Chunk, ChunkError};
+use crate::rate::RateController;
+use crate::transport::Stream;
+use balloon_protocol::app::{decode, encode, AppMessage, HostMessage, PageRange};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub min_rate: u64,
+    pub max_rate: u64,
+    pub rate_step: u64,
+    pub rate_divisor: u64,
+    /// PSI "some avg10" above which the guest is under pressure.
+    pub psi_threshold: f64,
+    /// Ticks of pressure in a row after which the app gives memory back.
+    pub pressure_ticks: u32,
+    pub tick: Duration,
+    /// The largest chunk claimed at once.
+    pub max_chunk: u64,
+}
+
+pub struct App {
+    settings: Settings,
+    writer: Box<dyn Stream>,
+    replies: Receiver<HostMessage>,
+    pagemap: File,
+    chunks: Vec<Chunk>,
+    target: u64,
+    seq: u64,
+    rate: RateController,
+    stalled: bool,
+    pressure_run: u32,
+    last_state: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("the host channel closed")]
+    Closed,
+    #[error("writing to the host: {0}")]
+    Write(std::io::Error),
+    #[error("no answer from the host for message {0}")]
+    NoAck(u64),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Reads host messages into a channel; the connection stays readable across virtio-serial
+/// host disconnects (reads return EOF until the host is back).
+fn reader_thread(mut stream: Box<dyn Stream>, tx: std::sync::mpsc::Sender<HostMessage>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(&mut stream);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) => std::thread::sleep(Duration::from_millis(100)),
+                Ok(_) => match decode::<HostMessage>(line.trim()) {
+                    Ok(m) => {
+                        if tx.send(m).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => log::warn!("host sent a bad message: {e}"),
+                },
+                Err(e) => {
+                    log::warn!("reading from the host: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    });
+}
+
+impl App {
+    pub fn new(settings: Settings, stream: Box<dyn Stream>) -> Result<App, AppError> {
+        let pagemap = File::open("/proc/self/pagemap")
+            .map_err(|e| AppError::Setup(format!("/proc/self/pagemap: {e}")))?;
+        let reader = stream
+            .try_clone_box()
+            .map_err(|e| AppError::Setup(e.to_string()))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        reader_thread(reader, tx);
+        let rate = RateController::new(
+            settings.min_rate,
+            settings.max_rate,
+            settings.rate_step,
+            settings.rate_divisor,
+        );
+        let mut app = App {
+            settings,
+            writer: stream,
+            replies: rx,
+            pagemap,
+            chunks: Vec::new(),
+            target: 0,
+            seq: 0,
+            rate,
+            stalled: false,
+            pressure_run: 0,
+            last_state: Instant::now() - Duration::from_secs(10),
+        };
+        app.send(AppMessage::Hello {
+            pid: std::process::id(),
+        })?;
+        Ok(app)
+    }
+
+    pub fn held(&self) -> u64 {
+        self.chunks.iter().map(|c| c.len as u64).sum()
+    }
+
+    fn send(&mut self, msg: AppMessage) -> Result<(), AppError> {
+        self.writer
+            .write_all(encode(msg).as_bytes())
+            .map_err(AppError::Write)
+    }
+
+    fn on_host(&mut self, msg: HostMessage) {
+        if let HostMessage::Target { bytes } = msg {
+            if bytes != self.target {
+                log::info!("target {} MiB", bytes >> 20);
+                self.target = bytes;
+                self.stalled = false;
+            }
+        }
+    }
+
+    /// Waits for the host's answer to `seq`, handling targets that arrive meanwhile.
+    fn wait_answer(&mut self, seq: u64) -> Result<Result<(), String>, AppError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.replies.recv_timeout(left) {
+                Ok(HostMessage::Ack { seq: s }) if s == seq => return Ok(Ok(())),
+                Ok(HostMessage::Nack { seq: s, reason }) if s == seq => return Ok(Err(reason)),
+                Ok(other) => self.on_host(other),
+                Err(RecvTimeoutError::Timeout) => return Err(AppError::NoAck(seq)),
+                Err(RecvTimeoutError::Disconnected) => return Err(AppError::Closed),
+            }
+        }
+    }
+
+    fn inflate_step(&mut self) -> Result<(), AppError> {
+        let want = self.target - self.held();
+        let step = (self.rate.rate() as f64 * self.settings.tick.as_secs_f64()) as u64;
+        let len = want
+            .min(step.max(crate::pagemap::PAGE))
+            .min(self.settings.max_chunk);
+        let len = (len / crate::pagemap::PAGE * crate::pagemap::PAGE) as usize;
+        if len == 0 {
+            return Ok(());
+        }
+        match Chunk::claim(len, &self.pagemap) {
+            Ok(chunk) => {
+                self.seq += 1;
+                let seq = self.seq;
+                self.send(AppMessage::Inflated {
+                    seq,
+                    ranges: chunk.ranges.clone(),
+                })?;
+                match self.wait_answer(seq)? {
+                    Ok(()) => {
+                        self.chunks.push(chunk);
+                        self.rate.success();
+                    }
+                    Err(reason) => {
+                        log::warn!("host refused {} MiB: {reason}", len >> 20);
+                        // The host did not take them; the guest can have them straight back.
+                        drop(chunk);
+                        self.rate.failure();
+                        self.stalled = true;
+                    }
+                }
+            }
+            Err(ChunkError::NoMemory(e)) => {
+                log::info!(
+                    "the guest cannot spare {} KiB now ({e}); slowing down",
+                    len >> 10
+                );
+                self.rate.failure();
+                self.stalled = true;
+            }
+            Err(e) => {
+                log::error!("{e}");
+                self.rate.failure();
+                self.stalled = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the newest chunk back: tells the host, waits for its ack, then releases it.
+    pub fn deflate_one(&mut self) -> Result<bool, AppError> {
+        let Some(chunk) = self.chunks.pop() else {
+            return Ok(false);
+        };
+        self.seq += 1;
+        let seq = self.seq;
+        let ranges: Vec<PageRange> = chunk.ranges.clone();
+        self.send(AppMessage::Deflate { seq, ranges })?;
+        match self.wait_answer(seq) {
+            Ok(_) => {
+                drop(chunk);
+                Ok(true)
+            }
+            Err(e) => {
+                // Without the host's word the pages must stay pinned and held.
+                self.chunks.push(chunk);
+                Err(e)
+            }
+        }
+    }
+
+    fn report_state(&mut self, psi: Option<f64>) -> Result<(), AppError> {
+        self.last_state = Instant::now();
+        self.send(AppMessage::State {
+            held_bytes: self.held(),
+            rate_bytes_per_s: self.rate.rate(),
+            psi_some_avg10: psi,
+            stalled: self.stalled,
+        })
+    }
+
+    /// Runs until `stop`, then gives everything back.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<(), AppError> {
+        while !stop.load(Ordering::Relaxed) {
+            while let Ok(m) = self.replies.try_recv() {
+                self.on_host(m);
+            }
+            let psi = crate::psi::read();
+            let pressure = psi.is_some_and(|p| p > self.settings.psi_threshold);
+            self.pressure_run = if pressure { self.pressure_run + 1 } else { 0 };
+            if self.pressure_run >= self.settings.pressure_ticks {
+                // Sustained pressure: protect the guest before the target.
+                log::warn!("memory pressure (PSI some avg10 {psi:?}): giving memory back");
+                self.deflate_one()?;
+                self.rate.failure();
+                self.stalled = true;
+            } else if self.held() > self.target {
+                self.deflate_one()?;
+            } else if self.held() < self.target && !pressure {
+                self.inflate_step()?;
+            } else if pressure {
+                self.rate.failure();
+            }
+            if self.last_state.elapsed() >= Duration::from_secs(1) {
+                self.report_state(psi)?;
+            }
+            // Pace: one step per tick, or sleep until the next one when idle.
+            if let Ok(m) = self.replies.recv_timeout(self.settings.tick) {
+                self.on_host(m);
+            }
+        }
+        log::info!("stopping: giving {} MiB back", self.held() >> 20);
+        while self.deflate_one()? {}
+        self.report_state(crate::psi::read())?;
+        Ok(())
+    }
+
+    /// The PFNs the app holds now, chunk by chunk (for checks that nothing moved).
+    pub fn current_pfns(&self) -> Vec<Vec<u64>> {
+        self.chunks
+            .iter()
+            .filter_map(|c| c.current_pfns(&self.pagemap).ok())
+            .collect()
+    }
+}
