@@ -210,9 +210,8 @@ do_debian() {
     for b in "${GUEST_BINS[@]}"; do as_root install -m 0755 "$GUEST_BIN_DIR/$b" "$root/usr/local/bin/$b"; done
     as_root cp -r "$TOP/tests/guest/debian/." "$root/"
     as_root chroot "$root" systemctl enable balloon-test-agent.service >/dev/null 2>&1
-    if [ -f "$TOP/guest-app/balloon-guest.service" ]; then
-        as_root install -m 0644 "$TOP/guest-app/balloon-guest.service" "$root/etc/systemd/system/balloon-guest.service"
-    fi
+    as_root install -m 0644 "$TOP/guest-app/balloon-guest.service" "$root/etc/systemd/system/balloon-guest.service"
+    as_root chroot "$root" systemctl enable balloon-guest.service >/dev/null 2>&1
     mkdir -p "$out"
     rm -f "$out/rootfs.ext4.tmp"
     as_root mkfs.ext4 -q -F -L balloon-root -d "$root" "$out/rootfs.ext4.tmp" 2G >/dev/null || die "mkfs.ext4 -d failed"

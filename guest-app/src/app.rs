@@ -24,6 +24,20 @@ pub struct Settings {
     pub tick: Duration,
     /// The largest chunk claimed at once.
     pub max_chunk: u64,
+    /// Where to write, every second, the PFN ranges reported to the host and the ones
+    /// pagemap shows now (they must stay equal: pinned pages do not move).
+    pub pfn_file: Option<std::path::PathBuf>,
+    /// Memory the guest always keeps available: a chunk that would leave less is not claimed
+    /// (claiming it could push the guest into its OOM killer).
+    pub reserve: u64,
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+pub fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 pub struct App {
@@ -158,6 +172,18 @@ impl App {
         if len == 0 {
             return Ok(());
         }
+        if mem_available().is_some_and(|a| a < len as u64 + self.settings.reserve) {
+            if !self.stalled {
+                log::info!(
+                    "the guest has too little memory available to give {} MiB more; holding at {} MiB",
+                    len >> 20,
+                    self.held() >> 20
+                );
+            }
+            self.rate.failure();
+            self.stalled = true;
+            return Ok(());
+        }
         match Chunk::claim(len, &self.pagemap) {
             Ok(chunk) => {
                 self.seq += 1;
@@ -219,8 +245,28 @@ impl App {
         }
     }
 
+    fn write_pfn_file(&self) {
+        let Some(path) = &self.settings.pfn_file else {
+            return;
+        };
+        let reported: Vec<PageRange> = self.chunks.iter().flat_map(|c| c.ranges.clone()).collect();
+        let current = crate::pagemap::coalesce(self.current_pfns().into_iter().flatten().collect());
+        let text = serde_json::json!({ "reported": crate::pagemap::coalesce(
+            reported.iter().flat_map(|r| r.start..r.start + r.count).collect()
+        ), "current": current })
+        .to_string();
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .is_err()
+        {
+            log::warn!("cannot write {}", path.display());
+        }
+    }
+
     fn report_state(&mut self, psi: Option<f64>) -> Result<(), AppError> {
         self.last_state = Instant::now();
+        self.write_pfn_file();
         self.send(AppMessage::State {
             held_bytes: self.held(),
             rate_bytes_per_s: self.rate.rate(),

@@ -30,6 +30,12 @@ struct Cli {
     /// PSI memory "some avg10" (percent) above which the guest counts as under pressure.
     #[arg(long, default_value_t = 10.0)]
     psi_threshold: f64,
+    /// Memory the guest always keeps available; the app never claims into it.
+    #[arg(long, default_value = "96M", value_parser = parse_size)]
+    reserve: u64,
+    /// Write the reported and current PFN ranges here every second (for checks).
+    #[arg(long)]
+    pfn_file: Option<std::path::PathBuf>,
     /// Log level.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -65,6 +71,8 @@ fn main() {
         pressure_ticks: 3,
         tick: Duration::from_millis(200),
         max_chunk: 64 << 20,
+        pfn_file: cli.pfn_file,
+        reserve: cli.reserve,
     };
     let result = guest_app::transport::connect(&cli.connect)
         .map_err(guest_app::app::AppError::Setup)

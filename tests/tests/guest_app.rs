@@ -102,3 +102,158 @@ fn the_app_balloon_returns_memory_gives_it_back_and_is_released_when_killed() {
     let log = vm.agent.sh("cat /tmp/app.log").unwrap();
     assert!(!log.contains("ERROR"), "{log}");
 }
+
+/// Boots a 1 GiB mini guest with the app's port and starts the app with `args`.
+fn boot_with_app(name: &str, app_args: &str) -> (Backend, Vm) {
+    let backend = Backend::start(name, &["--no-free-page-reporting"]).unwrap();
+    let mut config = VmConfig::new(name);
+    config.vhost_user_balloon = Some(backend.device());
+    config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+    let mut vm = Vm::start(config).unwrap();
+    vm.agent
+        .spawn(&format!(
+            "balloon-guest --connect serial:/dev/virtio-ports/{APP_PORT} {app_args} > /tmp/app.log 2>&1"
+        ))
+        .unwrap();
+    wait_app(&backend, "the app to connect", |s| s.app.connected);
+    (backend, vm)
+}
+
+#[test]
+fn compaction_moves_nothing_the_app_holds_and_corrupts_nothing() {
+    let (backend, mut vm) = boot_with_app("compact", "--pfn-file /tmp/pfns.json");
+    // A guest program's data, checksummed.
+    vm.agent
+        .sh("dd if=/dev/urandom of=/tmp/data bs=1M count=100 2>/dev/null && md5sum /tmp/data > /tmp/data.md5")
+        .unwrap();
+    set_app_target(&backend, 256 * MIB);
+    wait_app(&backend, "the app to hold 256 MiB", |s| {
+        s.app.held_bytes == 256 * MIB
+    });
+    assert_eq!(
+        vm.agent
+            .sh("cat /proc/sys/vm/compact_unevictable_allowed")
+            .unwrap()
+            .trim(),
+        "0",
+        "the app keeps compaction off its locked pages"
+    );
+    let pfns = |vm: &mut Vm| -> serde_json::Value {
+        // The file is rewritten every second; read it once it covers all 256 MiB.
+        let v: serde_json::Value =
+            serde_json::from_str(&vm.agent.sh("cat /tmp/pfns.json").unwrap()).unwrap();
+        v
+    };
+    let pages = |ranges: &serde_json::Value| -> u64 {
+        ranges
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum()
+    };
+    let before = wait_for(
+        "the PFN file to cover 256 MiB",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let v = pfns(&mut vm);
+            Ok(if pages(&v["reported"]) == 65536 {
+                Poll::Ready(v)
+            } else {
+                Poll::Pending(v.to_string())
+            })
+        },
+    )
+    .unwrap();
+    assert_eq!(before["reported"], before["current"]);
+    for _ in 0..5 {
+        vm.agent
+            .sh("sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory")
+            .unwrap();
+    }
+    // A fresh snapshot, written after the compaction runs.
+    vm.agent.sh("rm -f /tmp/pfns.json").unwrap();
+    let after = wait_for(
+        "a new PFN file",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            Ok(match vm.agent.run("cat /tmp/pfns.json")? {
+                out if out.success() => {
+                    Poll::Ready(serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap())
+                }
+                _ => Poll::Pending("not yet".into()),
+            })
+        },
+    )
+    .unwrap();
+    assert_eq!(after["current"], before["current"], "a held page moved");
+    assert_eq!(after["reported"], after["current"]);
+    assert!(vm
+        .agent
+        .sh("md5sum -c /tmp/data.md5")
+        .unwrap()
+        .contains("OK"));
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+}
+
+#[test]
+fn a_target_larger_than_the_guest_can_give_stops_short_without_oom() {
+    let (backend, mut vm) = boot_with_app("greedy", "");
+    // The guest keeps 400 MiB in tmpfs (no swap): it cannot give 900 MiB of its 1 GiB.
+    vm.agent
+        .sh("dd if=/dev/zero of=/tmp/keep bs=1M count=400 2>/dev/null")
+        .unwrap();
+    set_app_target(&backend, 900 * MIB);
+    let s = wait_app(&backend, "the app to stop short and say so", |s| {
+        s.app.stalled && s.app.held_bytes > 0
+    });
+    eprintln!("app holds {} MiB of 900", s.app.held_bytes / MIB);
+    assert!(s.app.held_bytes < 900 * MIB);
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+    // The guest still works and its data is there.
+    assert_eq!(
+        vm.agent
+            .sh("ls -l /tmp/keep | awk '{print $5}'")
+            .unwrap()
+            .trim(),
+        "419430400"
+    );
+}
+
+#[test]
+fn the_systemd_unit_starts_at_boot_follows_targets_and_stops_cleanly() {
+    let backend = Backend::start("unit", &[]).unwrap();
+    let mut config = VmConfig::new("unit");
+    config.image = balloon_lab::Image::Debian;
+    config.cpus = 2;
+    config.vhost_user_balloon = Some(backend.device());
+    config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+    let mut vm = Vm::start(config).unwrap();
+    // Started by systemd at boot, nobody asked.
+    wait_app(&backend, "the unit's app to connect", |s| s.app.connected);
+    assert_eq!(
+        vm.agent
+            .sh("systemctl is-active balloon-guest.service")
+            .unwrap()
+            .trim(),
+        "active"
+    );
+    set_app_target(&backend, 128 * MIB);
+    wait_app(&backend, "the unit's app to hold 128 MiB", |s| {
+        s.app.held_bytes == 128 * MIB && s.app.ballooned_bytes == 128 * MIB
+    });
+    vm.agent.sh("systemctl stop balloon-guest.service").unwrap();
+    let result = vm
+        .agent
+        .sh("systemctl show -p Result -p ExecMainStatus balloon-guest.service")
+        .unwrap();
+    assert!(
+        result.contains("Result=success") && result.contains("ExecMainStatus=0"),
+        "{result}"
+    );
+    // It gave everything back before exiting.
+    let s = backend.status().unwrap();
+    assert_eq!(s.app.ballooned_bytes, 0, "{:?}", s.app);
+}
