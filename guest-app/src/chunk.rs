@@ -132,3 +132,18 @@ impl Drop for Chunk {
         }
     }
 }
+
+/// Claims `len` bytes, then times reading their PFNs from pagemap (GiB of memory resolved per
+/// second).
+pub fn measure_pagemap(len: usize) -> Result<f64, ChunkError> {
+    let pagemap = File::open("/proc/self/pagemap").map_err(ChunkError::Other)?;
+    let chunk = Chunk::claim(len, &pagemap)?;
+    let start = std::time::Instant::now();
+    let rounds = 5;
+    for _ in 0..rounds {
+        let pfns = chunk.current_pfns(&pagemap)?;
+        std::hint::black_box(pagemap::coalesce(pfns));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(rounds as f64 * len as f64 / (1u64 << 30) as f64 / secs)
+}

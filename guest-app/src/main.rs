@@ -36,6 +36,10 @@ struct Cli {
     /// Write the reported and current PFN ranges here every second (for checks).
     #[arg(long)]
     pfn_file: Option<std::path::PathBuf>,
+    /// Measure how fast physical page numbers resolve: claim SIZE, read its PFNs from
+    /// /proc/self/pagemap, print the rate (GiB/s) and exit.
+    #[arg(long, value_parser = parse_size)]
+    measure_pagemap: Option<u64>,
     /// Log level.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -53,6 +57,18 @@ fn main() {
             missing.join(" and ")
         );
         std::process::exit(2);
+    }
+    if let Some(size) = cli.measure_pagemap {
+        match guest_app::chunk::measure_pagemap(size as usize) {
+            Ok(gib_s) => {
+                println!("{gib_s:.3}");
+                return;
+            }
+            Err(e) => {
+                eprintln!("balloon-guest: {e}");
+                std::process::exit(1);
+            }
+        }
     }
     if let Err(e) = install_signal_handlers() {
         eprintln!("balloon-guest: signal setup: {e}");
