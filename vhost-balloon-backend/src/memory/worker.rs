@@ -101,10 +101,11 @@ impl DiscardWorker {
     }
 
     fn run(&self) {
-        // Below the guest's vCPU threads: freeing host memory can wait a moment, the guest
-        // allocating its next balloon pages should not.
+        // Below the guest's vCPU threads (nice 19): freeing host memory can wait a moment, the
+        // guest allocating its next balloon pages should not. Under heavy CPU load discards
+        // lag; a deflate still only waits for the ones in flight.
         // SAFETY: setpriority on this thread only.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
         loop {
             let jobs = {
                 let mut q = self.lock();
