@@ -9,7 +9,8 @@
 #   scripts/lab.sh guest-bins the project's static guest binaries (cargo, +crt-static)
 #   scripts/lab.sh mini       guest image "mini": kernel + busybox initramfs + agent + guest binaries
 #   scripts/lab.sh debian     guest image "debian": trixie + systemd as an ext4 image (on demand)
-#   scripts/lab.sh all        host qemu kernel guest-bins mini
+#   scripts/lab.sh vsock      vhost-device-vsock (crates.io) for the guest app's vsock tests
+#   scripts/lab.sh all        host qemu kernel vsock guest-bins mini
 #
 # Why a separate rootfs: QEMU 10 (bookworm-backports) cannot create the generic vhost-user device,
 # and adding trixie to this host's apt sources half-upgrades the host. The rootfs's QEMU runs
@@ -146,6 +147,20 @@ do_kernel() {
     mv "$tmp" "$KERNEL_DIR"
 }
 
+# vhost-device-vsock, the rust-vmm vhost-user vsock device with the hybrid-vsock convention
+# (a guest connecting to host port P reaches the Unix socket UDS_PATH_P), from crates.io.
+VSOCK_DEVICE_VERSION=0.3.0
+do_vsock() {
+    local bin=$LAB/tools/bin/vhost-device-vsock
+    if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "$VSOCK_DEVICE_VERSION"; then
+        return
+    fi
+    command -v cargo >/dev/null || die "cargo is missing"
+    log "installing vhost-device-vsock $VSOCK_DEVICE_VERSION from crates.io (about 30 s)"
+    cargo install --quiet --locked vhost-device-vsock --version "$VSOCK_DEVICE_VERSION" \
+        --root "$LAB/tools" || die "cargo install vhost-device-vsock failed (is crates.io reachable?)"
+}
+
 do_guest_bins() {
     command -v cargo >/dev/null || die "cargo is missing"
     # Static binaries for the guests: the gnu target with crt-static (no musl target here).
@@ -235,11 +250,12 @@ main() {
         host) step host do_host ;;
         qemu) step qemu do_qemu ;;
         kernel) step kernel do_kernel ;;
+        vsock) step vsock do_vsock ;;
         guest-bins) step guest-bins do_guest_bins ;;
         mini) step mini do_mini ;;
         debian) step debian do_debian ;;
-        all) main host qemu kernel guest-bins mini ;;
-        *) die "unknown step '$what' (host, qemu, kernel, guest-bins, mini, debian, all)" ;;
+        all) main host qemu kernel vsock guest-bins mini ;;
+        *) die "unknown step '$what' (host, qemu, kernel, vsock, guest-bins, mini, debian, all)" ;;
         esac
     done
 }

@@ -25,12 +25,21 @@ pub struct Backend {
 impl Backend {
     /// Starts `vhost-balloon-backend` with its sockets and state file in a fresh directory.
     pub fn start(name: &str, extra_args: &[&str]) -> Result<Backend> {
+        Self::start_with_app_socket(name, extra_args, None)
+    }
+
+    /// As `start`, with the guest app's socket at `app_socket` (e.g. a hybrid-vsock path).
+    pub fn start_with_app_socket(
+        name: &str,
+        extra_args: &[&str],
+        app_socket: Option<PathBuf>,
+    ) -> Result<Backend> {
         let dir = lab::run_dir(&format!("{name}-backend"))?;
         let mut b = Backend {
             socket: dir.join("vhost.sock"),
             control_socket: dir.join("control.sock"),
             state_file: dir.join("state.json"),
-            app_socket: dir.join("app.sock"),
+            app_socket: app_socket.unwrap_or_else(|| dir.join("app.sock")),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             dir,
             child: None,
@@ -191,6 +200,85 @@ impl Drop for Backend {
                     .join("\n")
             );
         } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// vhost-device-vsock (installed by `scripts/lab.sh vsock`): a vhost-user vsock device with the
+/// hybrid-vsock convention, a guest connection to host port P reaching `uds_path`_P.
+pub struct VsockDevice {
+    pub dir: PathBuf,
+    /// The vhost-user socket QEMU connects to.
+    pub socket: PathBuf,
+    /// The host side: applications listen on `uds_path`_PORT.
+    pub uds_path: PathBuf,
+    child: Child,
+}
+
+impl VsockDevice {
+    pub fn start(name: &str) -> Result<Self> {
+        let exe = lab::require(
+            lab::lab_dir().join("tools/bin/vhost-device-vsock"),
+            "vhost-device-vsock",
+            "vsock",
+        )?;
+        let dir = lab::run_dir(&format!("{name}-vsock"))?;
+        let socket = dir.join("vhost.sock");
+        let uds_path = dir.join("vsock.sock");
+        let log = std::fs::File::create(dir.join("vsock.log")).ctx(|| "vsock.log".into())?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--guest-cid")
+            .arg("3")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--uds-path")
+            .arg(&uds_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().ctx(|| "vsock.log".into())?)
+            .stderr(log);
+        // SAFETY: prctl only sets this child's parent-death signal.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().ctx(|| format!("starting {}", exe.display()))?;
+        let s = socket.clone();
+        wait_for(
+            "vhost-device-vsock's socket",
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || {
+                Ok(if s.exists() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending(String::new())
+                })
+            },
+        )?;
+        Ok(VsockDevice {
+            dir,
+            socket,
+            uds_path,
+            child,
+        })
+    }
+
+    /// Where a host application listens for guest connections to `port`.
+    pub fn port_path(&self, port: u32) -> PathBuf {
+        PathBuf::from(format!("{}_{port}", self.uds_path.display()))
+    }
+}
+
+impl Drop for VsockDevice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

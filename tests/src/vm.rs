@@ -79,6 +79,8 @@ pub struct VmConfig {
     pub vhost_user_balloon: Option<VhostUserBalloon>,
     /// Extra virtio-serial ports: (port name, host socket path QEMU connects to as a client).
     pub serial_ports: Vec<(String, PathBuf)>,
+    /// A vhost-user vsock device on this socket (vhost-device-vsock), guest CID 3.
+    pub vsock: Option<PathBuf>,
     /// Modules the mini image inserts at boot.
     pub modules: Vec<String>,
     pub extra_args: Vec<String>,
@@ -94,6 +96,7 @@ impl VmConfig {
             builtin_balloon: None,
             vhost_user_balloon: None,
             serial_ports: Vec::new(),
+            vsock: None,
             modules: vec!["virtio_balloon".into()],
             extra_args: Vec::new(),
         }
@@ -177,6 +180,14 @@ impl VmConfig {
                 VHOST_BALLOON_ARGS,
                 &[("socket", v.socket.display().to_string())],
             ));
+        }
+        if let Some(sock) = &self.vsock {
+            a.extend([
+                "-chardev".into(),
+                format!("socket,id=vsock,path={}", sock.display()),
+                "-device".into(),
+                "vhost-user-vsock-pci,chardev=vsock".into(),
+            ]);
         }
         a.extend(self.extra_args.iter().cloned());
         Ok(a)

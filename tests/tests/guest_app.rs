@@ -257,3 +257,43 @@ fn the_systemd_unit_starts_at_boot_follows_targets_and_stops_cleanly() {
     let s = backend.status().unwrap();
     assert_eq!(s.app.ballooned_bytes, 0, "{:?}", s.app);
 }
+
+#[test]
+fn the_app_talks_over_vsock_with_the_hybrid_convention() {
+    let vsock = balloon_lab::backend::VsockDevice::start("appvsock").unwrap();
+    // The backend listens where a guest connection to host port 1234 arrives.
+    let backend = Backend::start_with_app_socket(
+        "appvsock",
+        &["--no-free-page-reporting"],
+        Some(vsock.port_path(1234)),
+    )
+    .unwrap();
+    let mut config = VmConfig::new("appvsock");
+    config.vhost_user_balloon = Some(backend.device());
+    config.vsock = Some(vsock.socket.clone());
+    config.modules = [
+        "virtio_balloon",
+        "vsock",
+        "vmw_vsock_virtio_transport_common",
+        "vmw_vsock_virtio_transport",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut vm = Vm::start(config).unwrap();
+    vm.agent
+        .spawn("balloon-guest --connect vsock:2:1234 > /tmp/app.log 2>&1")
+        .unwrap();
+    wait_app(&backend, "the app to connect over vsock", |s| {
+        s.app.connected
+    });
+    set_app_target(&backend, 128 * MIB);
+    wait_app(&backend, "the app to hold 128 MiB", |s| {
+        s.app.ballooned_bytes == 128 * MIB
+    });
+    // A vsock connection closes with the app: the backend releases at once.
+    vm.agent.sh("kill -9 $(pidof balloon-guest)").unwrap();
+    wait_app(&backend, "the backend to release the app's pages", |s| {
+        s.app.ballooned_bytes == 0 && !s.app.connected
+    });
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+}
