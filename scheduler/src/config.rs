@@ -111,15 +111,14 @@ pub enum ConfigError {
 
 impl GuestConfig {
     pub fn spec(&self) -> GuestSpec {
-        let memory = self.memory.0;
-        GuestSpec {
-            name: self.name.clone(),
-            memory_bytes: memory,
-            min_bytes: self.min.map_or(0, |s| s.0),
-            max_bytes: self.max.map_or(memory, |s| s.0.min(memory)),
-            shares: self.shares,
-            static_bytes: self.static_size.map(|s| s.0),
-        }
+        GuestSpec::from_sizes(
+            &self.name,
+            self.memory.0,
+            self.min.map(|s| s.0),
+            self.max.map(|s| s.0),
+            self.shares,
+            self.static_size.map(|s| s.0),
+        )
     }
 }
 

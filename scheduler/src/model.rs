@@ -23,6 +23,28 @@ pub struct GuestSpec {
     pub static_bytes: Option<u64>,
 }
 
+impl GuestSpec {
+    /// A guest from its configured sizes: no `min` means 0, no `max` (or one above the memory
+    /// size) means the memory size.
+    pub fn from_sizes(
+        name: &str,
+        memory_bytes: u64,
+        min: Option<u64>,
+        max: Option<u64>,
+        shares: u64,
+        static_bytes: Option<u64>,
+    ) -> Self {
+        GuestSpec {
+            name: name.to_string(),
+            memory_bytes,
+            min_bytes: min.unwrap_or(0),
+            max_bytes: max.map_or(memory_bytes, |m| m.min(memory_bytes)),
+            shares,
+            static_bytes,
+        }
+    }
+}
+
 /// What a guest's statistics say (virtio-balloon stats or the guest app's PSI), when known.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct GuestMemoryStats {

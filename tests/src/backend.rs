@@ -6,7 +6,6 @@ use crate::vm::VhostUserBalloon;
 use crate::wait::{wait_for, Poll};
 use crate::{LabError, Result};
 use balloon_protocol::{BackendStatus, ControlClient, ControlReply, ControlRequest};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -75,15 +74,7 @@ impl Backend {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        // SAFETY: prctl only sets this child's parent-death signal.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        lab::die_with_parent(&mut cmd);
         let child = cmd.spawn().ctx(|| format!("starting {}", exe.display()))?;
         self.child = Some(child);
         let control = self.control_socket.clone();
@@ -237,15 +228,7 @@ impl VsockDevice {
             .stdin(Stdio::null())
             .stdout(log.try_clone().ctx(|| "vsock.log".into())?)
             .stderr(log);
-        // SAFETY: prctl only sets this child's parent-death signal.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        lab::die_with_parent(&mut cmd);
         let child = cmd.spawn().ctx(|| format!("starting {}", exe.display()))?;
         let s = socket.clone();
         wait_for(

@@ -84,3 +84,18 @@ pub fn run_dir(name: &str) -> Result<PathBuf> {
     })?;
     Ok(dir)
 }
+
+/// Makes a child started by the harness die with the process that started it (SIGKILL through
+/// PR_SET_PDEATHSIG), so no QEMU or daemon outlives a killed test run.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -6,7 +6,6 @@ use crate::{LabError, Result};
 use scheduler::api::{ApiMessage, ApiReply, ApiRequest, SchedulerStatus, API_VERSION};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -46,15 +45,7 @@ impl SchedulerProcess {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        // SAFETY: prctl only sets this child's parent-death signal.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        lab::die_with_parent(&mut cmd);
         let child = cmd.spawn().ctx(|| format!("starting {}", exe.display()))?;
         let p = SchedulerProcess {
             dir,

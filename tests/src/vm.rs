@@ -8,7 +8,6 @@ use crate::lab;
 use crate::qmp::Qmp;
 use crate::wait::{wait_for, Poll};
 use crate::{LabError, Result};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -244,15 +243,7 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        lab::die_with_parent(&mut cmd);
         let mut child = cmd.spawn().ctx(|| format!("starting {}", qemu.display()))?;
         let qmp_path = run_dir.join("qmp.sock");
         let connected = wait_for(

@@ -225,8 +225,8 @@ impl Balloon {
         }
     }
 
-    /// Asks the guest for a balloon of `target_bytes`.
-    pub fn set_target(&mut self, target_bytes: u64) -> Result<(), BalloonError> {
+    /// A balloon cannot be larger than guest RAM (once the memory table is known).
+    fn check_target(&self, target_bytes: u64) -> Result<(), BalloonError> {
         let ram = self.memory.ram_bytes();
         if ram > 0 && target_bytes > ram {
             return Err(BalloonError::TargetTooLarge {
@@ -234,6 +234,12 @@ impl Balloon {
                 ram,
             });
         }
+        Ok(())
+    }
+
+    /// Asks the guest for a balloon of `target_bytes`.
+    pub fn set_target(&mut self, target_bytes: u64) -> Result<(), BalloonError> {
+        self.check_target(target_bytes)?;
         let pages = u32::try_from(bytes_to_pages(target_bytes))
             .map_err(|_| BalloonError::TargetOutOfRange(target_bytes))?;
         let changed = pages != self.config.num_pages;
@@ -335,13 +341,7 @@ impl Balloon {
     }
 
     pub fn set_app_target(&mut self, target_bytes: u64) -> Result<(), BalloonError> {
-        let ram = self.memory.ram_bytes();
-        if ram > 0 && target_bytes > ram {
-            return Err(BalloonError::TargetTooLarge {
-                requested: target_bytes,
-                ram,
-            });
-        }
+        self.check_target(target_bytes)?;
         self.app.target_bytes = target_bytes;
         self.persist()?;
         self.send_app_target();
