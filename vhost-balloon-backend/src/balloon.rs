@@ -164,9 +164,14 @@ impl Balloon {
         self.acked_features & bit(features::VIRTIO_F_VERSION_1) != 0 && !self.memory.is_empty()
     }
 
+    /// A (re)negotiation: the frontend sends the features each time it starts the device, and
+    /// a guest reboot reaches a vhost-user backend this way, never as a reset. The queues are
+    /// new, so the statistics head held from the old ones means nothing any more (returning it
+    /// would hand the new driver's buffer back at once).
     pub fn set_acked_features(&mut self, acked: u64) {
         self.acked_features = acked;
         self.layout = QueueLayout::for_features(acked);
+        self.stats_held = None;
         log::info!(
             "driver acknowledged features {acked:#x}: {}",
             features::names(acked).join(" ")
@@ -257,10 +262,17 @@ impl Balloon {
         self.persist()
     }
 
-    /// Switching discards back on returns the pages ballooned meanwhile.
+    /// Switching discards off (before VFIO, postcopy or a snapshot) takes effect before this
+    /// returns: discards the worker has not run yet are dropped and one in flight is waited
+    /// for. Switching them back on returns the pages ballooned meanwhile (and those dropped).
     pub fn set_discard(&mut self, enabled: bool) -> Result<(), BalloonError> {
         let was = self.discard_enabled;
         self.discard_enabled = enabled;
+        if !enabled {
+            if let Some(worker) = &self.discard_worker {
+                worker.cancel_all();
+            }
+        }
         self.persist()?;
         if enabled && !was {
             let out = self.memory.discard_all_ballooned();

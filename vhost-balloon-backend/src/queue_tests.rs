@@ -1,32 +1,59 @@
 //! Every queue handler on virtio-queue's mock rings, over a memfd-backed guest memory mapped the
-//! way vhost-user maps it, so discards are real: the memfd's allocated size shows what left.
-//! Rings and buffers live in the first MiB; the pages the tests balloon are above 8 MiB.
+//! way vhost-user maps it (regions built by the same `regions_of` that `update_memory` uses), so
+//! discards are real: the memfd's allocated size shows what left.
+//!
+//! Guest RAM is laid out as QEMU lays it out around the PCI hole: 16 MiB at 0 and 4 MiB at 4 GiB,
+//! both in one memfd. Rings live at the bottom of RAM and buffers below 1 MiB; the pages the tests
+//! balloon are above 8 MiB and in the high region, so no test discards its own rings or buffers.
 
-use crate::balloon::{drain_queue, request_stats, Balloon};
+use crate::balloon::{drain_queue, request_stats, Balloon, BalloonError};
 use crate::device::features::{
     bit, FeatureChoice, MUST_TELL_HOST, REPORTING, STATS_VQ, VIRTIO_F_VERSION_1,
 };
+use crate::memory::worker::DiscardWorker;
 use crate::vhu_balloon::regions_of;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
+type Mem = GuestMemoryMmap<()>;
+
+const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-const RAM: u64 = 16 * MIB;
 const PAGE: u64 = 4096;
+/// The low region: guest addresses [0, 16 MiB), memfd offset 0.
+const LOW: u64 = 16 * MIB;
+/// The high region: guest addresses [4 GiB, 4 GiB + 4 MiB), memfd offset 16 MiB.
+const HIGH_GPA: u64 = 4 << 30;
+const HIGH: u64 = 4 * MIB;
+const HIGH_PFN: u32 = (HIGH_GPA / PAGE) as u32;
+/// Bytes below this hold rings (and indirect tables); they are zeroed at start.
+const RING_AREA: u64 = 256 * KIB;
 /// Where the tests put PFN arrays and statistics buffers.
 const BUF: u64 = 0x8_0000;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
+/// What every page of guest RAM holds at its first byte until it is discarded.
+const MARK: u8 = 0xa5;
 
+const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+
+const INFLATE: usize = 0;
+const DEFLATE: usize = 1;
+
+/// A guest's RAM: one memfd, mapped here as vhost-user maps it.
 struct Guest {
     file: File,
-    mem: GuestMemoryMmap<()>,
+    mem: Mem,
 }
 
 impl Guest {
@@ -35,182 +62,452 @@ impl Guest {
         let file = unsafe {
             let fd = libc::memfd_create(c"queue-test".as_ptr(), 0);
             assert!(fd >= 0);
-            assert_eq!(libc::ftruncate(fd, RAM as i64), 0);
+            assert_eq!(libc::ftruncate(fd, (LOW + HIGH) as i64), 0);
             File::from_raw_fd(fd)
         };
-        let mem = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(0),
-            RAM as usize,
-            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        )])
+        let mem = Mem::from_ranges_with_files([
+            (
+                GuestAddress(0),
+                LOW as usize,
+                Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+            ),
+            (
+                GuestAddress(HIGH_GPA),
+                HIGH as usize,
+                Some(FileOffset::new(file.try_clone().unwrap(), LOW)),
+            ),
+        ])
         .unwrap();
-        // Touch every page so that discards show in the allocated size.
-        for off in (0..RAM).step_by(PAGE as usize) {
-            mem.write_obj(1u8, GuestAddress(off)).unwrap();
+        // Every page allocated and marked, so discards show in the allocated size and in the
+        // data; the ring area starts zeroed (still allocated).
+        for (start, len) in [(0, LOW), (HIGH_GPA, HIGH)] {
+            for off in (0..len).step_by(PAGE as usize) {
+                mem.write_obj(MARK, GuestAddress(start + off)).unwrap();
+            }
         }
-        Guest { file, mem }
+        mem.write_slice(&vec![0u8; RING_AREA as usize], GuestAddress(0))
+            .unwrap();
+        let g = Guest { file, mem };
+        assert_eq!(g.allocated(), LOW + HIGH);
+        g
     }
 
     fn allocated(&self) -> u64 {
         self.file.metadata().unwrap().blocks() * 512
     }
 
+    /// The first byte of guest page `pfn`: `MARK` while it holds data, 0 once discarded.
+    fn first_byte(&self, pfn: u32) -> u8 {
+        self.mem
+            .read_obj(GuestAddress(u64::from(pfn) * PAGE))
+            .unwrap()
+    }
+
+    /// A device as production builds it once the driver acknowledged `acked` (plus VERSION_1)
+    /// and the frontend sent this memory table.
     fn balloon(&self, acked: u64) -> Balloon {
         let mut b = Balloon::new(FeatureChoice::default(), None);
         b.memory.replace_regions(regions_of(&self.mem));
         b.set_acked_features(acked | bit(VIRTIO_F_VERSION_1));
+        assert!(b.device_started());
+        assert_eq!(b.status().guest_ram_bytes, LOW + HIGH);
         b
     }
 
+    /// Writes `pfns` as the driver does (little-endian u32s); returns their length in bytes.
     fn write_pfns(&self, at: u64, pfns: &[u32]) -> u32 {
-        let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+        let bytes = pfn_bytes(pfns);
         self.mem.write_slice(&bytes, GuestAddress(at)).unwrap();
         bytes.len() as u32
     }
+}
+
+fn pfn_bytes(pfns: &[u32]) -> Vec<u8> {
+    pfns.iter().flat_map(|p| p.to_le_bytes()).collect()
+}
+
+fn stats_bytes(entries: &[(u16, u64)]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for (tag, value) in entries {
+        buf.extend_from_slice(&tag.to_le_bytes());
+        buf.extend_from_slice(&value.to_le_bytes());
+    }
+    buf
 }
 
 fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
     RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
 }
 
-/// Puts `chains` (each a list of descriptors) on a fresh queue and drains it as queue `index`.
-/// Returns how many chains came back and the used ring's index.
-fn run(
-    guest: &Guest,
-    balloon: &mut Balloon,
-    index: usize,
-    chains: &[Vec<(u64, u32, u16)>],
-) -> (usize, u16) {
-    let vq = MockSplitQueue::new(&guest.mem, 64);
-    let mut table = Vec::new();
-    for chain in chains {
-        let base = table.len() as u16;
-        for (i, &(addr, len, flags)) in chain.iter().enumerate() {
-            let last = i + 1 == chain.len();
-            let flags = if last { flags } else { flags | F_NEXT };
-            table.push(desc(
-                addr,
-                len,
-                flags,
-                if last { 0 } else { base + i as u16 + 1 },
-            ));
-        }
-    }
-    vq.add_desc_chains(&table, 0).unwrap();
-    let mut queue: Queue = vq.create_queue().unwrap();
-    let used = drain_queue(balloon, index, &mut queue, &guest.mem).unwrap();
-    (used, vq.used().idx().load())
+/// One virtqueue as the driver sees it (a mock split ring at guest address 0) and as the device
+/// sees it (a `Queue` set up from it).
+struct Ring<'m> {
+    mem: &'m Mem,
+    vq: MockSplitQueue<'m, Mem>,
+    queue: Queue,
+    next_desc: u16,
 }
 
-const INFLATE: usize = 0;
-const DEFLATE: usize = 1;
+impl<'m> Ring<'m> {
+    fn new(g: &'m Guest, size: u16) -> Self {
+        let vq = MockSplitQueue::new(&g.mem, size);
+        assert!(vq.end().0 <= RING_AREA);
+        let queue = vq.create_queue().unwrap();
+        Ring {
+            mem: &g.mem,
+            vq,
+            queue,
+            next_desc: 0,
+        }
+    }
+
+    /// Makes a chain of `(addr, len, flags)` descriptors available (NEXT links added); returns
+    /// its head.
+    fn add(&mut self, chain: &[(u64, u32, u16)]) -> u16 {
+        let head = self.next_desc;
+        let descs: Vec<RawDescriptor> = chain
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                if i + 1 == chain.len() {
+                    desc(addr, len, flags, 0)
+                } else {
+                    desc(addr, len, flags | F_NEXT, head + i as u16 + 1)
+                }
+            })
+            .collect();
+        self.vq.add_desc_chains(&descs, head).unwrap();
+        self.next_desc += chain.len() as u16;
+        head
+    }
+
+    /// Makes a chain available whose head is an indirect descriptor pointing at a table (built
+    /// at `table`) of `chain`'s descriptors; returns the head.
+    fn add_indirect(&mut self, table: u64, chain: &[(u64, u32, u16)]) -> u16 {
+        assert!(table + 16 * chain.len() as u64 <= RING_AREA);
+        for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+            let d = if i + 1 == chain.len() {
+                desc(addr, len, flags, 0)
+            } else {
+                desc(addr, len, flags | F_NEXT, i as u16 + 1)
+            };
+            self.mem
+                .write_obj(d, GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        self.add(&[(table, 16 * chain.len() as u32, F_INDIRECT)])
+    }
+
+    fn drain(&mut self, b: &mut Balloon, index: usize) -> Result<usize, BalloonError> {
+        drain_queue(b, index, &mut self.queue, self.mem)
+    }
+
+    fn request_stats(&mut self, b: &mut Balloon) -> bool {
+        request_stats(b, &mut self.queue, self.mem).unwrap()
+    }
+
+    /// The used ring as the driver reads it: (head, written length) in order.
+    fn used(&self) -> Vec<(u32, u32)> {
+        let n = self.vq.used().idx().load();
+        (0..n)
+            .map(|i| {
+                let e = self.vq.used().ring().ref_at(usize::from(i)).unwrap().load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+}
+
+/// Puts one single-descriptor PFN buffer (at `BUF`) on a fresh queue and drains it as queue
+/// `index`; returns the used ring, which must hold just that buffer.
+fn send_pfns(g: &Guest, b: &mut Balloon, index: usize, pfns: &[u32]) {
+    let len = g.write_pfns(BUF, pfns);
+    let mut ring = Ring::new(g, 64);
+    let head = ring.add(&[(BUF, len, 0)]);
+    assert_eq!(ring.drain(b, index).unwrap(), 1);
+    assert_eq!(ring.used(), vec![(u32::from(head), 0)]);
+}
 
 #[test]
 fn inflate_discards_contiguous_and_scattered_pages_and_returns_the_buffer() {
     let g = Guest::new();
     let mut b = g.balloon(0);
-    let before = g.allocated();
-    let contiguous: Vec<u32> = (2048..2048 + 256).collect(); // 8 MiB..9 MiB
+    let full = g.allocated();
+
+    // 256 contiguous PFNs (1 MiB at 8 MiB), as Linux sends them.
+    let contiguous: Vec<u32> = (2048..2048 + 256).collect();
+    let mut ring = Ring::new(&g, 64);
     let len = g.write_pfns(BUF, &contiguous);
-    assert_eq!(run(&g, &mut b, INFLATE, &[vec![(BUF, len, 0)]]), (1, 1));
-    assert_eq!(before - g.allocated(), 256 * PAGE);
-    let scattered: Vec<u32> = (0..256).map(|i| 2560 + 3 * i).collect();
-    let len = g.write_pfns(BUF, &scattered);
-    run(&g, &mut b, INFLATE, &[vec![(BUF, len, 0)]]);
-    assert_eq!(before - g.allocated(), 512 * PAGE);
+    let head = ring.add(&[(BUF, len, 0)]);
+    assert_eq!(ring.drain(&mut b, INFLATE).unwrap(), 1);
+    assert_eq!(ring.used(), vec![(u32::from(head), 0)]);
+    assert_eq!(full - g.allocated(), 256 * PAGE);
+
+    // 256 scattered PFNs in both regions, out of order: every third page from 10 MiB and every
+    // other page of the high region.
+    let mut scattered: Vec<u32> = (0..128).map(|i| 2560 + 3 * i).collect();
+    scattered.extend((0..128).map(|i| HIGH_PFN + 2 * i));
+    scattered.reverse();
+    let len = g.write_pfns(BUF + 4 * KIB, &scattered);
+    let head2 = ring.add(&[(BUF + 4 * KIB, len, 0)]);
+    assert_eq!(ring.drain(&mut b, INFLATE).unwrap(), 1);
+    assert_eq!(
+        ring.used(),
+        vec![(u32::from(head), 0), (u32::from(head2), 0)]
+    );
+    assert_eq!(full - g.allocated(), 512 * PAGE);
+
+    // Exactly the named pages: they read as zeros, their neighbours keep their data.
+    for &pfn in contiguous.iter().chain(&scattered) {
+        assert_eq!(g.first_byte(pfn), 0, "pfn {pfn}");
+    }
+    for pfn in [2047, 2048 + 256, 2561, 2562, HIGH_PFN + 1, HIGH_PFN + 255] {
+        assert_eq!(g.first_byte(pfn), MARK, "pfn {pfn}");
+    }
     let s = b.status();
     assert_eq!(s.ballooned_bytes, 512 * PAGE);
+    assert_eq!(
+        s.actual_bytes,
+        512 * PAGE,
+        "from tracking: no config writes"
+    );
     assert_eq!(s.reclaimed_bytes, 512 * PAGE);
+    assert_eq!(s.discard_errors, 0);
     assert_eq!(s.rejected, Default::default());
-    // Only the named pages: the neighbours of the scattered ones keep their data.
-    assert_eq!(g.mem.read_obj::<u8>(GuestAddress(2561 * PAGE)).unwrap(), 1);
-    assert_eq!(g.mem.read_obj::<u8>(GuestAddress(2560 * PAGE)).unwrap(), 0);
+    assert_eq!(b.counters.inflate_chains, 2);
 }
 
 #[test]
-fn a_repeated_pfn_counts_once_and_deflate_only_updates_tracking() {
+fn deflate_clears_tracking_and_discards_nothing() {
     let g = Guest::new();
     let mut b = g.balloon(0);
-    let len = g.write_pfns(BUF, &[3000, 3000, 3001, 3000]);
-    run(&g, &mut b, INFLATE, &[vec![(BUF, len, 0)]]);
-    assert_eq!(b.status().ballooned_bytes, 2 * PAGE);
+    let full = g.allocated();
+    let pages: Vec<u32> = (3000..3000 + 256).collect();
+    send_pfns(&g, &mut b, INFLATE, &pages);
     let after_inflate = g.allocated();
-    let len = g.write_pfns(BUF, &[3000, 3000]);
-    assert_eq!(run(&g, &mut b, DEFLATE, &[vec![(BUF, len, 0)]]).0, 1);
-    assert_eq!(b.status().ballooned_bytes, PAGE);
+    assert_eq!(full - after_inflate, 256 * PAGE);
+
+    // Take back the first 100, plus pages that were never ballooned.
+    let mut back: Vec<u32> = pages[..100].to_vec();
+    back.extend([2000, 2001]);
+    send_pfns(&g, &mut b, DEFLATE, &back);
+    let s = b.status();
+    assert_eq!(s.ballooned_bytes, 156 * PAGE);
     assert_eq!(g.allocated(), after_inflate, "deflate discards nothing");
+    assert_eq!(g.first_byte(2000), MARK);
+    assert_eq!(s.rejected, Default::default());
+    assert_eq!(b.counters.deflate_chains, 1);
+
+    // The guest uses the pages again; ballooning them again returns their memory again.
+    for &pfn in &pages[..100] {
+        g.mem
+            .write_obj(7u8, GuestAddress(u64::from(pfn) * PAGE))
+            .unwrap();
+    }
+    assert_eq!(full - g.allocated(), 156 * PAGE);
+    send_pfns(&g, &mut b, INFLATE, &pages[..100]);
+    assert_eq!(full - g.allocated(), 256 * PAGE);
+    assert_eq!(b.status().ballooned_bytes, 256 * PAGE);
+}
+
+#[test]
+fn a_repeated_pfn_counts_once() {
+    let g = Guest::new();
+    let mut b = g.balloon(0);
+    let full = g.allocated();
+    send_pfns(&g, &mut b, INFLATE, &[3000, 3000, 3001, 3000, 3001]);
+    let s = b.status();
+    assert_eq!(s.ballooned_bytes, 2 * PAGE);
+    assert_eq!(s.reclaimed_bytes, 2 * PAGE);
+    assert_eq!(full - g.allocated(), 2 * PAGE);
+    send_pfns(&g, &mut b, DEFLATE, &[3000, 3000]);
+    assert_eq!(b.status().ballooned_bytes, PAGE);
 }
 
 #[test]
 fn pfns_outside_guest_ram_are_counted_and_never_discarded() {
     let g = Guest::new();
     let mut b = g.balloon(0);
-    let before = g.allocated();
-    let ram_pages = (RAM / PAGE) as u32;
-    let len = g.write_pfns(BUF, &[ram_pages, ram_pages + 1, u32::MAX, 2100]);
-    assert_eq!(run(&g, &mut b, INFLATE, &[vec![(BUF, len, 0)]]).0, 1);
-    assert_eq!(before - g.allocated(), PAGE);
+    let full = g.allocated();
+    let low_end = (LOW / PAGE) as u32;
+    let high_end = HIGH_PFN + (HIGH / PAGE) as u32;
+    // The first pages of the hole, its middle, its last page, past the end of RAM, the largest
+    // PFN a driver can name.
+    let outside = [
+        low_end,
+        low_end + 1,
+        1 << 19,
+        HIGH_PFN - 1,
+        high_end,
+        u32::MAX,
+    ];
+    send_pfns(&g, &mut b, INFLATE, &outside);
+    assert_eq!(g.allocated(), full, "nothing discarded");
     let s = b.status();
-    assert_eq!(s.rejected.pages_outside_ram, 3);
-    assert_eq!(s.ballooned_bytes, PAGE);
+    assert_eq!(s.rejected.pages_outside_ram, outside.len() as u64);
+    assert_eq!(s.ballooned_bytes, 0);
+    assert_eq!(s.reclaimed_bytes, 0);
+
+    // The last page of each region is inside.
+    send_pfns(&g, &mut b, INFLATE, &[low_end - 1, high_end - 1, high_end]);
+    assert_eq!(full - g.allocated(), 2 * PAGE);
+    let s = b.status();
+    assert_eq!(s.rejected.pages_outside_ram, outside.len() as u64 + 1);
+    assert_eq!(s.ballooned_bytes, 2 * PAGE);
+
+    // Deflating pages outside RAM is counted too and changes nothing.
+    send_pfns(&g, &mut b, DEFLATE, &[u32::MAX]);
+    let s = b.status();
+    assert_eq!(s.rejected.pages_outside_ram, outside.len() as u64 + 2);
+    assert_eq!(s.ballooned_bytes, 2 * PAGE);
 }
 
 #[test]
-fn device_writable_descriptors_on_the_inflate_queue_are_refused() {
+fn device_writable_descriptors_on_the_inflate_queue_are_not_read() {
     let g = Guest::new();
     let mut b = g.balloon(0);
-    let before = g.allocated();
-    let len = g.write_pfns(BUF, &[2200, 2201]);
+    let full = g.allocated();
+    let readable = g.write_pfns(BUF, &[2200, 2201]);
+    let writable = g.write_pfns(BUF + 64, &[2300, 2301]);
+    let mut ring = Ring::new(&g, 64);
+    let head = ring.add(&[(BUF, readable, 0), (BUF + 64, writable, F_WRITE)]);
     // The chain still comes back, so a confused driver does not hang.
-    assert_eq!(run(&g, &mut b, INFLATE, &[vec![(BUF, len, F_WRITE)]]).0, 1);
-    assert_eq!(g.allocated(), before);
-    assert_eq!(b.status().rejected.bad_descriptors, 1);
-    assert_eq!(b.status().ballooned_bytes, 0);
+    assert_eq!(ring.drain(&mut b, INFLATE).unwrap(), 1);
+    assert_eq!(ring.used(), vec![(u32::from(head), 0)]);
+    let s = b.status();
+    assert_eq!(s.rejected.bad_descriptors, 1);
+    assert_eq!(s.ballooned_bytes, 2 * PAGE);
+    assert_eq!(full - g.allocated(), 2 * PAGE);
+    assert_eq!(g.first_byte(2300), MARK);
+    assert_eq!(g.first_byte(2301), MARK);
 }
 
 #[test]
-fn odd_sized_buffers_keep_their_whole_pfns() {
+fn a_length_not_a_multiple_of_4_is_counted_but_its_whole_pfns_are_used() {
     let g = Guest::new();
     let mut b = g.balloon(0);
-    let len = g.write_pfns(BUF, &[2300, 2301]);
-    run(&g, &mut b, INFLATE, &[vec![(BUF, len + 3, 0)]]);
+    let full = g.allocated();
+    let len = g.write_pfns(BUF, &[2300, 2301, 2302]);
+    let mut ring = Ring::new(&g, 64);
+    ring.add(&[(BUF, len - 1, 0)]);
+    assert_eq!(ring.drain(&mut b, INFLATE).unwrap(), 1);
     let s = b.status();
     assert_eq!(s.rejected.bad_descriptors, 1);
     assert_eq!(s.ballooned_bytes, 2 * PAGE, "the two whole PFNs count");
+    assert_eq!(full - g.allocated(), 2 * PAGE);
+    assert_eq!(g.first_byte(2302), MARK);
+}
+
+#[test]
+fn a_pfn_split_across_descriptors_is_read_as_one_buffer() {
+    // A chain is one buffer, scattered: a PFN may straddle two descriptors.
+    let g = Guest::new();
+    let mut b = g.balloon(0);
+    let full = g.allocated();
+    let bytes = pfn_bytes(&[2400, 2401]);
+    g.mem.write_slice(&bytes[..6], GuestAddress(BUF)).unwrap();
+    g.mem
+        .write_slice(&bytes[6..], GuestAddress(BUF + 1000))
+        .unwrap();
+    let mut ring = Ring::new(&g, 64);
+    ring.add(&[(BUF, 6, 0), (BUF + 1000, 2, 0)]);
+    assert_eq!(ring.drain(&mut b, INFLATE).unwrap(), 1);
+    let s = b.status();
+    assert_eq!(s.rejected, Default::default());
+    assert_eq!(s.ballooned_bytes, 2 * PAGE);
+    assert_eq!(full - g.allocated(), 2 * PAGE);
 }
 
 #[test]
 fn descriptors_outside_guest_memory_are_counted_bad() {
     let g = Guest::new();
     let mut b = g.balloon(0);
-    let before = g.allocated();
-    assert_eq!(run(&g, &mut b, INFLATE, &[vec![(RAM + MIB, 1024, 0)]]).0, 1);
-    assert_eq!(b.status().rejected.bad_descriptors, 1);
-    assert_eq!(g.allocated(), before);
+    let full = g.allocated();
+    // Whatever lies just below the end of the low region reads as PFN 2100 twice...
+    g.write_pfns(LOW - 8, &[2100, 2100]);
+    let good = g.write_pfns(BUF, &[2500]);
+    let mut ring = Ring::new(&g, 64);
+    let head = ring.add(&[
+        (1 << 40, 1024, 0),   // far outside guest memory
+        (LOW - 8, 16, 0),     // ...but this descriptor runs into the hole: none of it is used
+        (HIGH_GPA - 4, 4, 0), // entirely in the hole
+        (BUF, good, 0),       // a good descriptor in the same chain still counts
+    ]);
+    assert_eq!(ring.drain(&mut b, INFLATE).unwrap(), 1);
+    assert_eq!(ring.used(), vec![(u32::from(head), 0)]);
+    let s = b.status();
+    assert_eq!(s.rejected.bad_descriptors, 3);
+    assert_eq!(s.ballooned_bytes, PAGE);
+    assert_eq!(full - g.allocated(), PAGE);
+    assert_eq!(g.first_byte(2100), MARK);
+    assert_eq!(g.first_byte(2500), 0);
 }
 
 #[test]
-fn long_chains_and_several_chains_are_handled() {
+fn long_direct_and_indirect_chains_are_handled() {
     let g = Guest::new();
     let mut b = g.balloon(0);
-    // One chain of 16 descriptors of 4 PFNs each, then a second chain.
-    let mut chain = Vec::new();
-    for d in 0..16u64 {
-        let pfns: Vec<u32> = (0..4).map(|i| 2400 + (d * 4 + i) as u32).collect();
-        let len = g.write_pfns(BUF + d * 64, &pfns);
-        chain.push((BUF + d * 64, len, 0));
-    }
-    let len = g.write_pfns(BUF + 0x1_0000, &[2500]);
+    let full = g.allocated();
+    let mut ring = Ring::new(&g, 256);
+    // 200 descriptors of one PFN each, scattered through the buffer area.
+    let direct: Vec<(u64, u32, u16)> = (0..200u32)
+        .map(|i| {
+            let at = BUF + u64::from(i) * 64;
+            (at, g.write_pfns(at, &[2600 + i]), 0)
+        })
+        .collect();
+    // 100 descriptors in an indirect table (INDIRECT_DESC is offered).
+    let indirect: Vec<(u64, u32, u16)> = (0..100u32)
+        .map(|i| {
+            let at = BUF + 0x4_0000 + u64::from(i) * 64;
+            (at, g.write_pfns(at, &[HIGH_PFN + 2 * i]), 0)
+        })
+        .collect();
+    let h1 = ring.add(&direct);
+    let h2 = ring.add_indirect(0x2_0000, &indirect);
+    let h3 = ring.add(&[(BUF + 0x3_0000, g.write_pfns(BUF + 0x3_0000, &[2900]), 0)]);
+    assert_eq!(ring.drain(&mut b, INFLATE).unwrap(), 3);
     assert_eq!(
-        run(
-            &g,
-            &mut b,
-            INFLATE,
-            &[chain, vec![(BUF + 0x1_0000, len, 0)]]
-        ),
-        (2, 2)
+        ring.used(),
+        vec![(h1.into(), 0), (h2.into(), 0), (h3.into(), 0)]
     );
-    assert_eq!(b.status().ballooned_bytes, 65 * PAGE);
+    let s = b.status();
+    assert_eq!(s.rejected, Default::default());
+    assert_eq!(s.ballooned_bytes, 301 * PAGE);
+    assert_eq!(full - g.allocated(), 301 * PAGE);
+    assert_eq!(g.first_byte(HIGH_PFN + 198), 0);
+    assert_eq!(g.first_byte(HIGH_PFN + 199), MARK);
+}
+
+#[test]
+fn a_chain_stops_being_read_at_the_per_chain_limit() {
+    use crate::device::pfn::MAX_PFNS_PER_CHAIN;
+    let g = Guest::new();
+    let mut b = g.balloon(0);
+    let full = g.allocated();
+    // MAX_PFNS_PER_CHAIN repeats of one page, then one more page past the limit.
+    let mut pfns = vec![2100; MAX_PFNS_PER_CHAIN];
+    pfns.push(2101);
+    let len = g.write_pfns(BUF, &pfns);
+    assert!(BUF + u64::from(len) <= MIB);
+    let mut ring = Ring::new(&g, 64);
+    ring.add(&[(BUF, len, 0)]);
+    assert_eq!(ring.drain(&mut b, INFLATE).unwrap(), 1);
+    assert_eq!(b.status().ballooned_bytes, PAGE);
+    assert_eq!(full - g.allocated(), PAGE);
+    assert_eq!(g.first_byte(2101), MARK, "past the limit: not read");
+}
+
+/// A statistics buffer as Linux fills it, plus a tag this device does not know.
+fn some_stats(free: u64) -> Vec<u8> {
+    stats_bytes(&[
+        (0, 3),         // swap_in
+        (4, free),      // free_memory
+        (5, 512 * MIB), // total_memory
+        (6, 222 * MIB), // available_memory
+        (10, 1),        // oom_kills
+        (77, 5),        // unknown
+    ])
 }
 
 #[test]
@@ -218,43 +515,123 @@ fn statistics_are_parsed_and_held_until_fresh_ones_are_wanted() {
     let g = Guest::new();
     let mut b = g.balloon(bit(STATS_VQ));
     let stats_queue = 2;
-    let mut buf = Vec::new();
-    for (tag, value) in [(4u16, 111u64 << 20), (6, 222 << 20), (77, 5)] {
-        buf.extend_from_slice(&tag.to_le_bytes());
-        buf.extend_from_slice(&value.to_le_bytes());
-    }
+    let buf = some_stats(111 * MIB);
     g.mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
-    let vq = MockSplitQueue::new(&g.mem, 64);
-    vq.add_desc_chains(&[desc(BUF, buf.len() as u32, 0, 0)], 0)
-        .unwrap();
-    let mut queue: Queue = vq.create_queue().unwrap();
-    assert_eq!(
-        drain_queue(&mut b, stats_queue, &mut queue, &g.mem).unwrap(),
-        0
-    );
-    assert_eq!(vq.used().idx().load(), 0, "held, not returned");
-    let s = b.status().stats.unwrap();
-    assert_eq!(s.values["free_memory"], 111 << 20);
-    assert_eq!(s.values["available_memory"], 222 << 20);
+    let mut ring = Ring::new(&g, 64);
+    let head = ring.add(&[(BUF, buf.len() as u32, 0)]);
+    assert_eq!(ring.drain(&mut b, stats_queue).unwrap(), 0);
+    assert!(ring.used().is_empty(), "held, not returned");
+    let s = b.status().stats.expect("statistics");
+    assert_eq!(s.values["free_memory"], 111 * MIB);
+    assert_eq!(s.values["total_memory"], 512 * MIB);
+    assert_eq!(s.values["available_memory"], 222 * MIB);
+    assert_eq!(s.values["swap_in"], 3);
+    assert_eq!(s.values["oom_kills"], 1);
+    assert_eq!(s.values.len(), 5);
+    assert_eq!(s.unknown.len(), 1);
     assert_eq!(s.unknown[&77], 5);
+    assert_eq!(b.status().rejected, Default::default());
+
     // The timer asks for fresh figures by returning the buffer.
-    assert!(request_stats(&mut b, &mut queue, &g.mem).unwrap());
-    assert_eq!(vq.used().idx().load(), 1);
-    assert!(
-        !request_stats(&mut b, &mut queue, &g.mem).unwrap(),
-        "nothing held now"
-    );
+    assert!(ring.request_stats(&mut b));
+    assert_eq!(ring.used(), vec![(u32::from(head), 0)]);
+    assert!(!ring.request_stats(&mut b), "nothing held now");
+    assert_eq!(ring.used().len(), 1);
+
+    // The driver answers with fresh figures in the same buffer: held again, values replaced.
+    g.mem
+        .write_slice(&some_stats(99 * MIB), GuestAddress(BUF))
+        .unwrap();
+    let again = ring.add(&[(BUF, buf.len() as u32, 0)]);
+    assert_eq!(ring.drain(&mut b, stats_queue).unwrap(), 0);
+    assert_eq!(ring.used().len(), 1);
+    assert_eq!(b.status().stats.unwrap().values["free_memory"], 99 * MIB);
+    assert!(ring.request_stats(&mut b));
+    assert_eq!(ring.used()[1], (u32::from(again), 0));
 }
 
 #[test]
-fn a_second_stats_buffer_returns_the_first_and_garbage_is_counted() {
+fn a_second_stats_buffer_returns_the_older_one() {
     let g = Guest::new();
     let mut b = g.balloon(bit(STATS_VQ));
-    g.mem.write_slice(&[1u8; 13], GuestAddress(BUF)).unwrap();
-    // Two buffers, the second 13 bytes (not a whole number of 10-byte entries).
-    let (used, idx) = run(&g, &mut b, 2, &[vec![(BUF, 10, 0)], vec![(BUF, 13, 0)]]);
-    assert_eq!((used, idx), (1, 1), "the older buffer went back");
-    assert_eq!(b.status().rejected.bad_stats, 1);
+    g.mem
+        .write_slice(&some_stats(MIB), GuestAddress(BUF))
+        .unwrap();
+    g.mem
+        .write_slice(&some_stats(2 * MIB), GuestAddress(BUF + 4 * KIB))
+        .unwrap();
+    let len = some_stats(0).len() as u32;
+    let mut ring = Ring::new(&g, 64);
+    let first = ring.add(&[(BUF, len, 0)]);
+    let second = ring.add(&[(BUF + 4 * KIB, len, 0)]);
+    assert_eq!(ring.drain(&mut b, 2).unwrap(), 1);
+    assert_eq!(
+        ring.used(),
+        vec![(u32::from(first), 0)],
+        "the older went back"
+    );
+    assert_eq!(b.status().stats.unwrap().values["free_memory"], 2 * MIB);
+    assert!(ring.request_stats(&mut b));
+    assert_eq!(ring.used()[1], (u32::from(second), 0));
+}
+
+#[test]
+fn garbage_statistics_are_counted_and_the_whole_entries_kept() {
+    let g = Guest::new();
+    let mut b = g.balloon(bit(STATS_VQ));
+    // One whole entry and three stray bytes.
+    let mut buf = stats_bytes(&[(4, 123 * MIB)]);
+    buf.extend([1, 2, 3]);
+    g.mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
+    let mut ring = Ring::new(&g, 64);
+    let head = ring.add(&[(BUF, buf.len() as u32, 0)]);
+    assert_eq!(ring.drain(&mut b, 2).unwrap(), 0, "still held");
+    let s = b.status();
+    assert_eq!(s.rejected.bad_stats, 1);
+    assert_eq!(s.stats.unwrap().values["free_memory"], 123 * MIB);
+
+    // A device-writable statistics descriptor is not read.
+    g.mem
+        .write_slice(&stats_bytes(&[(4, 7)]), GuestAddress(BUF + 4 * KIB))
+        .unwrap();
+    ring.add(&[(BUF + 4 * KIB, 10, F_WRITE)]);
+    assert_eq!(ring.drain(&mut b, 2).unwrap(), 1);
+    assert_eq!(ring.used(), vec![(u32::from(head), 0)]);
+    let s = b.status();
+    assert_eq!(s.rejected.bad_descriptors, 1);
+    assert_eq!(s.rejected.bad_stats, 1);
+    assert!(!s.stats.unwrap().values.contains_key("free_memory"));
+}
+
+#[test]
+fn a_stats_buffer_reposted_after_a_driver_restart_is_not_returned_at_once() {
+    // A guest reboot reaches a vhost-user backend as stopped and restarted queues and a new
+    // feature negotiation, never as a device reset: the device still holds the old stats head.
+    // Linux posts its only stats buffer at head 0 every time. Returning the "older" buffer
+    // there would return the new driver's buffer at once, which it answers with a new one,
+    // which would be returned at once, and so on.
+    let g = Guest::new();
+    let mut b = g.balloon(bit(STATS_VQ));
+    let buf = some_stats(5 * MIB);
+    g.mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
+    let mut ring = Ring::new(&g, 64);
+    assert_eq!(ring.add(&[(BUF, buf.len() as u32, 0)]), 0);
+    assert_eq!(ring.drain(&mut b, 2).unwrap(), 0);
+
+    // The reboot: a fresh ring in the same place, the features again.
+    b.set_acked_features(bit(STATS_VQ) | bit(VIRTIO_F_VERSION_1));
+    g.mem
+        .write_slice(&vec![0u8; RING_AREA as usize], GuestAddress(0))
+        .unwrap();
+    let mut ring = Ring::new(&g, 64);
+    assert_eq!(ring.add(&[(BUF, buf.len() as u32, 0)]), 0);
+    assert_eq!(ring.drain(&mut b, 2).unwrap(), 0);
+    assert!(
+        ring.used().is_empty(),
+        "the driver's only buffer stays held"
+    );
+    assert!(ring.request_stats(&mut b));
+    assert_eq!(ring.used(), vec![(0, 0)]);
 }
 
 #[test]
@@ -262,60 +639,238 @@ fn free_page_reports_discard_writable_ranges_and_refuse_the_rest() {
     let g = Guest::new();
     // Reporting alone: the driver numbers it queue 2 (indices compact over features).
     let mut b = g.balloon(bit(REPORTING));
-    let before = g.allocated();
-    let (used, _) = run(
-        &g,
-        &mut b,
-        2,
-        &[vec![
-            (10 * MIB, MIB as u32, F_WRITE),      // 1 MiB free: discarded
-            (12 * MIB, MIB as u32, 0),            // device-readable: refused
-            (RAM - MIB, 2 * MIB as u32, F_WRITE), // half outside RAM: only the inside half
-        ]],
-    );
-    assert_eq!(used, 1);
-    assert_eq!(before - g.allocated(), 2 * MIB);
+    let full = g.allocated();
+    let mut ring = Ring::new(&g, 64);
+    let head = ring.add(&[
+        (10 * MIB, MIB as u32, F_WRITE),       // 1 MiB free: discarded
+        (12 * MIB, MIB as u32, 0),             // device-readable: refused
+        (LOW - MIB, 2 * MIB as u32, F_WRITE),  // half in the hole: only the inside half
+        (HIGH_GPA + MIB + 100, 8192, F_WRITE), // partial pages: only the whole one
+        (64 << 30, 4 * MIB as u32, F_WRITE),   // entirely outside RAM: skipped
+    ]);
+    assert_eq!(ring.drain(&mut b, 2).unwrap(), 1);
+    assert_eq!(ring.used(), vec![(u32::from(head), 0)]);
+    assert_eq!(full - g.allocated(), 2 * MIB + PAGE);
     let s = b.status();
-    assert_eq!(s.reported_free_bytes, 2 * MIB);
+    assert_eq!(s.reported_free_bytes, 2 * MIB + PAGE);
     assert_eq!(s.rejected.bad_descriptors, 1);
-    assert_eq!(s.rejected.pages_outside_ram, MIB / PAGE);
+    assert_eq!(s.rejected.pages_outside_ram, (MIB + 4 * MIB) / PAGE);
     assert_eq!(s.ballooned_bytes, 0, "reported pages are not ballooned");
+    assert_eq!(s.reclaimed_bytes, 0);
+    assert_eq!(g.first_byte((12 * MIB / PAGE) as u32), MARK);
+    assert_eq!(g.first_byte((HIGH_GPA / PAGE) as u32 + 256), MARK);
+    assert_eq!(g.first_byte((HIGH_GPA / PAGE) as u32 + 257), 0);
+    assert_eq!(g.first_byte((HIGH_GPA / PAGE) as u32 + 258), MARK);
+    assert_eq!(b.counters.report_chains, 1);
+
+    // With discards off, reports are returned and nothing leaves.
+    b.set_discard(false).unwrap();
+    let before = g.allocated();
+    ring.add(&[(9 * MIB, MIB as u32, F_WRITE)]);
+    assert_eq!(ring.drain(&mut b, 2).unwrap(), 1);
+    assert_eq!(g.allocated(), before);
+    assert_eq!(b.status().reported_free_bytes, 2 * MIB + PAGE);
 }
 
 #[test]
-fn a_queue_without_meaning_gets_its_buffers_back_unread() {
+fn with_stats_and_reporting_stats_is_queue_2_and_reporting_queue_3() {
     let g = Guest::new();
-    // No optional features: only queues 0 and 1 mean something.
-    let mut b = g.balloon(0);
-    let before = g.allocated();
-    let len = g.write_pfns(BUF, &[2600]);
-    assert_eq!(run(&g, &mut b, 3, &[vec![(BUF, len, 0)]]), (1, 1));
-    assert_eq!(g.allocated(), before);
+    let mut b = g.balloon(bit(STATS_VQ) | bit(REPORTING));
+    let full = g.allocated();
+    let buf = some_stats(42 * MIB);
+    g.mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
+
+    let mut stats = Ring::new(&g, 64);
+    stats.add(&[(BUF, buf.len() as u32, 0)]);
+    assert_eq!(stats.drain(&mut b, 2).unwrap(), 0, "held as statistics");
+    assert_eq!(b.status().stats.unwrap().values["free_memory"], 42 * MIB);
+
+    let mut reports = Ring::new(&g, 64);
+    reports.add(&[(10 * MIB, MIB as u32, F_WRITE)]);
+    assert_eq!(reports.drain(&mut b, 3).unwrap(), 1);
+    assert_eq!(full - g.allocated(), MIB);
+    assert_eq!(b.status().reported_free_bytes, MIB);
+    assert_eq!(b.status().rejected, Default::default());
+
+    // The same statistics buffer on queue 3 is a (device-readable, so refused) report.
+    let mut wrong = Ring::new(&g, 64);
+    wrong.add(&[(BUF, buf.len() as u32, 0)]);
+    assert_eq!(wrong.drain(&mut b, 3).unwrap(), 1);
     assert_eq!(b.status().rejected.bad_descriptors, 1);
+}
+
+#[test]
+fn a_queue_without_meaning_gets_its_chains_back_unread() {
+    let g = Guest::new();
+    let full = g.allocated();
+    let len = g.write_pfns(BUF, &[2600, 2601]);
+    for (acked, index) in [
+        (0, 2), // no optional features: only 0 and 1
+        (0, 3),
+        (bit(REPORTING), 3), // reporting alone is queue 2
+        (bit(STATS_VQ) | bit(REPORTING), 4),
+    ] {
+        let mut b = g.balloon(acked);
+        let mut ring = Ring::new(&g, 64);
+        let h1 = ring.add(&[(BUF, len, 0)]);
+        let h2 = ring.add(&[(BUF, len, F_WRITE)]);
+        assert_eq!(ring.drain(&mut b, index).unwrap(), 2);
+        assert_eq!(ring.used(), vec![(h1.into(), 0), (h2.into(), 0)]);
+        let s = b.status();
+        assert_eq!(
+            s.rejected.bad_descriptors, 2,
+            "features {acked:#x} queue {index}"
+        );
+        assert_eq!(s.ballooned_bytes, 0);
+        assert!(s.stats.is_none());
+        assert_eq!(g.allocated(), full);
+        g.mem
+            .write_slice(&vec![0u8; RING_AREA as usize], GuestAddress(0))
+            .unwrap();
+    }
 }
 
 #[test]
 fn a_broken_avail_ring_is_an_error_not_a_panic() {
     let g = Guest::new();
     let mut b = g.balloon(0);
-    let vq = MockSplitQueue::new(&g.mem, 16);
+    let full = g.allocated();
+    let len = g.write_pfns(BUF, &[2700]);
+    let mut ring = Ring::new(&g, 16);
+    ring.add(&[(BUF, len, 0)]);
     // An avail index far beyond the queue size.
-    vq.avail().idx().store(u16::to_le(500));
-    let mut queue: Queue = vq.create_queue().unwrap();
-    assert!(drain_queue(&mut b, INFLATE, &mut queue, &g.mem).is_err());
+    ring.vq.avail().idx().store(u16::to_le(500));
+    assert!(matches!(
+        ring.drain(&mut b, INFLATE),
+        Err(BalloonError::Queue(_))
+    ));
+    assert!(ring.used().is_empty());
+    assert_eq!(b.status().ballooned_bytes, 0);
+    assert_eq!(g.allocated(), full);
 }
 
 #[test]
-fn with_discards_off_pages_are_tracked_and_returned_when_switched_on() {
+fn an_avail_entry_naming_a_head_beyond_the_queue_is_an_error_not_a_panic() {
+    let g = Guest::new();
+    let mut b = g.balloon(0);
+    let full = g.allocated();
+    let len = g.write_pfns(BUF, &[2700]);
+    let mut ring = Ring::new(&g, 16);
+    let good = ring.add(&[(BUF, len, 0)]);
+    // A second avail entry naming descriptor 40 of a 16-entry table.
+    let avail = ring.vq.avail();
+    avail.ring().ref_at(1).unwrap().store(u16::to_le(40));
+    avail.idx().store(u16::to_le(2));
+    assert!(ring.drain(&mut b, INFLATE).is_err());
+    // The good chain before it was handled and returned.
+    assert_eq!(ring.used(), vec![(u32::from(good), 0)]);
+    assert_eq!(full - g.allocated(), PAGE);
+}
+
+#[test]
+fn a_descriptor_loop_ends_and_the_chain_comes_back() {
+    let g = Guest::new();
+    let mut b = g.balloon(0);
+    let full = g.allocated();
+    let len = g.write_pfns(BUF, &[2800]);
+    let len2 = g.write_pfns(BUF + 64, &[2801]);
+    let ring = Ring::new(&g, 16);
+    // 0 -> 1 -> 0 -> ...: the chain ends after as many descriptors as the queue holds.
+    ring.vq
+        .add_desc_chains(
+            &[desc(BUF, len, F_NEXT, 1), desc(BUF + 64, len2, F_NEXT, 0)],
+            0,
+        )
+        .unwrap();
+    let mut ring = ring;
+    assert_eq!(ring.drain(&mut b, INFLATE).unwrap(), 1);
+    assert_eq!(ring.used(), vec![(0, 0)]);
+    assert_eq!(b.status().ballooned_bytes, 2 * PAGE);
+    assert_eq!(full - g.allocated(), 2 * PAGE);
+}
+
+#[test]
+fn with_discards_off_pages_are_tracked_and_discarded_when_switched_back_on() {
     let g = Guest::new();
     let mut b = g.balloon(bit(MUST_TELL_HOST));
     b.set_discard(false).unwrap();
-    let before = g.allocated();
+    let full = g.allocated();
     let pfns: Vec<u32> = (2700..2700 + 64).collect();
-    let len = g.write_pfns(BUF, &pfns);
-    run(&g, &mut b, INFLATE, &[vec![(BUF, len, 0)]]);
-    assert_eq!(g.allocated(), before);
-    assert_eq!(b.status().ballooned_bytes, 64 * PAGE);
+    send_pfns(&g, &mut b, INFLATE, &pfns);
+    assert_eq!(g.allocated(), full);
+    let s = b.status();
+    assert_eq!(s.ballooned_bytes, 64 * PAGE);
+    assert_eq!(s.reclaimed_bytes, 0);
+    assert!(!s.discard_enabled);
+    // Deflated meanwhile: not discarded later either.
+    send_pfns(&g, &mut b, DEFLATE, &pfns[..16]);
     b.set_discard(true).unwrap();
-    assert_eq!(before - g.allocated(), 64 * PAGE);
+    assert_eq!(full - g.allocated(), 48 * PAGE);
+    assert_eq!(g.first_byte(2700), MARK);
+    assert_eq!(g.first_byte(2716), 0);
+    let s = b.status();
+    assert_eq!(s.reclaimed_bytes, 48 * PAGE);
+    assert!(s.discard_enabled);
+}
+
+#[test]
+fn with_must_tell_host_discards_run_beside_the_queue_and_deflate_withdraws_them() {
+    // The production path: a worker discards after the buffer went back (here without a
+    // thread, run by hand), and a deflate drops the pending discards of its pages.
+    let g = Guest::new();
+    let worker = Arc::new(DiscardWorker::new());
+    let mut b = g
+        .balloon(bit(MUST_TELL_HOST))
+        .with_discard_worker(worker.clone());
+    let full = g.allocated();
+    let pfns: Vec<u32> = (3100..3100 + 64).collect();
+    send_pfns(&g, &mut b, INFLATE, &pfns);
+    assert_eq!(g.allocated(), full, "deferred");
+    assert_eq!(b.status().ballooned_bytes, 64 * PAGE);
+    send_pfns(&g, &mut b, DEFLATE, &pfns[..16]);
+    worker.process_pending();
+    assert_eq!(full - g.allocated(), 48 * PAGE);
+    assert_eq!(g.first_byte(3100), MARK, "deflated before its discard ran");
+    assert_eq!(g.first_byte(3116), 0);
+    let s = b.status();
+    assert_eq!(s.reclaimed_bytes, 48 * PAGE);
+    assert_eq!(s.ballooned_bytes, 48 * PAGE);
+}
+
+#[test]
+fn switching_discards_off_drops_the_discards_the_worker_has_not_run() {
+    // After `set_discard false` (before VFIO, postcopy or a snapshot) nothing may be discarded,
+    // including what inflate handed to the worker just before.
+    let g = Guest::new();
+    let worker = Arc::new(DiscardWorker::new());
+    let mut b = g
+        .balloon(bit(MUST_TELL_HOST))
+        .with_discard_worker(worker.clone());
+    let full = g.allocated();
+    let pfns: Vec<u32> = (3200..3200 + 64).collect();
+    send_pfns(&g, &mut b, INFLATE, &pfns);
+    b.set_discard(false).unwrap();
+    worker.process_pending();
+    assert_eq!(g.allocated(), full, "nothing discarded once switched off");
+    assert_eq!(b.status().ballooned_bytes, 64 * PAGE);
+    // Switched back on: the tracked pages go, counted once.
+    b.set_discard(true).unwrap();
+    worker.process_pending();
+    assert_eq!(full - g.allocated(), 64 * PAGE);
+    assert_eq!(b.status().reclaimed_bytes, 64 * PAGE);
+}
+
+#[test]
+fn reset_drops_the_held_stats_buffer() {
+    let g = Guest::new();
+    let mut b = g.balloon(bit(STATS_VQ));
+    let buf = some_stats(5 * MIB);
+    g.mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
+    let mut ring = Ring::new(&g, 64);
+    ring.add(&[(BUF, buf.len() as u32, 0)]);
+    ring.drain(&mut b, 2).unwrap();
+    b.reset();
+    assert!(!ring.request_stats(&mut b));
+    assert!(ring.used().is_empty());
+    assert_eq!(b.layout.len(), 2);
 }

@@ -16,104 +16,11 @@
 //! cloud-hypervisor needs KVM and cannot run a guest on the lab machines; this driver is tested
 //! against `fake_ch`, a server that follows the same description.
 
+use super::http::{self, HttpResponse};
 use super::{BalloonDriver, DriverError, DriverReading, RawGuestStats};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// The most bytes accepted in one response.
-const MAX_RESPONSE: u64 = 4 << 20;
-
-pub struct HttpResponse {
-    pub status: u16,
-    pub body: String,
-}
-
-/// One HTTP/1.1 request over a Unix socket (a new connection each time, `Connection: close`).
-pub fn http_request(
-    socket: &std::path::Path,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    timeout: Duration,
-) -> Result<HttpResponse, DriverError> {
-    let io = |what: &str| {
-        let what = format!("{what} {}", socket.display());
-        move |source| DriverError::Io { what, source }
-    };
-    let mut stream = UnixStream::connect(socket).map_err(io("connecting to"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(io("timeout on"))?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(io("timeout on"))?;
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n"
-    );
-    match body {
-        Some(b) => request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-            b.len()
-        )),
-        None => request.push_str("\r\n"),
-    }
-    stream
-        .write_all(request.as_bytes())
-        .map_err(io("writing to"))?;
-    let mut reader = BufReader::new(stream.take(MAX_RESPONSE));
-    let mut status_line = String::new();
-    reader
-        .read_line(&mut status_line)
-        .map_err(io("reading from"))?;
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| DriverError::Protocol(format!("bad HTTP status line {status_line:?}")))?;
-    let (mut length, mut chunked) = (None, false);
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).map_err(io("reading from"))? == 0 || h.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            match k.trim().to_ascii_lowercase().as_str() {
-                "content-length" => length = v.trim().parse::<u64>().ok(),
-                "transfer-encoding" => chunked = v.to_ascii_lowercase().contains("chunked"),
-                _ => {}
-            }
-        }
-    }
-    let mut raw = Vec::new();
-    if chunked {
-        loop {
-            let mut size = String::new();
-            reader.read_line(&mut size).map_err(io("reading from"))?;
-            let n = u64::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| DriverError::Protocol(format!("bad chunk size {size:?}")))?;
-            if n == 0 {
-                break;
-            }
-            let mut chunk = vec![0; n as usize];
-            reader.read_exact(&mut chunk).map_err(io("reading from"))?;
-            raw.extend_from_slice(&chunk);
-            let mut crlf = String::new();
-            reader.read_line(&mut crlf).map_err(io("reading from"))?;
-        }
-    } else if let Some(n) = length {
-        raw.resize(n as usize, 0);
-        reader.read_exact(&mut raw).map_err(io("reading from"))?;
-    } else {
-        reader.read_to_end(&mut raw).map_err(io("reading from"))?;
-    }
-    Ok(HttpResponse {
-        status,
-        body: String::from_utf8_lossy(&raw).into_owned(),
-    })
-}
 
 pub struct CloudHypervisorDriver {
     socket: PathBuf,
@@ -129,7 +36,7 @@ impl CloudHypervisorDriver {
     }
 
     fn get(&self, path: &str) -> Result<HttpResponse, DriverError> {
-        http_request(&self.socket, "GET", path, None, self.timeout)
+        http::request(&self.socket, "GET", path, None, self.timeout)
     }
 }
 
@@ -144,10 +51,10 @@ impl BalloonDriver for CloudHypervisorDriver {
             return Err(DriverError::Refused(format!(
                 "vm.info: HTTP {}: {}",
                 info.status,
-                info.body.trim()
+                info.text().trim()
             )));
         }
-        let info: Value = serde_json::from_str(&info.body)
+        let info: Value = serde_json::from_slice(&info.body)
             .map_err(|e| DriverError::Protocol(format!("vm.info: {e}")))?;
         let target = as_u64(&info, &["config", "balloon", "size"]).ok_or_else(|| {
             DriverError::Refused("the VM has no balloon device (--balloon)".into())
@@ -156,7 +63,7 @@ impl BalloonDriver for CloudHypervisorDriver {
             .get("/api/v1/vm.balloon-stats")
             .ok()
             .filter(|r| r.status == 200);
-        let stats: Option<Value> = stats.and_then(|r| serde_json::from_str(&r.body).ok());
+        let stats: Option<Value> = stats.and_then(|r| serde_json::from_slice(&r.body).ok());
         let actual = match stats.as_ref().and_then(|s| as_u64(s, &["balloon_actual"])) {
             Some(a) => a,
             None => {
@@ -191,7 +98,7 @@ impl BalloonDriver for CloudHypervisorDriver {
 
     fn set_balloon(&mut self, balloon_bytes: u64) -> Result<(), DriverError> {
         let body = serde_json::json!({ "desired_balloon": balloon_bytes }).to_string();
-        let r = http_request(
+        let r = http::request(
             &self.socket,
             "PUT",
             "/api/v1/vm.resize",
@@ -202,7 +109,7 @@ impl BalloonDriver for CloudHypervisorDriver {
             200 | 204 => Ok(()),
             s => Err(DriverError::Refused(format!(
                 "vm.resize: HTTP {s}: {}",
-                r.body.trim()
+                r.text().trim()
             ))),
         }
     }

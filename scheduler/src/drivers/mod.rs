@@ -53,6 +53,7 @@ pub trait BalloonDriver: Send {
 pub mod backend;
 pub mod cloud_hypervisor;
 pub mod fake_ch;
+pub mod http;
 pub mod qmp;
 
 use crate::config::DriverConfig;

@@ -87,6 +87,15 @@ impl DiscardWorker {
         }
     }
 
+    /// Discards are switched off: forget every pending one and wait for those in flight.
+    pub fn cancel_all(&self) {
+        let mut q = self.lock();
+        q.pending.clear();
+        while !q.in_flight.is_empty() {
+            q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Waits until every submitted discard is done.
     pub fn flush(&self) {
         let mut q = self.lock();
