@@ -12,13 +12,17 @@ use std::time::Duration;
 
 pub struct Backend {
     pub dir: PathBuf,
+    /// The vhost-user socket the frontend connects to: the backend's own, or the keeper's.
     pub socket: PathBuf,
+    /// Behind a keeper: the keeper's backend socket, which the backend connects to.
+    pub keeper_backend_socket: Option<PathBuf>,
     pub control_socket: PathBuf,
     pub state_file: PathBuf,
     /// Where the guest app's virtio-serial port connects.
     pub app_socket: PathBuf,
     pub extra_args: Vec<String>,
     child: Option<Child>,
+    keeper: Option<Child>,
 }
 
 impl Backend {
@@ -36,15 +40,70 @@ impl Backend {
         let dir = lab::run_dir(&format!("{name}-backend"))?;
         let mut b = Backend {
             socket: dir.join("vhost.sock"),
+            keeper_backend_socket: None,
             control_socket: dir.join("control.sock"),
             state_file: dir.join("state.json"),
             app_socket: app_socket.unwrap_or_else(|| dir.join("app.sock")),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             dir,
             child: None,
+            keeper: None,
         };
         b.restart()?;
         Ok(b)
+    }
+
+    /// As `start`, behind vhost-user-keeper: the frontend connects to the keeper's socket
+    /// (`socket`), the backend to the keeper as a client, so the backend can be killed and
+    /// restarted without the frontend seeing its connection close.
+    pub fn start_behind_keeper(name: &str, extra_args: &[&str]) -> Result<Backend> {
+        let dir = lab::run_dir(&format!("{name}-backend"))?;
+        let socket = dir.join("vhost.sock");
+        let backend_socket = dir.join("keeper-backend.sock");
+        let exe = lab::workspace_binary("vhost-user-keeper")?;
+        let log = std::fs::File::create(dir.join("keeper.log")).ctx(|| "keeper.log".into())?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--backend-socket")
+            .arg(&backend_socket)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().ctx(|| "keeper.log".into())?)
+            .stderr(log);
+        lab::die_with_parent(&mut cmd);
+        let keeper = cmd.spawn().ctx(|| format!("starting {}", exe.display()))?;
+        let mut b = Backend {
+            socket,
+            keeper_backend_socket: Some(backend_socket.clone()),
+            control_socket: dir.join("control.sock"),
+            state_file: dir.join("state.json"),
+            app_socket: dir.join("app.sock"),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            dir,
+            child: None,
+            keeper: Some(keeper),
+        };
+        let (s, k) = (b.socket.clone(), backend_socket);
+        wait_for(
+            "the keeper's sockets",
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || {
+                Ok(if s.exists() && k.exists() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending(String::new())
+                })
+            },
+        )?;
+        b.restart()?;
+        Ok(b)
+    }
+
+    /// The keeper's log (empty without a keeper).
+    pub fn keeper_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("keeper.log")).unwrap_or_default()
     }
 
     /// Starts the process again on the same sockets and state file (after `kill`).
@@ -58,9 +117,11 @@ impl Backend {
         let log2 = log.try_clone().ctx(|| "backend.log".into())?;
         let _ = std::fs::remove_file(&self.control_socket);
         let mut cmd = Command::new(&exe);
-        cmd.arg("--socket")
-            .arg(&self.socket)
-            .arg("--control-socket")
+        match &self.keeper_backend_socket {
+            Some(keeper) => cmd.arg("--client").arg("--socket").arg(keeper),
+            None => cmd.arg("--socket").arg(&self.socket),
+        };
+        cmd.arg("--control-socket")
             .arg(&self.control_socket)
             .arg("--state-file")
             .arg(&self.state_file)
@@ -176,6 +237,10 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.kill();
+        if let Some(mut k) = self.keeper.take() {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
         if std::thread::panicking() {
             eprintln!(
                 "backend kept its directory for inspection: {}\n--- backend.log tail ---\n{}",
@@ -190,6 +255,9 @@ impl Drop for Backend {
                     .collect::<Vec<_>>()
                     .join("\n")
             );
+            if self.keeper.is_some() || self.keeper_backend_socket.is_some() {
+                eprintln!("--- keeper.log ---\n{}", self.keeper_log());
+            }
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

@@ -104,6 +104,44 @@ fn a_killed_backend_restarts_with_its_target_and_serves_a_new_connection() {
 }
 
 #[test]
+fn behind_the_keeper_a_killed_backend_is_replaced_on_the_same_frontend_connection() {
+    let mut backend =
+        Backend::start_behind_keeper("keeper", &["--no-stats", "--no-free-page-reporting"])
+            .unwrap();
+    let ram = MemfdRam::new(64 * MIB).unwrap();
+    ram.populate();
+    let full = ram.allocated();
+    let target = 32 * MIB;
+    backend.set_target(target).unwrap();
+    let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
+    let pfns: Vec<u32> = (0..(target / PAGE) as u32).collect();
+    let (first, rest) = pfns.split_at(pfns.len() / 2);
+    fe.inflate(&ram, first).unwrap();
+    wait_allocated(&ram, full - first.len() as u64 * PAGE);
+
+    // A crash; the frontend keeps its connection (to the keeper) and does not reconnect.
+    backend.kill();
+    backend.restart().unwrap();
+    assert_eq!(backend.status().unwrap().target_bytes, target);
+    // The new process answers on the old connection, with the persisted target.
+    let (num_pages, _) = fe.config().unwrap();
+    assert_eq!(u64::from(num_pages) * PAGE, target);
+    // Its rings resume where the old process left them: the next buffers come back.
+    fe.inflate(&ram, rest).unwrap();
+    wait_allocated(&ram, full - target);
+    let s = backend.status().unwrap();
+    assert!(s.device_started, "{s:?}");
+    assert_eq!(s.ballooned_bytes, rest.len() as u64 * PAGE);
+    fe.deflate(&ram, rest).unwrap();
+    assert_eq!(backend.status().unwrap().ballooned_bytes, 0);
+    let log = backend.keeper_log();
+    assert!(log.contains("replayed"), "{log}");
+    // 16 MiB in buffers of 256 pages: 16 buffers went back before the crash.
+    assert!(log.contains("ring 0 resumes at 16"), "{log}");
+    assert_eq!(log.matches("frontend connected").count(), 1, "{log}");
+}
+
+#[test]
 fn sigterm_shuts_down_cleanly() {
     let mut backend = Backend::start("sigterm", &[]).unwrap();
     let status = backend.terminate().unwrap();

@@ -174,3 +174,100 @@ fn statistics_arrive_and_agree_with_the_guest() {
     .unwrap();
     assert_eq!(backend.status().unwrap().rejected.bad_stats, 0);
 }
+
+#[test]
+fn a_backend_killed_mid_inflate_restarts_behind_the_keeper_and_the_inflation_completes() {
+    // QEMU 11.1's generic device cannot reconnect (docs/qemu-vhost-user-base-reconnect.md):
+    // behind vhost-user-keeper it never has to, its connection stays open.
+    let mut backend = Backend::start_behind_keeper(
+        "kill9",
+        &["--no-free-page-reporting", "--stats-interval", "1"],
+    )
+    .unwrap();
+    let mut vm = boot("kill9", &backend);
+    vm.agent
+        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=700 2>/dev/null && rm /tmp/fill")
+        .unwrap();
+    let before = vm.host_memory().unwrap();
+    let balloon = 768 * MIB;
+    backend.set_target(balloon).unwrap();
+    let moving = wait_for(
+        "the balloon to be on its way (64 MiB in)",
+        Duration::from_secs(60),
+        Duration::from_millis(2),
+        || {
+            let s = backend.status()?;
+            Ok(if s.actual_bytes >= 64 * MIB {
+                Poll::Ready(s.actual_bytes)
+            } else {
+                Poll::Pending(format!("actual {} MiB", mib(s.actual_bytes)))
+            })
+        },
+    )
+    .unwrap();
+    backend.kill();
+    assert!(
+        moving < balloon,
+        "the inflation had finished before the kill: not a mid-inflate crash"
+    );
+    let killed_at = std::time::Instant::now();
+    backend.restart().unwrap();
+    let status = backend.status().unwrap();
+    assert_eq!(status.target_bytes, balloon, "the target must hold");
+    let status = backend
+        .wait_actual(balloon, Duration::from_secs(120))
+        .unwrap();
+    eprintln!(
+        "killed at actual {} MiB; target reached {:.2} s after the kill",
+        mib(moving),
+        killed_at.elapsed().as_secs_f64()
+    );
+    assert!(status.device_started, "{status:?}");
+    let after = wait_for(
+        "RssShmem to drop by 90% of the balloon",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || {
+            let now = vm.host_memory()?;
+            Ok(
+                if before.rss_shmem.saturating_sub(now.rss_shmem) >= balloon * 9 / 10 {
+                    Poll::Ready(now)
+                } else {
+                    Poll::Pending(format!("RssShmem {} MiB", mib(now.rss_shmem)))
+                },
+            )
+        },
+    )
+    .unwrap();
+    eprintln!(
+        "RssShmem {} -> {} MiB",
+        mib(before.rss_shmem),
+        mib(after.rss_shmem)
+    );
+    assert!(vm.is_running(), "QEMU must survive the backend's crash");
+    assert!(vm.agent.sh("echo alive").unwrap().contains("alive"));
+    // The statistics queue resumed too: a fresh snapshot from the new process.
+    wait_for(
+        "statistics from the restarted backend",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            let s = backend.status()?;
+            Ok(match s.stats {
+                Some(st) if st.age_seconds < 1.5 => Poll::Ready(()),
+                other => Poll::Pending(format!("{other:?}")),
+            })
+        },
+    )
+    .unwrap();
+
+    backend.set_target(0).unwrap();
+    backend.wait_actual(0, Duration::from_secs(120)).unwrap();
+    vm.agent
+        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null && rm /tmp/fill")
+        .unwrap();
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+    let log = backend.keeper_log();
+    assert_eq!(log.matches("frontend connected").count(), 1, "{log}");
+    assert!(log.contains("replayed"), "{log}");
+}

@@ -109,7 +109,11 @@ fn handle_signals(cleanup: Vec<PathBuf>) -> Result<(), DaemonError> {
 
 /// Runs the backend until a signal ends it.
 pub fn run(options: Options) -> Result<(), DaemonError> {
-    let mut cleanup = vec![options.socket.clone()];
+    // In client mode the socket is the frontend's (or a keeper's): not ours to remove.
+    let mut cleanup: Vec<PathBuf> = Vec::new();
+    if !options.client {
+        cleanup.push(options.socket.clone());
+    }
     cleanup.extend(options.control_socket.clone());
     cleanup.extend(options.app_socket.clone());
     handle_signals(cleanup)?;

@@ -194,7 +194,7 @@ fn discard_native() -> Result<()> {
 /// One guest under test in `vm_inflate`.
 enum Subject {
     Builtin(Vm),
-    Ours(Backend, Vm),
+    Ours(Box<Backend>, Vm),
 }
 
 impl Subject {
@@ -240,7 +240,7 @@ fn boot_ours(name: &str, args: &[&str]) -> Result<Subject> {
     let mut config = VmConfig::new(name);
     config.vhost_user_balloon = Some(backend.device());
     let vm = Vm::start(config)?;
-    Ok(Subject::Ours(backend, vm))
+    Ok(Subject::Ours(Box::new(backend), vm))
 }
 
 /// Inflating 768 MiB of a 1 GiB guest: our backend against QEMU's built-in balloon, and against

@@ -1,0 +1,384 @@
+//! vhost-user messages as bytes: a 12-byte header (request, flags, payload size), the payload,
+//! and the file descriptors that came with it (SCM_RIGHTS). The keeper forwards messages
+//! without interpreting most of them; it only needs to know which ones the backend answers.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+pub const HEADER_SIZE: usize = 12;
+/// The largest payload accepted (the vhost crate's MAX_MSG_SIZE; QEMU's largest message, a
+/// memory table of 8 regions, is 264 bytes).
+pub const MAX_PAYLOAD: usize = 0x1000;
+/// The most descriptors accepted with one message (the vhost crate's limit).
+pub const MAX_FDS: usize = 32;
+
+/// Header flags (vhost-user spec, "Header").
+pub const FLAG_VERSION_1: u32 = 0x1;
+pub const FLAG_REPLY: u32 = 0x4;
+pub const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// Frontend request codes the keeper treats specially (vhost-user spec, "Front-end message
+/// types").
+pub mod request {
+    pub const GET_FEATURES: u32 = 1;
+    pub const SET_FEATURES: u32 = 2;
+    pub const SET_OWNER: u32 = 3;
+    pub const RESET_OWNER: u32 = 4;
+    pub const SET_MEM_TABLE: u32 = 5;
+    pub const SET_LOG_BASE: u32 = 6;
+    pub const SET_LOG_FD: u32 = 7;
+    pub const SET_VRING_NUM: u32 = 8;
+    pub const SET_VRING_ADDR: u32 = 9;
+    pub const SET_VRING_BASE: u32 = 10;
+    pub const GET_VRING_BASE: u32 = 11;
+    pub const SET_VRING_KICK: u32 = 12;
+    pub const SET_VRING_CALL: u32 = 13;
+    pub const SET_VRING_ERR: u32 = 14;
+    pub const GET_PROTOCOL_FEATURES: u32 = 15;
+    pub const SET_PROTOCOL_FEATURES: u32 = 16;
+    pub const GET_QUEUE_NUM: u32 = 17;
+    pub const SET_VRING_ENABLE: u32 = 18;
+    pub const SEND_RARP: u32 = 19;
+    pub const SET_BACKEND_REQ_FD: u32 = 21;
+    pub const SET_VRING_ENDIAN: u32 = 23;
+    pub const GET_CONFIG: u32 = 24;
+    pub const SET_CONFIG: u32 = 25;
+    pub const POSTCOPY_ADVISE: u32 = 28;
+    pub const POSTCOPY_END: u32 = 30;
+    pub const GET_INFLIGHT_FD: u32 = 31;
+    pub const RESET_DEVICE: u32 = 34;
+    pub const VRING_KICK: u32 = 35;
+    pub const GET_MAX_MEM_SLOTS: u32 = 36;
+    pub const ADD_MEM_REG: u32 = 37;
+    pub const REM_MEM_REG: u32 = 38;
+    pub const SET_STATUS: u32 = 39;
+    pub const GET_STATUS: u32 = 40;
+    pub const GET_SHARED_OBJECT: u32 = 41;
+    pub const SET_DEVICE_STATE_FD: u32 = 42;
+    pub const CHECK_DEVICE_STATE: u32 = 43;
+}
+
+/// Protocol feature bits that change which messages are answered.
+pub const PROTOCOL_F_LOG_SHMFD: u64 = 1 << 1;
+pub const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the peer closed the connection in the middle of a message")]
+    Truncated,
+    #[error("a payload of {0} bytes (the limit is {MAX_PAYLOAD})")]
+    TooLarge(u32),
+}
+
+/// One message with its descriptors.
+#[derive(Debug)]
+pub struct Message {
+    pub request: u32,
+    pub flags: u32,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    pub fn new(request: u32, flags: u32, payload: Vec<u8>) -> Self {
+        Message {
+            request,
+            flags,
+            payload,
+            fds: Vec::new(),
+        }
+    }
+
+    /// A copy with duplicated descriptors (the journal keeps its own).
+    pub fn try_clone(&self) -> io::Result<Message> {
+        Ok(Message {
+            request: self.request,
+            flags: self.flags,
+            payload: self.payload.clone(),
+            fds: self
+                .fds
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<io::Result<_>>()?,
+        })
+    }
+
+    /// The little-endian u32 at `offset` of the payload.
+    pub fn u32_at(&self, offset: usize) -> Option<u32> {
+        let b = self.payload.get(offset..offset + 4)?;
+        Some(u32::from_le_bytes(b.try_into().ok()?))
+    }
+
+    /// The little-endian u64 at `offset` of the payload.
+    pub fn u64_at(&self, offset: usize) -> Option<u64> {
+        let b = self.payload.get(offset..offset + 8)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    }
+
+    fn header(&self) -> [u8; HEADER_SIZE] {
+        let mut h = [0u8; HEADER_SIZE];
+        h[0..4].copy_from_slice(&self.request.to_le_bytes());
+        h[4..8].copy_from_slice(&self.flags.to_le_bytes());
+        h[8..12].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        h
+    }
+}
+
+/// Whether the backend answers `msg`, given the protocol features negotiated so far. Requests
+/// that ask for something always have a reply; the others only when they set NEED_REPLY and
+/// REPLY_ACK was negotiated (vhost-user spec, "Communication" and "REPLY_ACK").
+pub fn expects_reply(msg: &Message, protocol_features: u64) -> bool {
+    use request::*;
+    match msg.request {
+        GET_FEATURES
+        | GET_VRING_BASE
+        | GET_PROTOCOL_FEATURES
+        | GET_QUEUE_NUM
+        | GET_CONFIG
+        | POSTCOPY_ADVISE
+        | POSTCOPY_END
+        | GET_INFLIGHT_FD
+        | GET_MAX_MEM_SLOTS
+        | GET_STATUS
+        | GET_SHARED_OBJECT
+        | SET_DEVICE_STATE_FD
+        | CHECK_DEVICE_STATE => true,
+        SET_LOG_BASE if protocol_features & PROTOCOL_F_LOG_SHMFD != 0 => true,
+        _ => msg.flags & FLAG_NEED_REPLY != 0 && protocol_features & PROTOCOL_F_REPLY_ACK != 0,
+    }
+}
+
+/// One recvmsg into `buf`, keeping any descriptors that came with it.
+fn recv_some(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    const CMSG_SPACE: usize = 256; // >= CMSG_SPACE(MAX_FDS * 4)
+    let mut cmsg = [0u64; CMSG_SPACE / 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all zeroes is valid.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = cmsg.as_mut_ptr().cast();
+    hdr.msg_controllen = CMSG_SPACE as _;
+    let n = loop {
+        // SAFETY: recvmsg into buffers that outlive the call, sizes as given.
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    // SAFETY: walking the control messages the kernel wrote, within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const RawFd;
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&hdr, c);
+        }
+    }
+    if hdr.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "more descriptors than a vhost-user message may carry",
+        ));
+    }
+    Ok(n)
+}
+
+/// Fills `buf` completely; `Ok(false)` if the stream ended before the first byte.
+fn recv_exact(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<bool, MessageError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = recv_some(stream, &mut buf[done..], fds)?;
+        if n == 0 {
+            return if done == 0 {
+                Ok(false)
+            } else {
+                Err(MessageError::Truncated)
+            };
+        }
+        done += n;
+    }
+    Ok(true)
+}
+
+/// Reads one message; `None` when the peer closed the connection between messages.
+pub fn recv(stream: &UnixStream) -> Result<Option<Message>, MessageError> {
+    let mut header = [0u8; HEADER_SIZE];
+    let mut fds = Vec::new();
+    if !recv_exact(stream, &mut header, &mut fds)? {
+        return Ok(None);
+    }
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (request, flags, size) = (word(0), word(4), word(8));
+    if size as usize > MAX_PAYLOAD {
+        return Err(MessageError::TooLarge(size));
+    }
+    if fds.len() > MAX_FDS {
+        return Err(MessageError::Io(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} descriptors with one message", fds.len()),
+        )));
+    }
+    let mut payload = vec![0u8; size as usize];
+    if size > 0 && !recv_exact(stream, &mut payload, &mut fds)? {
+        return Err(MessageError::Truncated);
+    }
+    Ok(Some(Message {
+        request,
+        flags,
+        payload,
+        fds,
+    }))
+}
+
+/// Writes one message, its descriptors with the first byte.
+pub fn send(stream: &UnixStream, msg: &Message) -> io::Result<()> {
+    let header = msg.header();
+    let mut bytes = Vec::with_capacity(HEADER_SIZE + msg.payload.len());
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&msg.payload);
+    let raw: Vec<RawFd> = msg.fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let mut iov = libc::iovec {
+            iov_base: bytes[sent..].as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len() - sent,
+        };
+        let mut cmsg = [0u64; 256 / 8];
+        // SAFETY: msghdr is plain data; all zeroes is valid.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        if sent == 0 && !raw.is_empty() {
+            let len = std::mem::size_of_val(raw.as_slice());
+            // SAFETY: filling one SCM_RIGHTS control message inside `cmsg`, which is large
+            // enough for MAX_FDS descriptors (checked when the message was read).
+            unsafe {
+                hdr.msg_control = cmsg.as_mut_ptr().cast();
+                hdr.msg_controllen = libc::CMSG_SPACE(len as u32) as _;
+                let c = libc::CMSG_FIRSTHDR(&hdr);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(len as u32) as _;
+                std::ptr::copy_nonoverlapping(raw.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), len);
+            }
+        }
+        // SAFETY: sendmsg from buffers that outlive the call.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        sent += n as usize;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+
+    fn memfd(content: &[u8]) -> std::fs::File {
+        // SAFETY: memfd_create with a static name; the descriptor is owned at once.
+        let mut f =
+            unsafe { std::fs::File::from_raw_fd(libc::memfd_create(c"keeper-test".as_ptr(), 0)) };
+        f.write_all(content).unwrap();
+        f
+    }
+
+    #[test]
+    fn messages_and_their_descriptors_cross_a_socket() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut msg = Message::new(
+            request::SET_VRING_KICK,
+            FLAG_VERSION_1,
+            1u64.to_le_bytes().to_vec(),
+        );
+        msg.fds.push(memfd(b"kick").into());
+        send(&a, &msg).unwrap();
+        send(
+            &a,
+            &Message::new(request::GET_FEATURES, FLAG_VERSION_1, Vec::new()),
+        )
+        .unwrap();
+        let got = recv(&b).unwrap().unwrap();
+        assert_eq!((got.request, got.flags, got.u64_at(0)), (12, 1, Some(1)));
+        assert_eq!(got.fds.len(), 1);
+        let mut f = std::fs::File::from(got.fds.into_iter().next().unwrap());
+        f.rewind().unwrap();
+        let mut s = String::new();
+        f.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "kick");
+        let got = recv(&b).unwrap().unwrap();
+        assert_eq!((got.request, got.payload.len(), got.fds.len()), (1, 0, 0));
+        drop(a);
+        assert!(recv(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_and_truncated_messages_are_errors() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut h = [0u8; HEADER_SIZE];
+        h[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+        a.write_all(&h).unwrap();
+        assert!(matches!(recv(&b), Err(MessageError::TooLarge(_))));
+        let (mut a, b) = UnixStream::pair().unwrap();
+        h[8..12].copy_from_slice(&8u32.to_le_bytes());
+        a.write_all(&h).unwrap();
+        a.write_all(&[1, 2, 3]).unwrap();
+        drop(a);
+        assert!(matches!(recv(&b), Err(MessageError::Truncated)));
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&h[..5]).unwrap();
+        drop(a);
+        assert!(matches!(recv(&b), Err(MessageError::Truncated)));
+    }
+
+    #[test]
+    fn which_messages_are_answered() {
+        let m = |r, f| Message::new(r, f, Vec::new());
+        assert!(expects_reply(&m(request::GET_FEATURES, 1), 0));
+        assert!(expects_reply(&m(request::GET_VRING_BASE, 1), 0));
+        assert!(expects_reply(&m(request::GET_CONFIG, 1), 0));
+        assert!(!expects_reply(&m(request::SET_VRING_KICK, 1), 0));
+        // NEED_REPLY counts only once REPLY_ACK is negotiated.
+        assert!(!expects_reply(
+            &m(request::SET_MEM_TABLE, 1 | FLAG_NEED_REPLY),
+            0
+        ));
+        assert!(expects_reply(
+            &m(request::SET_MEM_TABLE, 1 | FLAG_NEED_REPLY),
+            PROTOCOL_F_REPLY_ACK
+        ));
+        assert!(!expects_reply(&m(request::SET_LOG_BASE, 1), 0));
+        assert!(expects_reply(
+            &m(request::SET_LOG_BASE, 1),
+            PROTOCOL_F_LOG_SHMFD
+        ));
+    }
+}

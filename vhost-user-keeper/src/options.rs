@@ -1,0 +1,123 @@
+//! Command line and TOML config; the command line wins.
+
+use clap::Parser;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhost-user-keeper",
+    version,
+    about = "Keeps a vhost-user frontend's connection open across backend restarts: the frontend connects to --socket, the backend to --backend-socket (as a client)"
+)]
+pub struct Cli {
+    /// The socket the frontend connects to (QEMU: -chardev socket,path=...).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The socket the backend connects to (vhost-balloon-backend --client --socket ...).
+    #[arg(long)]
+    pub backend_socket: Option<PathBuf>,
+    /// TOML file with any of these options (keys as the long options, with underscores).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub socket: Option<PathBuf>,
+    pub backend_socket: Option<PathBuf>,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Options {
+    pub socket: PathBuf,
+    pub backend_socket: PathBuf,
+    pub log_level: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OptionsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("--{0} is required (on the command line or in --config)")]
+    Missing(&'static str),
+}
+
+impl Cli {
+    pub fn resolve(self) -> Result<Options, OptionsError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| OptionsError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| OptionsError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Ok(Options {
+            socket: self
+                .socket
+                .or(file.socket)
+                .ok_or(OptionsError::Missing("socket"))?,
+            backend_socket: self
+                .backend_socket
+                .or(file.backend_socket)
+                .ok_or(OptionsError::Missing("backend-socket"))?,
+            log_level: self
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_wins_over_the_file_and_both_sockets_are_needed() {
+        let dir = std::env::temp_dir().join(format!("keeper-options-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keeper.toml");
+        std::fs::write(
+            &file,
+            "socket = \"/run/a.sock\"\nbackend_socket = \"/run/b.sock\"\n",
+        )
+        .unwrap();
+        let o = Cli::parse_from(["k", "--config", file.to_str().unwrap(), "--socket", "/x"])
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            (o.socket.to_str(), o.backend_socket.to_str()),
+            (Some("/x"), Some("/run/b.sock"))
+        );
+        assert!(matches!(
+            Cli::parse_from(["k", "--socket", "/x"]).resolve(),
+            Err(OptionsError::Missing("backend-socket"))
+        ));
+        std::fs::write(&file, "sockets = 1\n").unwrap();
+        assert!(matches!(
+            Cli::parse_from(["k", "--config", file.to_str().unwrap()]).resolve(),
+            Err(OptionsError::Parse { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
