@@ -82,6 +82,12 @@ pub struct Balloon {
     discard_worker: Option<Arc<DiscardWorker>>,
     /// The user-level balloon app's pages, tracked apart from the driver's.
     pub app: AppBalloon,
+    /// Set at each negotiation until the inflate queue is first seen: only then is it known
+    /// whether the driver is the one the tracked pages belong to (see `check_driver_instance`).
+    driver_instance_unknown: bool,
+    /// Discards were switched back on while `driver_instance_unknown`: discard the tracked
+    /// pages once they are known to be the balloon's.
+    discard_tracked_when_known: bool,
 }
 
 /// The guest app's side of the device (see app_channel.rs).
@@ -117,6 +123,8 @@ impl Balloon {
             state_file,
             discard_worker: None,
             app: AppBalloon::default(),
+            driver_instance_unknown: false,
+            discard_tracked_when_known: false,
         }
     }
 
@@ -168,10 +176,20 @@ impl Balloon {
     /// a guest reboot reaches a vhost-user backend this way, never as a reset. The queues are
     /// new, so the statistics head held from the old ones means nothing any more (returning it
     /// would hand the new driver's buffer back at once).
+    ///
+    /// A guest that rebooted has all its pages back, but the backend hears of it only as this
+    /// new negotiation, like a VM that was paused and resumed, which still holds its balloon.
+    /// Until the inflate queue tells them apart, nothing may discard a tracked page: discards
+    /// still pending from before are dropped (in the pause case that memory merely stays
+    /// resident).
     pub fn set_acked_features(&mut self, acked: u64) {
         self.acked_features = acked;
         self.layout = QueueLayout::for_features(acked);
         self.stats_held = None;
+        if let Some(worker) = &self.discard_worker {
+            worker.cancel_all();
+        }
+        self.driver_instance_unknown = true;
         log::info!(
             "driver acknowledged features {acked:#x}: {}",
             features::names(acked).join(" ")
@@ -275,11 +293,46 @@ impl Balloon {
         }
         self.persist()?;
         if enabled && !was {
-            let out = self.memory.discard_all_ballooned();
-            self.count_discards(out);
-            self.counters.reclaimed_bytes += out.discarded_bytes;
+            if self.driver_instance_unknown {
+                log::info!(
+                    "discards on; the tracked pages are discarded once the driver's inflate queue shows they are still its"
+                );
+                self.discard_tracked_when_known = true;
+            } else {
+                self.discard_tracked();
+            }
         }
         Ok(())
+    }
+
+    fn discard_tracked(&mut self) {
+        let out = self.memory.discard_all_ballooned();
+        self.count_discards(out);
+        self.counters.reclaimed_bytes += out.discarded_bytes;
+    }
+
+    /// The first look at the inflate queue after a negotiation. Its next index is where the
+    /// frontend resumed it: 0 means the driver has inflated nothing since it started the
+    /// device, so it is a new instance (the guest rebooted or reloaded the driver) and every
+    /// tracked page is the guest's again. Otherwise (a VM resumed, a backend restarted behind
+    /// the keeper) the tracked pages are still the balloon's. (The 16-bit index wrapping to
+    /// exactly 0 would only lose tracking, never discard a page in use.)
+    pub fn check_driver_instance(&mut self, inflate_next_avail: u16) {
+        if !std::mem::take(&mut self.driver_instance_unknown) {
+            return;
+        }
+        let discard = std::mem::take(&mut self.discard_tracked_when_known);
+        if inflate_next_avail == 0 {
+            let pages = self.memory.clear_tracking();
+            if pages > 0 {
+                log::info!(
+                    "a new driver instance (guest reboot or driver reload): the {} MiB tracked from before are the guest's again",
+                    pages_to_bytes(pages) >> 20
+                );
+            }
+        } else if discard {
+            self.discard_tracked();
+        }
     }
 
     /// A config read from the frontend.
@@ -565,6 +618,9 @@ pub fn drain_queue<M: GuestMemory>(
         }
         return Ok(heads.len());
     };
+    if kind == QueueKind::Inflate {
+        balloon.check_driver_instance(queue.next_avail());
+    }
     let chains: Vec<DescriptorChain<&M>> = queue.iter(mem)?.collect();
     let mut used = 0;
     for chain in chains {

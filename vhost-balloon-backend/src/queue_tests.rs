@@ -874,3 +874,69 @@ fn reset_drops_the_held_stats_buffer() {
     assert!(ring.used().is_empty());
     assert_eq!(b.layout.len(), 2);
 }
+
+#[test]
+fn after_a_guest_reboot_pages_tracked_before_it_are_never_discarded() {
+    // A reboot reaches the backend as a new negotiation and rings starting from 0. The pages
+    // the old driver ballooned are the new kernel's; re-enabling discards must not touch them,
+    // and discards still pending from before the reboot must not run.
+    let g = Guest::new();
+    let worker = Arc::new(DiscardWorker::new());
+    let mut b = g
+        .balloon(bit(MUST_TELL_HOST))
+        .with_discard_worker(worker.clone());
+    let full = g.allocated();
+    let old: Vec<u32> = (3300..3300 + 64).collect();
+    send_pfns(&g, &mut b, INFLATE, &old);
+    assert_eq!(b.status().ballooned_bytes, 64 * PAGE);
+
+    b.set_acked_features(bit(MUST_TELL_HOST) | bit(VIRTIO_F_VERSION_1));
+    worker.process_pending();
+    assert_eq!(g.allocated(), full, "a discard from before the reboot ran");
+    b.set_discard(false).unwrap();
+    b.set_discard(true).unwrap();
+    worker.process_pending();
+    assert_eq!(
+        g.allocated(),
+        full,
+        "re-enabling discarded pages of unknown owner"
+    );
+
+    // The new driver inflates other pages on fresh rings.
+    let new: Vec<u32> = (3400..3400 + 8).collect();
+    send_pfns(&g, &mut b, INFLATE, &new);
+    worker.process_pending();
+    assert_eq!(full - g.allocated(), 8 * PAGE);
+    assert_eq!(g.first_byte(3300), MARK);
+    assert_eq!(g.first_byte(3400), 0);
+    assert_eq!(b.status().ballooned_bytes, 8 * PAGE);
+}
+
+#[test]
+fn a_resumed_vm_keeps_its_balloon_and_gets_deferred_discards() {
+    // A VM stopped and continued (or a backend restarted behind the keeper) also renegotiates,
+    // but its inflate queue resumes where it was: the tracked pages are still the balloon's.
+    let g = Guest::new();
+    let worker = Arc::new(DiscardWorker::new());
+    let mut b = g
+        .balloon(bit(MUST_TELL_HOST))
+        .with_discard_worker(worker.clone());
+    b.set_discard(false).unwrap();
+    let full = g.allocated();
+    let mut ring = Ring::new(&g, 64);
+    let first: Vec<u32> = (3500..3500 + 64).collect();
+    let len = g.write_pfns(BUF, &first);
+    ring.add(&[(BUF, len, 0)]);
+    assert_eq!(ring.drain(&mut b, INFLATE).unwrap(), 1);
+
+    b.set_acked_features(bit(MUST_TELL_HOST) | bit(VIRTIO_F_VERSION_1));
+    b.set_discard(true).unwrap();
+    assert_eq!(g.allocated(), full, "deferred until the queue is seen");
+    let more: Vec<u32> = (3600..3600 + 8).collect();
+    let len = g.write_pfns(BUF + 4 * KIB, &more);
+    ring.add(&[(BUF + 4 * KIB, len, 0)]);
+    assert_eq!(ring.drain(&mut b, INFLATE).unwrap(), 1);
+    worker.process_pending();
+    assert_eq!(full - g.allocated(), 72 * PAGE);
+    assert_eq!(b.status().ballooned_bytes, 72 * PAGE);
+}

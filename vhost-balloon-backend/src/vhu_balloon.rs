@@ -12,6 +12,7 @@ use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -152,6 +153,24 @@ impl VhostUserBalloon {
                     return;
                 }
             }
+        }
+    }
+
+    /// After a negotiation, the first event with the inflate queue started tells whether the
+    /// tracked pages are still the driver's (see `Balloon::check_driver_instance`), even when
+    /// the driver does not inflate (a statistics tick suffices).
+    fn check_driver_instance(&self, vrings: &[Vring]) {
+        let mut balloon = lock(&self.balloon);
+        let Some(vring) = balloon
+            .layout
+            .index(QueueKind::Inflate)
+            .and_then(|i| vrings.get(i))
+        else {
+            return;
+        };
+        let queue = vring.get_ref();
+        if queue.get_queue().ready() {
+            balloon.check_driver_instance(queue.get_queue().next_avail());
         }
     }
 
@@ -307,6 +326,7 @@ impl VhostUserBackend for VhostUserBalloon {
         if evset != EventSet::IN {
             log::warn!("unexpected event set {evset:?} for event {device_event}");
         }
+        self.check_driver_instance(vrings);
         let event = u64::from(device_event);
         if event == self.stats_timer_event() {
             self.stats_tick(vrings);
