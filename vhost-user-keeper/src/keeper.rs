@@ -7,31 +7,64 @@
 //!
 //! The main channel is strictly request and reply, so the keeper handles one request at a
 //! time: a request that was on its way when the backend died is sent again to the next one.
+//! With REPLY_ACK negotiated the keeper asks for an acknowledgement of every message (and
+//! passes it on only when the frontend asked), so only what the backend accepted is kept, and
+//! a replay is checked message by message: the new backend must accept what the old one did
+//! and answer the questions the same way.
 //!
 //! Resuming at the used index is right for devices that complete requests in order, or that
 //! may see a request again: the balloon (an inflate or deflate repeated is harmless; the
 //! statistics buffer is taken again). Devices that need in-flight tracking are not served.
+//!
+//! The backend request channel (SET_BACKEND_REQ_FD) is handed to each new backend as it is: a
+//! backend that died in the middle of writing a message there would leave the frontend a torn
+//! one (our balloon writes 12-byte messages in one call and never waits for replies there).
 
 use crate::journal::Journal;
-use crate::message::{self, expects_reply, request, Message, MessageError};
+use crate::message::{
+    self, can_be_acked, expects_reply, features_after, has_inherent_reply, is_reply_to, request,
+    Message, MessageError, FLAG_NEED_REPLY, PROTOCOL_FEATURES_KEPT, VIRTIO_F_RING_PACKED,
+};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::Duration;
+
+/// How long a backend may take to answer before it counts as gone.
+const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many backends one request may be sent to before it is given up.
+const MAX_ATTEMPTS: u32 = 3;
 
 /// Set by SIGTERM or SIGINT: the loop ends and the sockets are removed.
 static TERMINATE: AtomicBool = AtomicBool::new(false);
+/// The write end of the pipe that wakes the loop when a signal arrives.
+static WAKE_WRITE: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_terminate(_: libc::c_int) {
     TERMINATE.store(true, Ordering::SeqCst);
+    let fd = WAKE_WRITE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; a full pipe only means a wake-up is pending.
+        unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+    }
 }
 
-/// SIGTERM and SIGINT end `Keeper::run` cleanly. No SA_RESTART: a blocking poll or accept
-/// returns EINTR so the loop sees the flag.
-fn handle_termination() -> io::Result<()> {
+/// SIGTERM and SIGINT end `Keeper::run` cleanly, wherever it waits: the handler writes to a
+/// pipe that every wait polls. Returns the pipe's read end.
+fn handle_termination() -> io::Result<OwnedFd> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 into an array of two; both descriptors are owned below.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors from pipe2. The write end lives as long as the process.
+    let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    WAKE_WRITE.store(fds[1], Ordering::SeqCst);
     for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: sigaction with a handler that only stores to an atomic.
+        // SAFETY: sigaction with a handler that only stores to atomics and writes to a pipe.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_terminate as *const () as usize;
@@ -41,7 +74,7 @@ fn handle_termination() -> io::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(read)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,19 +85,37 @@ pub enum KeeperError {
     Poll(io::Error),
     #[error("signal setup: {0}")]
     Signals(io::Error),
-    #[error("accepting on {what}: {source}")]
-    Accept {
-        what: &'static str,
-        source: io::Error,
-    },
+}
+
+/// Why a request could not be carried.
+#[derive(Debug, thiserror::Error)]
+enum CarryError {
+    #[error("the frontend went away: {0}")]
+    Frontend(String),
+    #[error("no backend took it in {MAX_ATTEMPTS} attempts")]
+    GaveUp,
+    #[error("shutting down")]
+    Terminated,
+}
+
+/// What the backend made of a request.
+enum Outcome {
+    /// Accepted; the reply's payload if the request asked for something.
+    Accepted(Option<Vec<u8>>),
+    /// Refused (a non-zero acknowledgement).
+    Refused(u64),
 }
 
 #[derive(Debug, thiserror::Error)]
-enum PeerError {
-    #[error("the backend went away: {0}")]
-    Backend(String),
-    #[error("the frontend went away: {0}")]
-    Frontend(String),
+enum ReplayError {
+    #[error("{0}")]
+    Message(#[from] MessageError),
+    #[error("request {0}: the reply does not answer it")]
+    BadReply(u32),
+    #[error("request {0} refused")]
+    Refused(u32),
+    #[error("request {0} answered differently than by the previous backend")]
+    Different(u32),
 }
 
 /// Totals, logged and used by the tests.
@@ -82,17 +133,25 @@ pub struct Keeper {
     frontend: Option<UnixStream>,
     backend: Option<UnixStream>,
     journal: Journal,
+    wake: Option<OwnedFd>,
     pub counters: KeeperCounters,
 }
 
-/// Binds a Unix socket, replacing a stale one, readable and writable by the owner only.
+/// Binds a Unix socket, replacing a stale socket (never another kind of file), readable and
+/// writable by the owner only.
 fn bind(path: &Path) -> Result<UnixListener, KeeperError> {
     let err = |source| KeeperError::Listen {
         path: path.to_path_buf(),
         source,
     };
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+        Ok(_) => {
+            return Err(err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            )))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
@@ -102,13 +161,15 @@ fn bind(path: &Path) -> Result<UnixListener, KeeperError> {
     Ok(listener)
 }
 
-/// Waits for any of `fds` to be readable (or hung up); returns their revents.
-fn poll(fds: &[Option<BorrowedFd<'_>>]) -> Result<Vec<i16>, KeeperError> {
+const HANGUP: i16 = libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP;
+
+/// Waits for any of `fds` (with its events) to be ready; returns their revents.
+fn poll(fds: &[(Option<BorrowedFd<'_>>, i16)]) -> Result<Vec<i16>, KeeperError> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
-        .map(|fd| libc::pollfd {
+        .map(|(fd, events)| libc::pollfd {
             fd: fd.map_or(-1, |f| f.as_raw_fd()),
-            events: libc::POLLIN,
+            events: *events,
             revents: 0,
         })
         .collect();
@@ -121,9 +182,6 @@ fn poll(fds: &[Option<BorrowedFd<'_>>]) -> Result<Vec<i16>, KeeperError> {
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(KeeperError::Poll(e));
-        }
-        if TERMINATE.load(Ordering::SeqCst) {
-            return Ok(vec![0; pfds.len()]);
         }
     }
 }
@@ -157,6 +215,23 @@ fn nudge(fd: BorrowedFd<'_>) {
     let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
 }
 
+/// Hides from the frontend what the journal cannot replay (see PROTOCOL_FEATURES_KEPT).
+fn filter_reply(msg: &Message, reply: &mut Message) {
+    let mask = match msg.request {
+        request::GET_FEATURES => !VIRTIO_F_RING_PACKED,
+        request::GET_PROTOCOL_FEATURES => PROTOCOL_FEATURES_KEPT,
+        _ => return,
+    };
+    if let (Some(v), Some(bytes)) = (reply.u64_at(0), reply.payload.get_mut(0..8)) {
+        bytes.copy_from_slice(&(v & mask).to_le_bytes());
+    }
+}
+
+fn set_timeouts(stream: &UnixStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(BACKEND_TIMEOUT))?;
+    stream.set_write_timeout(Some(BACKEND_TIMEOUT))
+}
+
 impl Keeper {
     /// Listens for the frontend on `frontend_socket` and for backends on `backend_socket`.
     pub fn bind(frontend_socket: &Path, backend_socket: &Path) -> Result<Self, KeeperError> {
@@ -166,13 +241,14 @@ impl Keeper {
             frontend: None,
             backend: None,
             journal: Journal::default(),
+            wake: None,
             counters: KeeperCounters::default(),
         })
     }
 
     /// Serves until SIGTERM or SIGINT (`Ok`) or an error on the keeper's own sockets.
     pub fn run(&mut self) -> Result<(), KeeperError> {
-        handle_termination().map_err(KeeperError::Signals)?;
+        self.wake = Some(handle_termination().map_err(KeeperError::Signals)?);
         while !TERMINATE.load(Ordering::SeqCst) {
             self.step()?;
         }
@@ -180,49 +256,58 @@ impl Keeper {
         Ok(())
     }
 
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.wake.as_ref().map(|w| w.as_fd())
+    }
+
     /// Waits for one event and handles it.
     pub fn step(&mut self) -> Result<(), KeeperError> {
         let revents = poll(&[
-            Some(self.backend_listener.as_fd_borrowed()),
-            self.frontend
-                .is_none()
-                .then(|| self.frontend_listener.as_fd_borrowed()),
-            self.frontend.as_ref().map(|s| s.as_fd_borrowed()),
-            self.backend.as_ref().map(|s| s.as_fd_borrowed()),
+            (Some(self.backend_listener.as_fd()), libc::POLLIN),
+            (
+                self.frontend
+                    .is_none()
+                    .then(|| self.frontend_listener.as_fd()),
+                libc::POLLIN,
+            ),
+            (self.frontend.as_ref().map(|s| s.as_fd()), libc::POLLIN),
+            (self.backend.as_ref().map(|s| s.as_fd()), libc::POLLIN),
+            (self.wake_fd(), libc::POLLIN),
         ])?;
+        if TERMINATE.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         // A backend that went away first, so that a new one can take its place at once.
         if revents[3] != 0 {
             self.check_backend();
         }
         if revents[0] != 0 {
-            let (stream, _) =
-                self.backend_listener
-                    .accept()
-                    .map_err(|source| KeeperError::Accept {
-                        what: "the backend socket",
-                        source,
-                    })?;
-            if self.backend.is_some() {
-                log::warn!("a second backend connected while one is attached: refused");
-            } else {
-                self.attach_backend(stream);
-            }
+            self.accept_backend();
         }
         if revents[1] != 0 {
-            let (stream, _) =
-                self.frontend_listener
-                    .accept()
-                    .map_err(|source| KeeperError::Accept {
-                        what: "the frontend socket",
-                        source,
-                    })?;
-            log::info!("frontend connected");
-            self.frontend = Some(stream);
+            match self.frontend_listener.accept() {
+                Ok((stream, _)) => {
+                    log::info!("frontend connected");
+                    self.frontend = Some(stream);
+                }
+                Err(e) => log::warn!("accepting a frontend: {e}"),
+            }
         }
         if revents[2] != 0 {
             self.frontend_request();
         }
         Ok(())
+    }
+
+    fn accept_backend(&mut self) {
+        match self.backend_listener.accept() {
+            Ok((stream, _)) if self.backend.is_some() => {
+                drop(stream);
+                log::warn!("a second backend connected while one is attached: refused");
+            }
+            Ok((stream, _)) => self.attach_backend(stream),
+            Err(e) => log::warn!("accepting a backend: {e}"),
+        }
     }
 
     /// The attached backend's socket is readable: it closed (or sent something unasked).
@@ -251,6 +336,10 @@ impl Keeper {
     /// Tells a new backend what the frontend told the old one, then nudges every ring.
     fn attach_backend(&mut self, stream: UnixStream) {
         self.counters.backends_attached += 1;
+        if let Err(e) = set_timeouts(&stream) {
+            log::warn!("backend socket: {e}; refused");
+            return;
+        }
         if self.journal.entries().is_empty() {
             log::info!("backend connected");
             self.backend = Some(stream);
@@ -265,46 +354,73 @@ impl Keeper {
                 }
                 self.backend = Some(stream);
             }
-            Err(e) => log::warn!("replay to the new backend failed ({e}); waiting for another"),
+            Err(e) => log::error!("replay to the new backend failed ({e}); waiting for another"),
         }
     }
 
-    fn replay(&self, stream: &UnixStream) -> Result<usize, MessageError> {
-        let mut protocol_features = 0;
+    fn replay(&self, stream: &UnixStream) -> Result<usize, ReplayError> {
+        let mut features = 0;
         for entry in self.journal.entries() {
-            let mut m = entry.try_clone()?;
+            let mut m = entry.msg.try_clone().map_err(MessageError::from)?;
             if m.request == request::SET_VRING_BASE {
-                if let (Some(ring), Some(used)) = (
-                    m.u32_at(0),
-                    m.u32_at(0).and_then(|r| used_index(&self.journal, r)),
-                ) {
-                    log::info!(
-                        "ring {ring} resumes at {used} (the frontend started it at {})",
-                        m.u32_at(4).unwrap_or(0)
-                    );
-                    m.payload[4..8].copy_from_slice(&u32::from(used).to_le_bytes());
+                self.resume_ring(&mut m);
+            }
+            let inherent = has_inherent_reply(&m, features);
+            let acked = can_be_acked(&m, features);
+            if acked {
+                m.flags |= FLAG_NEED_REPLY;
+            }
+            message::send(stream, &m).map_err(MessageError::from)?;
+            if inherent || acked {
+                let mut reply = message::recv(stream)?.ok_or(MessageError::Truncated)?;
+                if !is_reply_to(&reply, &m) {
+                    return Err(ReplayError::BadReply(m.request));
+                }
+                if inherent {
+                    filter_reply(&m, &mut reply);
+                    if entry.reply.as_ref().is_some_and(|r| *r != reply.payload) {
+                        return Err(ReplayError::Different(m.request));
+                    }
+                } else if reply.u64_at(0) != Some(0) {
+                    return Err(ReplayError::Refused(m.request));
                 }
             }
-            message::send(stream, &m)?;
-            if expects_reply(&m, protocol_features) && message::recv(stream)?.is_none() {
-                return Err(MessageError::Truncated);
-            }
-            if m.request == request::SET_PROTOCOL_FEATURES {
-                protocol_features = m.u64_at(0).unwrap_or(0);
-            }
+            features = features_after(&m, features);
         }
         Ok(self.journal.entries().len())
     }
 
-    /// Blocks until a backend is attached.
-    fn wait_for_backend(&mut self) -> Result<(), PeerError> {
+    /// A started ring resumes where its used index stands in guest memory (VhostUserVringState:
+    /// index u32, num u32).
+    fn resume_ring(&self, m: &mut Message) {
+        let Some(ring) = m.u32_at(0) else { return };
+        let Some(used) = used_index(&self.journal, ring) else {
+            return;
+        };
+        let from = m.u32_at(4).unwrap_or(0);
+        if let Some(num) = m.payload.get_mut(4..8) {
+            num.copy_from_slice(&u32::from(used).to_le_bytes());
+            log::info!("ring {ring} resumes at {used} (the frontend started it at {from})");
+        }
+    }
+
+    /// Blocks until a backend is attached, the frontend hangs up, or a signal.
+    fn wait_for_backend(&mut self) -> Result<(), CarryError> {
         while self.backend.is_none() {
-            match self.backend_listener.accept() {
-                Ok((stream, _)) => self.attach_backend(stream),
-                Err(e)
-                    if e.kind() == io::ErrorKind::Interrupted
-                        && !TERMINATE.load(Ordering::SeqCst) => {}
-                Err(e) => return Err(PeerError::Backend(format!("accepting: {e}"))),
+            let revents = poll(&[
+                (Some(self.backend_listener.as_fd()), libc::POLLIN),
+                (self.frontend.as_ref().map(|s| s.as_fd()), libc::POLLRDHUP),
+                (self.wake_fd(), libc::POLLIN),
+            ])
+            .map_err(|e| CarryError::Frontend(e.to_string()))?;
+            if TERMINATE.load(Ordering::SeqCst) {
+                return Err(CarryError::Terminated);
+            }
+            if revents[1] & HANGUP != 0 {
+                return Err(CarryError::Frontend("it hung up".into()));
+            }
+            if revents[0] != 0 {
+                self.accept_backend();
             }
         }
         Ok(())
@@ -320,40 +436,70 @@ impl Keeper {
             Ok(None) => return self.frontend_gone("it closed the connection"),
             Err(e) => return self.frontend_gone(&e.to_string()),
         };
-        match self.forward(&msg) {
-            Ok(()) => {
+        match self.carry(&msg) {
+            Ok(Outcome::Accepted(reply)) => {
                 self.counters.requests_forwarded += 1;
-                self.journal.record(msg);
+                self.journal.record(msg, reply);
             }
-            Err(PeerError::Frontend(e)) => self.frontend_gone(&e),
-            Err(PeerError::Backend(e)) => {
-                log::error!("{e}");
-                self.frontend_gone("no backend to serve it");
+            Ok(Outcome::Refused(status)) => log::warn!(
+                "the backend refused request {} (status {status}): not kept for replays",
+                msg.request
+            ),
+            Err(CarryError::Terminated) => {}
+            Err(CarryError::Frontend(e)) => self.frontend_gone(&e),
+            Err(e @ CarryError::GaveUp) => {
+                log::error!("request {}: {e}", msg.request);
+                if expects_reply(&msg, self.journal.protocol_features()) {
+                    // The frontend waits for an answer that will not come.
+                    self.frontend_gone("its request could not be answered");
+                }
             }
         }
     }
 
-    fn forward(&mut self, msg: &Message) -> Result<(), PeerError> {
-        let mut attempt = 0;
-        loop {
+    fn carry(&mut self, msg: &Message) -> Result<Outcome, CarryError> {
+        let features = self.journal.protocol_features();
+        let inherent = has_inherent_reply(msg, features);
+        let frontend_wants_ack = !inherent && expects_reply(msg, features);
+        // Asking for every acknowledgement the backend can give tells the keeper what it
+        // accepted; the frontend sees only those it asked for.
+        let ack = can_be_acked(msg, features);
+        let asked;
+        let to_send = if ack && msg.flags & FLAG_NEED_REPLY == 0 {
+            let mut m = msg
+                .try_clone()
+                .map_err(|e| CarryError::Frontend(e.to_string()))?;
+            m.flags |= FLAG_NEED_REPLY;
+            asked = m;
+            &asked
+        } else {
+            msg
+        };
+        for attempt in 0..MAX_ATTEMPTS {
             self.wait_for_backend()?;
             if attempt > 0 {
                 self.counters.requests_resent += 1;
                 log::info!("request {} sent again to the new backend", msg.request);
             }
-            attempt += 1;
             let Some(backend) = self.backend.as_ref() else {
                 continue;
             };
-            if let Err(e) = message::send(backend, msg) {
+            if let Err(e) = message::send(backend, to_send) {
                 self.backend_gone(&e.to_string());
                 continue;
             }
-            if !expects_reply(msg, self.journal.protocol_features()) {
-                return Ok(());
+            if !inherent && !ack {
+                return Ok(Outcome::Accepted(None));
             }
-            let reply = match message::recv(backend) {
-                Ok(Some(r)) => r,
+            let mut reply = match message::recv(backend) {
+                Ok(Some(r)) if is_reply_to(&r, msg) => r,
+                Ok(Some(r)) => {
+                    self.backend_gone(&format!(
+                        "it answered request {} with {}",
+                        msg.request, r.request
+                    ));
+                    continue;
+                }
                 Ok(None) => {
                     self.backend_gone("it closed the connection before replying");
                     continue;
@@ -363,12 +509,26 @@ impl Keeper {
                     continue;
                 }
             };
-            let frontend = self
-                .frontend
-                .as_ref()
-                .ok_or_else(|| PeerError::Frontend("gone".into()))?;
-            return message::send(frontend, &reply).map_err(|e| PeerError::Frontend(e.to_string()));
+            if inherent {
+                filter_reply(msg, &mut reply);
+            }
+            if inherent || frontend_wants_ack {
+                let frontend = self
+                    .frontend
+                    .as_ref()
+                    .ok_or_else(|| CarryError::Frontend("gone".into()))?;
+                message::send(frontend, &reply).map_err(|e| CarryError::Frontend(e.to_string()))?;
+            }
+            return Ok(if inherent {
+                Outcome::Accepted(Some(reply.payload))
+            } else {
+                match reply.u64_at(0) {
+                    Some(0) => Outcome::Accepted(None),
+                    other => Outcome::Refused(other.unwrap_or(u64::MAX)),
+                }
+            });
         }
+        Err(CarryError::GaveUp)
     }
 
     /// The frontend closed: forget its device state and let the backend reset too.
@@ -377,16 +537,5 @@ impl Keeper {
         self.frontend = None;
         self.backend = None;
         self.journal.clear();
-    }
-}
-
-/// `as_fd` under a name that does not clash with the listener's own traits in scope.
-trait AsFdBorrowed {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
-}
-
-impl<T: std::os::fd::AsFd> AsFdBorrowed for T {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
-        self.as_fd()
     }
 }

@@ -57,11 +57,24 @@ pub mod request {
     pub const GET_SHARED_OBJECT: u32 = 41;
     pub const SET_DEVICE_STATE_FD: u32 = 42;
     pub const CHECK_DEVICE_STATE: u32 = 43;
+    pub const GET_SHMEM_CONFIG: u32 = 44;
 }
 
-/// Protocol feature bits that change which messages are answered.
+/// Protocol feature bits (vhost-user spec, "Protocol features").
+pub const PROTOCOL_F_MQ: u64 = 1 << 0;
 pub const PROTOCOL_F_LOG_SHMFD: u64 = 1 << 1;
 pub const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+pub const PROTOCOL_F_BACKEND_REQ: u64 = 1 << 5;
+pub const PROTOCOL_F_CONFIG: u64 = 1 << 9;
+
+/// The protocol features a frontend may negotiate through the keeper: the ones whose state the
+/// journal can replay. Others (postcopy, inflight tracking, memory slots, device state, shared
+/// memory, guest-physical ring addresses...) are hidden from the frontend.
+pub const PROTOCOL_FEATURES_KEPT: u64 =
+    PROTOCOL_F_MQ | PROTOCOL_F_REPLY_ACK | PROTOCOL_F_BACKEND_REQ | PROTOCOL_F_CONFIG;
+
+/// VIRTIO_F_RING_PACKED: hidden, resuming a ring at its used index only works for split rings.
+pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MessageError {
@@ -127,10 +140,9 @@ impl Message {
     }
 }
 
-/// Whether the backend answers `msg`, given the protocol features negotiated so far. Requests
-/// that ask for something always have a reply; the others only when they set NEED_REPLY and
-/// REPLY_ACK was negotiated (vhost-user spec, "Communication" and "REPLY_ACK").
-pub fn expects_reply(msg: &Message, protocol_features: u64) -> bool {
+/// Whether `msg` asks for something, so the backend always answers it with a reply of the
+/// same request code.
+pub fn has_inherent_reply(msg: &Message, protocol_features: u64) -> bool {
     use request::*;
     match msg.request {
         GET_FEATURES
@@ -145,15 +157,46 @@ pub fn expects_reply(msg: &Message, protocol_features: u64) -> bool {
         | GET_STATUS
         | GET_SHARED_OBJECT
         | SET_DEVICE_STATE_FD
-        | CHECK_DEVICE_STATE => true,
-        SET_LOG_BASE if protocol_features & PROTOCOL_F_LOG_SHMFD != 0 => true,
-        _ => msg.flags & FLAG_NEED_REPLY != 0 && protocol_features & PROTOCOL_F_REPLY_ACK != 0,
+        | CHECK_DEVICE_STATE
+        | GET_SHMEM_CONFIG => true,
+        SET_LOG_BASE => protocol_features & PROTOCOL_F_LOG_SHMFD != 0,
+        _ => false,
     }
+}
+
+/// The protocol features in force once `msg` is handled: a SET_PROTOCOL_FEATURES takes effect
+/// before its own acknowledgement.
+pub fn features_after(msg: &Message, protocol_features: u64) -> u64 {
+    if msg.request == request::SET_PROTOCOL_FEATURES {
+        msg.u64_at(0).unwrap_or(0)
+    } else {
+        protocol_features
+    }
+}
+
+/// Whether a backend would acknowledge `msg` (a u64 status, 0 for success) if it carried
+/// NEED_REPLY: any message without an inherent reply, once REPLY_ACK is negotiated.
+pub fn can_be_acked(msg: &Message, protocol_features: u64) -> bool {
+    !has_inherent_reply(msg, protocol_features)
+        && features_after(msg, protocol_features) & PROTOCOL_F_REPLY_ACK != 0
+}
+
+/// Whether the backend answers `msg` as the frontend sent it (vhost-user spec,
+/// "Communication" and "REPLY_ACK").
+pub fn expects_reply(msg: &Message, protocol_features: u64) -> bool {
+    has_inherent_reply(msg, protocol_features)
+        || (msg.flags & FLAG_NEED_REPLY != 0 && can_be_acked(msg, protocol_features))
+}
+
+/// Whether `reply` answers `msg`.
+pub fn is_reply_to(reply: &Message, msg: &Message) -> bool {
+    reply.request == msg.request && reply.flags & FLAG_REPLY != 0
 }
 
 /// One recvmsg into `buf`, keeping any descriptors that came with it.
 fn recv_some(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    const CMSG_SPACE: usize = 256; // >= CMSG_SPACE(MAX_FDS * 4)
+    // Room for MAX_FDS descriptors and more: a peer sending more gets MSG_CTRUNC, an error.
+    const CMSG_SPACE: usize = 256;
     let mut cmsg = [0u64; CMSG_SPACE / 8];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -234,15 +277,12 @@ pub fn recv(stream: &UnixStream) -> Result<Option<Message>, MessageError> {
     if size as usize > MAX_PAYLOAD {
         return Err(MessageError::TooLarge(size));
     }
-    if fds.len() > MAX_FDS {
-        return Err(MessageError::Io(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} descriptors with one message", fds.len()),
-        )));
-    }
     let mut payload = vec![0u8; size as usize];
     if size > 0 && !recv_exact(stream, &mut payload, &mut fds)? {
         return Err(MessageError::Truncated);
+    }
+    if fds.len() > MAX_FDS {
+        return Err(too_many_fds(fds.len()).into());
     }
     Ok(Some(Message {
         request,
@@ -252,8 +292,18 @@ pub fn recv(stream: &UnixStream) -> Result<Option<Message>, MessageError> {
     }))
 }
 
+fn too_many_fds(n: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{n} descriptors with one message (at most {MAX_FDS})"),
+    )
+}
+
 /// Writes one message, its descriptors with the first byte.
 pub fn send(stream: &UnixStream, msg: &Message) -> io::Result<()> {
+    if msg.fds.len() > MAX_FDS {
+        return Err(too_many_fds(msg.fds.len()));
+    }
     let header = msg.header();
     let mut bytes = Vec::with_capacity(HEADER_SIZE + msg.payload.len());
     bytes.extend_from_slice(&header);
@@ -360,6 +410,24 @@ mod tests {
     }
 
     #[test]
+    fn too_many_descriptors_are_refused_both_ways() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut msg = Message::new(request::SET_MEM_TABLE, FLAG_VERSION_1, vec![0; 8]);
+        for _ in 0..MAX_FDS + 1 {
+            msg.fds.push(memfd(b"").into());
+        }
+        assert!(send(&a, &msg).is_err());
+        // Descriptors spread over the header and the payload count together.
+        let header = Message::new(request::SET_MEM_TABLE, FLAG_VERSION_1, vec![0; 8]).header();
+        let files: Vec<std::fs::File> = (0..MAX_FDS).map(|_| memfd(b"")).collect();
+        let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        a.send_with_fds(&[&header[..]], &raw[..20]).unwrap();
+        a.send_with_fds(&[&[0u8; 8][..]], &raw[..20]).unwrap();
+        assert!(recv(&b).is_err());
+    }
+
+    #[test]
     fn which_messages_are_answered() {
         let m = |r, f| Message::new(r, f, Vec::new());
         assert!(expects_reply(&m(request::GET_FEATURES, 1), 0));
@@ -373,6 +441,19 @@ mod tests {
         ));
         assert!(expects_reply(
             &m(request::SET_MEM_TABLE, 1 | FLAG_NEED_REPLY),
+            PROTOCOL_F_REPLY_ACK
+        ));
+        // SET_PROTOCOL_FEATURES switching REPLY_ACK on is itself acknowledged.
+        let mut set = Message::new(
+            request::SET_PROTOCOL_FEATURES,
+            1 | FLAG_NEED_REPLY,
+            PROTOCOL_F_REPLY_ACK.to_le_bytes().to_vec(),
+        );
+        assert!(expects_reply(&set, 0));
+        set.flags = 1;
+        assert!(!expects_reply(&set, 0) && can_be_acked(&set, 0));
+        assert!(!can_be_acked(
+            &m(request::GET_FEATURES, 1),
             PROTOCOL_F_REPLY_ACK
         ));
         assert!(!expects_reply(&m(request::SET_LOG_BASE, 1), 0));
