@@ -223,6 +223,8 @@ fn a_backend_killed_mid_inflate_restarts_behind_the_keeper_and_the_inflation_com
         killed_at.elapsed().as_secs_f64()
     );
     assert!(status.device_started, "{status:?}");
+    // Exact accounting across the crash: the page tracking lives in a file beside the state.
+    assert_eq!(status.ballooned_bytes, balloon, "{status:?}");
     let after = wait_for(
         "RssShmem to drop by 90% of the balloon",
         Duration::from_secs(10),
@@ -262,7 +264,8 @@ fn a_backend_killed_mid_inflate_restarts_behind_the_keeper_and_the_inflation_com
     .unwrap();
 
     backend.set_target(0).unwrap();
-    backend.wait_actual(0, Duration::from_secs(120)).unwrap();
+    let status = backend.wait_actual(0, Duration::from_secs(120)).unwrap();
+    assert_eq!(status.ballooned_bytes, 0, "{status:?}");
     vm.agent
         .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null && rm /tmp/fill")
         .unwrap();

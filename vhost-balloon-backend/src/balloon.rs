@@ -145,6 +145,38 @@ impl Balloon {
         }
     }
 
+    /// The frontend's memory table. With a state file, the tracking of the balloon's pages
+    /// lives beside it (`STATE.pages`, see memory::persist): a restarted backend given the same
+    /// guest RAM takes over what the previous process held, to be discarded again (an
+    /// interrupted discard is completed) once the driver's inflate queue shows the pages are
+    /// still the balloon's.
+    pub fn set_memory(&mut self, regions: Vec<crate::memory::GuestRegion>) {
+        self.memory.replace_regions(regions);
+        let Some(path) = self.state_file.as_ref().map(|p| p.with_extension("pages")) else {
+            return;
+        };
+        match self.memory.persist_to(&path) {
+            Ok(Some(pages)) => {
+                log::info!(
+                    "took over the tracking of {} MiB of balloon pages from {}",
+                    pages_to_bytes(pages) >> 20,
+                    path.display()
+                );
+                // Whose pages they are is decided at the inflate queue, as after a
+                // renegotiation; until then nothing discards them.
+                self.driver_instance_unknown = true;
+                if self.discard_enabled && pages > 0 {
+                    self.discard_tracked_when_known = true;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!(
+                "cannot keep the page tracking in {}: {e}; a restart will not know the balloon's pages",
+                path.display()
+            ),
+        }
+    }
+
     /// Takes over what a previous run persisted.
     pub fn restore(&mut self, state: &PersistentState) {
         self.app.target_bytes = state.app_target_bytes;

@@ -940,3 +940,60 @@ fn a_resumed_vm_keeps_its_balloon_and_gets_deferred_discards() {
     assert_eq!(full - g.allocated(), 72 * PAGE);
     assert_eq!(b.status().ballooned_bytes, 72 * PAGE);
 }
+
+#[test]
+fn a_restarted_backend_takes_over_the_tracked_pages_and_completes_their_discards() {
+    // The first process inflates 64 pages and is killed before its worker discarded them; the
+    // second finds them in the page file and discards them once the inflate queue (resumed
+    // where it was, as behind the keeper) shows they are still the balloon's.
+    let g = Guest::new();
+    let dir = std::env::temp_dir().join(format!("pages-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("state.json");
+    let start = |worker: &Arc<DiscardWorker>| {
+        let mut b = Balloon::new(FeatureChoice::default(), Some(state.clone()))
+            .with_discard_worker(worker.clone());
+        b.set_acked_features(bit(MUST_TELL_HOST) | bit(VIRTIO_F_VERSION_1));
+        b.set_memory(regions_of(&g.mem));
+        b
+    };
+    let full = g.allocated();
+    let mut ring = Ring::new(&g, 64);
+    let pfns: Vec<u32> = (3700..3700 + 64).collect();
+    let len = g.write_pfns(BUF, &pfns);
+    {
+        let mut first = start(&Arc::new(DiscardWorker::new()));
+        ring.add(&[(BUF, len, 0)]);
+        assert_eq!(ring.drain(&mut first, INFLATE).unwrap(), 1);
+        assert_eq!(first.status().ballooned_bytes, 64 * PAGE);
+        // Killed: its pending discards never run.
+    }
+    assert_eq!(g.allocated(), full);
+    let worker = Arc::new(DiscardWorker::new());
+    let mut second = start(&worker);
+    assert_eq!(second.status().ballooned_bytes, 64 * PAGE, "taken over");
+    let more: Vec<u32> = (3800..3800 + 8).collect();
+    let len = g.write_pfns(BUF + 4 * KIB, &more);
+    ring.add(&[(BUF + 4 * KIB, len, 0)]);
+    assert_eq!(ring.drain(&mut second, INFLATE).unwrap(), 1);
+    worker.process_pending();
+    assert_eq!(full - g.allocated(), 72 * PAGE);
+    assert_eq!(second.status().ballooned_bytes, 72 * PAGE);
+    drop(second);
+
+    // A third process, but the guest rebooted meanwhile (its inflate queue starts at 0): the
+    // pages in the file are the guest's and stay untouched; the file is emptied.
+    g.mem
+        .write_slice(&vec![MARK; PAGE as usize], GuestAddress(3700 * PAGE))
+        .unwrap();
+    let mut third = start(&Arc::new(DiscardWorker::new()));
+    assert_eq!(third.status().ballooned_bytes, 72 * PAGE);
+    send_pfns(&g, &mut third, INFLATE, &[3900]);
+    assert_eq!(third.status().ballooned_bytes, PAGE);
+    assert_eq!(g.first_byte(3700), MARK);
+    drop(third);
+    let fourth = start(&Arc::new(DiscardWorker::new()));
+    assert_eq!(fourth.status().ballooned_bytes, PAGE);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

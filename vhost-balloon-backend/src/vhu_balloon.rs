@@ -296,7 +296,7 @@ impl VhostUserBackend for VhostUserBalloon {
                     }
                 );
             }
-            balloon.memory.replace_regions(regions);
+            balloon.set_memory(regions);
             balloon
                 .app
                 .memory

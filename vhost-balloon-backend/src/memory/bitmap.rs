@@ -1,19 +1,90 @@
-//! One bit per 4 KiB page of a guest memory region: which pages the balloon holds.
+//! One bit per 4 KiB page of a guest memory region: which pages the balloon holds. The words
+//! live in this process's memory, or in a shared mapping of a file (see persist.rs), where every
+//! update survives the process being killed.
 
-#[derive(Debug, Clone, Default)]
+use super::persist::MappedWords;
+
+#[derive(Debug)]
+enum Words {
+    Owned(Vec<u64>),
+    Mapped(MappedWords),
+}
+
+impl Words {
+    fn as_slice(&self) -> &[u64] {
+        match self {
+            Words::Owned(v) => v,
+            Words::Mapped(m) => m.as_slice(),
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u64] {
+        match self {
+            Words::Owned(v) => v,
+            Words::Mapped(m) => m.as_mut_slice(),
+        }
+    }
+}
+
+impl Default for Words {
+    fn default() -> Self {
+        Words::Owned(Vec::new())
+    }
+}
+
+#[derive(Debug, Default)]
 pub struct PageBitmap {
-    words: Vec<u64>,
+    words: Words,
     pages: u64,
     set: u64,
+}
+
+/// Words needed for `pages` bits.
+pub fn words_for(pages: u64) -> usize {
+    pages.div_ceil(64) as usize
 }
 
 impl PageBitmap {
     pub fn new(pages: u64) -> Self {
         PageBitmap {
-            words: vec![0; pages.div_ceil(64) as usize],
+            words: Words::Owned(vec![0; words_for(pages)]),
             pages,
             set: 0,
         }
+    }
+
+    /// Moves the bits into `mapped`, which holds `words_for(pages)` words; with `adopt`, takes
+    /// the bits `mapped` already holds instead (a previous process's). Returns false, changing
+    /// nothing, if `mapped` has another size.
+    pub fn move_to(&mut self, mut mapped: MappedWords, adopt: bool) -> bool {
+        let n = words_for(self.pages);
+        let slice = mapped.as_mut_slice();
+        if slice.len() != n {
+            return false;
+        }
+        if !adopt {
+            slice.copy_from_slice(self.words.as_slice());
+        }
+        // Bits past the last page are never set, whatever a file held.
+        if let (Some(last), rem) = (slice.last_mut(), self.pages % 64) {
+            if rem != 0 {
+                *last &= (1u64 << rem) - 1;
+            }
+        }
+        self.set = slice.iter().map(|w| u64::from(w.count_ones())).sum();
+        self.words = Words::Mapped(mapped);
+        true
+    }
+
+    /// Whether the bits live in a file mapping.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.words, Words::Mapped(_))
+    }
+
+    /// Clears every bit, in place (a mapped bitmap stays mapped).
+    pub fn clear_all(&mut self) {
+        self.words.as_mut_slice().fill(0);
+        self.set = 0;
     }
 
     /// Pages whose bit is set.
@@ -22,7 +93,7 @@ impl PageBitmap {
     }
 
     pub fn get(&self, page: u64) -> bool {
-        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+        page < self.pages && self.words.as_slice()[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
 
     /// Sets `count` bits from `start`; returns how many were newly set.
@@ -53,10 +124,11 @@ impl PageBitmap {
             } else {
                 ((1u64 << n) - 1) << first
             };
-            let before = self.words[word];
+            let words = self.words.as_mut_slice();
+            let before = words[word];
             let after = if value { before | mask } else { before & !mask };
             changed += u64::from((before ^ after).count_ones());
-            self.words[word] = after;
+            words[word] = after;
             page += n;
         }
         if value {

@@ -6,6 +6,7 @@
 
 pub mod bitmap;
 pub mod discard;
+pub mod persist;
 pub mod ranges;
 pub mod worker;
 
@@ -121,6 +122,8 @@ impl PageOutcome {
 pub struct GuestMemoryMap {
     /// Sorted by `gpa`, not overlapping.
     regions: Vec<GuestRegion>,
+    /// The tracking already lives in a file: a later table must not adopt the file's bits.
+    persisting: bool,
 }
 
 /// What to do with the memory behind newly ballooned pages.
@@ -215,10 +218,34 @@ impl GuestMemoryMap {
             .iter_mut()
             .map(|r| {
                 let n = r.ballooned.count();
-                r.ballooned = PageBitmap::new(r.len / PAGE_SIZE);
+                r.ballooned.clear_all();
                 n
             })
             .sum()
+    }
+
+    /// Keeps the tracking in the file at `path` from now on (see persist.rs). The first time in
+    /// this process, a file describing the same guest RAM is taken over: returns the pages it
+    /// holds. Regions without a backing file cannot be named, so nothing is persisted then.
+    pub fn persist_to(&mut self, path: &std::path::Path) -> std::io::Result<Option<u64>> {
+        let mut ids = Vec::with_capacity(self.regions.len());
+        for r in &self.regions {
+            let Some((file, offset)) = &r.backing.file else {
+                return Ok(None);
+            };
+            ids.push(persist::RegionIdentity::of(r.gpa, r.len, file, *offset)?);
+        }
+        let words: Vec<usize> = self
+            .regions
+            .iter()
+            .map(|r| bitmap::words_for(r.len / PAGE_SIZE))
+            .collect();
+        let (mapped, adopted) = persist::open(path, &ids, &words, !self.persisting)?;
+        for (r, m) in self.regions.iter_mut().zip(mapped) {
+            r.ballooned.move_to(m, adopted);
+        }
+        self.persisting = true;
+        Ok(adopted.then(|| self.ballooned_pages()))
     }
 
     /// Discards every ballooned page again, e.g. after discarding was switched back on.
