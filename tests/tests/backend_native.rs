@@ -28,6 +28,38 @@ fn wait_allocated(ram: &MemfdRam, expected: u64) {
     .unwrap();
 }
 
+const NO_EXTRA_QUEUES: &[&str] = &["--no-stats", "--no-free-page-reporting"];
+
+/// Half of a 32 MiB balloon in a 64 MiB memfd guest, inflated and returned.
+struct HalfInflated {
+    ram: MemfdRam,
+    fe: TestFrontend,
+    full: u64,
+    target: u64,
+    pfns: Vec<u32>,
+}
+
+impl HalfInflated {
+    fn new(backend: &Backend) -> Self {
+        let ram = MemfdRam::new(64 * MIB).unwrap();
+        ram.populate();
+        let full = ram.allocated();
+        let target = 32 * MIB;
+        backend.set_target(target).unwrap();
+        let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
+        let pfns: Vec<u32> = (0..(target / PAGE) as u32).collect();
+        fe.inflate(&ram, &pfns[..pfns.len() / 2]).unwrap();
+        wait_allocated(&ram, full - target / 2);
+        HalfInflated {
+            ram,
+            fe,
+            full,
+            target,
+            pfns,
+        }
+    }
+}
+
 #[test]
 fn inflate_discards_exactly_the_named_pages_and_skips_hostile_ones() {
     let backend = Backend::start("native", &["--no-stats", "--no-free-page-reporting"]).unwrap();
@@ -67,18 +99,15 @@ fn inflate_discards_exactly_the_named_pages_and_skips_hostile_ones() {
 
 #[test]
 fn a_killed_backend_restarts_with_its_target_and_serves_a_new_connection() {
-    let mut backend =
-        Backend::start("restart", &["--no-stats", "--no-free-page-reporting"]).unwrap();
-    let ram = MemfdRam::new(64 * MIB).unwrap();
-    ram.populate();
-    let full = ram.allocated();
-    let target = 32 * MIB;
-    backend.set_target(target).unwrap();
-    let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
-    let pfns: Vec<u32> = (0..(target / PAGE) as u32).collect();
-    let (first, rest) = pfns.split_at(pfns.len() / 2);
-    fe.inflate(&ram, first).unwrap();
-    wait_allocated(&ram, full - first.len() as u64 * PAGE);
+    let mut backend = Backend::start("restart", NO_EXTRA_QUEUES).unwrap();
+    let HalfInflated {
+        ram,
+        fe,
+        full,
+        target,
+        pfns,
+    } = HalfInflated::new(&backend);
+    let rest = &pfns[pfns.len() / 2..];
 
     // A crash in the middle of inflating.
     backend.kill();
@@ -106,19 +135,15 @@ fn a_killed_backend_restarts_with_its_target_and_serves_a_new_connection() {
 
 #[test]
 fn behind_the_keeper_a_killed_backend_is_replaced_on_the_same_frontend_connection() {
-    let mut backend =
-        Backend::start_behind_keeper("keeper", &["--no-stats", "--no-free-page-reporting"])
-            .unwrap();
-    let ram = MemfdRam::new(64 * MIB).unwrap();
-    ram.populate();
-    let full = ram.allocated();
-    let target = 32 * MIB;
-    backend.set_target(target).unwrap();
-    let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
-    let pfns: Vec<u32> = (0..(target / PAGE) as u32).collect();
-    let (first, rest) = pfns.split_at(pfns.len() / 2);
-    fe.inflate(&ram, first).unwrap();
-    wait_allocated(&ram, full - first.len() as u64 * PAGE);
+    let mut backend = Backend::start_behind_keeper("keeper", NO_EXTRA_QUEUES).unwrap();
+    let HalfInflated {
+        ram,
+        mut fe,
+        full,
+        target,
+        pfns,
+    } = HalfInflated::new(&backend);
+    let rest = &pfns[pfns.len() / 2..];
 
     // A crash; the frontend keeps its connection (to the keeper) and does not reconnect.
     backend.kill();

@@ -10,6 +10,31 @@ fn mib(bytes: u64) -> u64 {
     bytes / MIB
 }
 
+/// Waits until QEMU's RssShmem has dropped by 90% of `balloon` from `before` (the backend
+/// discards beside the queue, so the memory may leave a moment after `actual`).
+fn wait_memory_returned(
+    vm: &Vm,
+    before: &balloon_lab::host::ProcMemory,
+    balloon: u64,
+) -> balloon_lab::host::ProcMemory {
+    wait_for(
+        "RssShmem to drop by 90% of the balloon",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || {
+            let now = vm.host_memory()?;
+            Ok(
+                if before.rss_shmem.saturating_sub(now.rss_shmem) >= balloon * 9 / 10 {
+                    Poll::Ready(now)
+                } else {
+                    Poll::Pending(format!("RssShmem {} MiB", mib(now.rss_shmem)))
+                },
+            )
+        },
+    )
+    .unwrap()
+}
+
 fn boot(name: &str, backend: &Backend) -> Vm {
     let mut config = VmConfig::new(name);
     config.vhost_user_balloon = Some(backend.device());
@@ -42,23 +67,7 @@ fn inflate_returns_memory_and_deflate_gives_it_back() {
     let status = backend
         .wait_actual(balloon, Duration::from_secs(120))
         .unwrap();
-    // The backend discards beside the queue, so the memory may leave a moment after `actual`.
-    let after = wait_for(
-        "RssShmem to drop by 90% of the balloon",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || {
-            let now = vm.host_memory()?;
-            Ok(
-                if before.rss_shmem.saturating_sub(now.rss_shmem) >= balloon * 9 / 10 {
-                    Poll::Ready(now)
-                } else {
-                    Poll::Pending(format!("RssShmem {} MiB", mib(now.rss_shmem)))
-                },
-            )
-        },
-    )
-    .unwrap();
+    let after = wait_memory_returned(&vm, &before, balloon);
     let dropped = before.rss_shmem - after.rss_shmem;
     eprintln!(
         "RssShmem {} -> {} MiB (dropped {} MiB); status {status:?}",
@@ -225,22 +234,7 @@ fn a_backend_killed_mid_inflate_restarts_behind_the_keeper_and_the_inflation_com
     assert!(status.device_started, "{status:?}");
     // Exact accounting across the crash: the page tracking lives in a file beside the state.
     assert_eq!(status.ballooned_bytes, balloon, "{status:?}");
-    let after = wait_for(
-        "RssShmem to drop by 90% of the balloon",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || {
-            let now = vm.host_memory()?;
-            Ok(
-                if before.rss_shmem.saturating_sub(now.rss_shmem) >= balloon * 9 / 10 {
-                    Poll::Ready(now)
-                } else {
-                    Poll::Pending(format!("RssShmem {} MiB", mib(now.rss_shmem)))
-                },
-            )
-        },
-    )
-    .unwrap();
+    let after = wait_memory_returned(&vm, &before, balloon);
     eprintln!(
         "RssShmem {} -> {} MiB",
         mib(before.rss_shmem),

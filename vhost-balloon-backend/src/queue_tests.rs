@@ -114,6 +114,15 @@ impl Guest {
         b
     }
 
+    /// A device with MUST_TELL_HOST, discarding through a worker the test runs by hand.
+    fn balloon_with_worker(&self) -> (Balloon, Arc<DiscardWorker>) {
+        let worker = Arc::new(DiscardWorker::new());
+        let b = self
+            .balloon(bit(MUST_TELL_HOST))
+            .with_discard_worker(worker.clone());
+        (b, worker)
+    }
+
     /// Writes `pfns` as the driver does (little-endian u32s); returns their length in bytes.
     fn write_pfns(&self, at: u64, pfns: &[u32]) -> u32 {
         let bytes = pfn_bytes(pfns);
@@ -818,10 +827,7 @@ fn with_must_tell_host_discards_run_beside_the_queue_and_deflate_withdraws_them(
     // The production path: a worker discards after the buffer went back (here without a
     // thread, run by hand), and a deflate drops the pending discards of its pages.
     let g = Guest::new();
-    let worker = Arc::new(DiscardWorker::new());
-    let mut b = g
-        .balloon(bit(MUST_TELL_HOST))
-        .with_discard_worker(worker.clone());
+    let (mut b, worker) = g.balloon_with_worker();
     let full = g.allocated();
     let pfns: Vec<u32> = (3100..3100 + 64).collect();
     send_pfns(&g, &mut b, INFLATE, &pfns);
@@ -842,10 +848,7 @@ fn switching_discards_off_drops_the_discards_the_worker_has_not_run() {
     // After `set_discard false` (before VFIO, postcopy or a snapshot) nothing may be discarded,
     // including what inflate handed to the worker just before.
     let g = Guest::new();
-    let worker = Arc::new(DiscardWorker::new());
-    let mut b = g
-        .balloon(bit(MUST_TELL_HOST))
-        .with_discard_worker(worker.clone());
+    let (mut b, worker) = g.balloon_with_worker();
     let full = g.allocated();
     let pfns: Vec<u32> = (3200..3200 + 64).collect();
     send_pfns(&g, &mut b, INFLATE, &pfns);
@@ -881,10 +884,7 @@ fn after_a_guest_reboot_pages_tracked_before_it_are_never_discarded() {
     // the old driver ballooned are the new kernel's; re-enabling discards must not touch them,
     // and discards still pending from before the reboot must not run.
     let g = Guest::new();
-    let worker = Arc::new(DiscardWorker::new());
-    let mut b = g
-        .balloon(bit(MUST_TELL_HOST))
-        .with_discard_worker(worker.clone());
+    let (mut b, worker) = g.balloon_with_worker();
     let full = g.allocated();
     let old: Vec<u32> = (3300..3300 + 64).collect();
     send_pfns(&g, &mut b, INFLATE, &old);
@@ -917,10 +917,7 @@ fn a_resumed_vm_keeps_its_balloon_and_gets_deferred_discards() {
     // A VM stopped and continued (or a backend restarted behind the keeper) also renegotiates,
     // but its inflate queue resumes where it was: the tracked pages are still the balloon's.
     let g = Guest::new();
-    let worker = Arc::new(DiscardWorker::new());
-    let mut b = g
-        .balloon(bit(MUST_TELL_HOST))
-        .with_discard_worker(worker.clone());
+    let (mut b, worker) = g.balloon_with_worker();
     b.set_discard(false).unwrap();
     let full = g.allocated();
     let mut ring = Ring::new(&g, 64);
