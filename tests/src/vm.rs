@@ -83,6 +83,8 @@ pub struct VmConfig {
     /// Modules the mini image inserts at boot.
     pub modules: Vec<String>,
     pub extra_args: Vec<String>,
+    /// A guest reboot restarts the guest (QEMU resets the machine) instead of ending QEMU.
+    pub allow_reboot: bool,
 }
 
 impl VmConfig {
@@ -98,6 +100,7 @@ impl VmConfig {
             vsock: None,
             modules: vec!["virtio_balloon".into()],
             extra_args: Vec::new(),
+            allow_reboot: false,
         }
     }
 
@@ -116,7 +119,6 @@ impl VmConfig {
             "-name".into(),
             self.name.clone(),
             "-nodefaults".into(),
-            "-no-reboot".into(),
             "-display".into(),
             "none".into(),
             "-smp".into(),
@@ -141,6 +143,10 @@ impl VmConfig {
             "-device".into(),
             format!("virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT_NAME}"),
         ];
+        if !self.allow_reboot {
+            // A guest that panics or reboots ends the test's QEMU at once.
+            a.push("-no-reboot".into());
+        }
         a.extend(example_args(
             GUEST_RAM_ARGS,
             &[("accel", accel.to_string()), ("mem_mib", mem.to_string())],
@@ -297,6 +303,14 @@ impl Vm {
             match self.agent.run_timeout("true", Duration::from_secs(2)) {
                 Ok(out) if out.success() => return Ok(()),
                 Ok(_) | Err(LabError::Timeout { .. }) => {}
+                // QEMU drops the host end of the agent's port when the guest reboots: connect
+                // again (its chardev is a server that accepts a new connection).
+                Err(LabError::Agent(_)) => {
+                    if let Ok(agent) = Agent::connect(&self.run_dir.join("agent.sock")) {
+                        self.agent = agent;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 Err(e) => return Err(e),
             }
             if start.elapsed() > timeout {

@@ -268,3 +268,74 @@ fn a_backend_killed_mid_inflate_restarts_behind_the_keeper_and_the_inflation_com
     assert_eq!(log.matches("frontend connected").count(), 1, "{log}");
     assert!(log.contains("replayed"), "{log}");
 }
+
+#[test]
+fn after_a_guest_reboot_only_the_new_kernels_balloon_is_tracked_and_discarded() {
+    // A guest that reboots does not give its balloon back: the backend only sees the device
+    // start again. The pages the old kernel ballooned are the new kernel's; if the backend
+    // still counted them as ballooned, switching discards back on would punch holes in them.
+    let backend = Backend::start("reboot", &["--no-free-page-reporting"]).unwrap();
+    let mut config = VmConfig::new("reboot");
+    config.vhost_user_balloon = Some(backend.device());
+    config.allow_reboot = true;
+    let mut vm = Vm::start(config).expect("boot");
+    let set_discard = |enabled| {
+        let reply = backend
+            .request(balloon_protocol::ControlRequest::SetDiscard { enabled })
+            .unwrap();
+        assert!(reply.ok, "{reply:?}");
+    };
+    set_discard(false);
+    backend.set_target(256 * MIB).unwrap();
+    backend
+        .wait_actual(256 * MIB, Duration::from_secs(120))
+        .unwrap();
+
+    // An abrupt reboot (no driver removal, no deflate), then a smaller balloon.
+    vm.agent
+        .spawn("sleep 0.5; echo b > /proc/sysrq-trigger")
+        .unwrap();
+    wait_for(
+        "the guest to go down",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            Ok(
+                match vm.agent.run_timeout("true", Duration::from_millis(500)) {
+                    Ok(_) => Poll::Pending("still up".into()),
+                    Err(_) => Poll::Ready(()),
+                },
+            )
+        },
+    )
+    .unwrap();
+    backend.set_target(64 * MIB).unwrap();
+    vm.wait_agent(Duration::from_secs(120)).unwrap();
+    let up = vm.agent.sh("cat /proc/uptime").unwrap();
+    assert!(
+        up.split('.').next().unwrap().parse::<u64>().unwrap() < 60,
+        "{up}"
+    );
+    let status = backend
+        .wait_actual(64 * MIB, Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(status.ballooned_bytes, 64 * MIB, "{status:?}");
+
+    // The new kernel fills most of its memory with a checksummed file, discards come back
+    // on, and the file is intact: only the new balloon's pages were discarded.
+    vm.agent
+        .sh("dd if=/dev/urandom of=/tmp/data bs=1M count=600 2>/dev/null && sha256sum /tmp/data > /tmp/data.sum")
+        .unwrap();
+    let before = vm.host_memory().unwrap();
+    set_discard(true);
+    let after = vm.host_memory().unwrap();
+    eprintln!(
+        "discards on: RssShmem {} -> {} MiB",
+        mib(before.rss_shmem),
+        mib(after.rss_shmem)
+    );
+    let check = vm.agent.run("sha256sum -c /tmp/data.sum").unwrap();
+    assert!(check.success(), "{check:?}");
+    assert!(before.rss_shmem - after.rss_shmem <= 64 * MIB + 4 * MIB);
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+}

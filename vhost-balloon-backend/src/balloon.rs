@@ -88,6 +88,11 @@ pub struct Balloon {
     /// Discards were switched back on while `driver_instance_unknown`: discard the tracked
     /// pages once they are known to be the balloon's.
     discard_tracked_when_known: bool,
+    /// The frontend started the device (it sends the features at each start) and has not
+    /// stopped a ring since. Config-change messages go out only then: QEMU 11.1 crashes
+    /// (SIGSEGV) on one that arrives while it resets the device for a guest reboot, and a
+    /// starting driver reads the target itself.
+    device_running: bool,
 }
 
 /// The guest app's side of the device (see app_channel.rs).
@@ -125,6 +130,7 @@ impl Balloon {
             app: AppBalloon::default(),
             driver_instance_unknown: false,
             discard_tracked_when_known: false,
+            device_running: false,
         }
     }
 
@@ -222,14 +228,25 @@ impl Balloon {
             worker.cancel_all();
         }
         self.driver_instance_unknown = true;
+        self.device_running = true;
+        // A target set while the device was stopped, or by a previous backend process.
+        if self.config.num_pages != 0 {
+            self.notify_config_change();
+        }
         log::info!(
             "driver acknowledged features {acked:#x}: {}",
             features::names(acked).join(" ")
         );
     }
 
+    /// The frontend stopped a ring (it stops them all to reset the device or pause the VM).
+    pub fn ring_stopped(&mut self) {
+        self.device_running = false;
+    }
+
     /// The driver reset the device or the frontend went away: the queues are gone.
     pub fn reset(&mut self) {
+        self.device_running = false;
         self.acked_features = 0;
         self.layout = QueueLayout::for_features(0);
         self.stats_held = None;
@@ -256,7 +273,7 @@ impl Balloon {
                     channel.raw_fd()
                 );
                 self.channel = Some(channel);
-                if self.config.num_pages != 0 {
+                if self.device_running && self.config.num_pages != 0 {
                     self.notify_config_change();
                 }
             }
@@ -267,6 +284,10 @@ impl Balloon {
     }
 
     fn notify_config_change(&mut self) {
+        if !self.device_running {
+            log::debug!("device stopped: the driver reads the target when it starts");
+            return;
+        }
         let Some(channel) = self.channel.as_mut() else {
             log::warn!("no backend request channel: the driver is not told about the new target");
             return;

@@ -262,6 +262,11 @@ impl VhostUserBackend for VhostUserBalloon {
             | VhostUserProtocolFeatures::MQ
     }
 
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        lock(&self.balloon).ring_stopped();
+        Ok(())
+    }
+
     fn reset_device(&self) {
         lock(&self.balloon).reset();
     }
