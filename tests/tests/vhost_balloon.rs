@@ -339,3 +339,54 @@ fn after_a_guest_reboot_only_the_new_kernels_balloon_is_tracked_and_discarded() 
     assert!(before.rss_shmem - after.rss_shmem <= 64 * MIB + 4 * MIB);
     assert_eq!(vm.agent.oom_kills().unwrap(), 0);
 }
+
+#[test]
+fn behind_the_keeper_a_backend_restarted_after_a_guest_reboot_resumes_the_new_rings() {
+    // The keeper's journal after a reboot: the rings were stopped and started again, the new
+    // kernel's setup is what a restarted backend must be told.
+    let mut backend =
+        Backend::start_behind_keeper("reboot-keeper", &["--no-free-page-reporting"]).unwrap();
+    let mut config = VmConfig::new("reboot-keeper");
+    config.vhost_user_balloon = Some(backend.device());
+    config.allow_reboot = true;
+    let mut vm = Vm::start(config).expect("boot");
+    backend.set_target(128 * MIB).unwrap();
+    backend
+        .wait_actual(128 * MIB, Duration::from_secs(120))
+        .unwrap();
+    vm.agent
+        .spawn("sleep 0.5; echo b > /proc/sysrq-trigger")
+        .unwrap();
+    wait_for(
+        "the guest to go down",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            Ok(
+                match vm.agent.run_timeout("true", Duration::from_millis(500)) {
+                    Ok(_) => Poll::Pending("still up".into()),
+                    Err(_) => Poll::Ready(()),
+                },
+            )
+        },
+    )
+    .unwrap();
+    vm.wait_agent(Duration::from_secs(120)).unwrap();
+    // The new kernel's driver inflates to the same target.
+    backend
+        .wait_actual(128 * MIB, Duration::from_secs(120))
+        .unwrap();
+
+    backend.kill();
+    backend.restart().unwrap();
+    backend.set_target(320 * MIB).unwrap();
+    let status = backend
+        .wait_actual(320 * MIB, Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(status.ballooned_bytes, 320 * MIB, "{status:?}");
+    assert!(vm.is_running());
+    assert!(vm.agent.sh("echo alive").unwrap().contains("alive"));
+    let log = backend.keeper_log();
+    assert_eq!(log.matches("frontend connected").count(), 1, "{log}");
+    assert!(log.contains("replayed"), "{log}");
+}
