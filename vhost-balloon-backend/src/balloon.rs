@@ -214,39 +214,60 @@ impl Balloon {
     /// a guest reboot reaches a vhost-user backend this way, never as a reset. The queues are
     /// new, so the statistics head held from the old ones means nothing any more (returning it
     /// would hand the new driver's buffer back at once).
-    ///
-    /// A guest that rebooted has all its pages back, but the backend hears of it only as this
-    /// new negotiation, like a VM that was paused and resumed, which still holds its balloon.
-    /// Until the inflate queue tells them apart, nothing may discard a tracked page: discards
-    /// still pending from before are dropped (in the pause case that memory merely stays
-    /// resident).
     pub fn set_acked_features(&mut self, acked: u64) {
         self.acked_features = acked;
         self.layout = QueueLayout::for_features(acked);
         self.stats_held = None;
-        if let Some(worker) = &self.discard_worker {
-            worker.cancel_all();
-        }
-        self.driver_instance_unknown = true;
-        self.device_running = true;
-        // A target set while the device was stopped, or by a previous backend process.
-        if self.config.num_pages != 0 {
-            self.notify_config_change();
-        }
+        self.owner_unknown();
         log::info!(
             "driver acknowledged features {acked:#x}: {}",
             features::names(acked).join(" ")
         );
     }
 
-    /// The frontend stopped a ring (it stops them all to reset the device or pause the VM).
-    pub fn ring_stopped(&mut self) {
+    /// From here until the inflate queue is seen running again, the tracked pages may not be
+    /// the balloon's: a guest that reboots has all its pages back, but the backend only sees
+    /// the rings stop and, once the new driver starts, a new negotiation, just as for a VM
+    /// that is paused and resumed and still holds its balloon. So nothing may discard a
+    /// tracked page meanwhile: discards still pending are dropped (and redone once the pages
+    /// prove to be the balloon's) and `set_discard(true)` waits.
+    fn owner_unknown(&mut self) {
         self.device_running = false;
+        self.driver_instance_unknown = true;
+        let dropped = self
+            .discard_worker
+            .as_ref()
+            .is_some_and(|worker| worker.cancel_all());
+        if dropped && self.discard_enabled {
+            self.discard_tracked_when_known = true;
+        }
+    }
+
+    /// The frontend stopped a ring (it stops them all to reset the device for a guest reboot
+    /// or to pause the VM). Runs inside GET_VRING_BASE, before QEMU lets the guest run on.
+    pub fn ring_stopped(&mut self) {
+        self.owner_unknown();
+    }
+
+    /// The inflate queue runs (ready, as the frontend set it up): the device is started, and
+    /// where the queue resumed tells whose the tracked pages are (see
+    /// `check_driver_instance`). A config-change message goes out only while the device runs:
+    /// QEMU 11.1 dereferences a null device on one that arrives while its vhost device is
+    /// stopped (a reset, a paused VM). One goes out at each start when a target is set (set
+    /// while stopped, or held by a restarted backend); a starting driver reads it anyway.
+    pub fn inflate_queue_running(&mut self, next_avail: u16) {
+        self.check_driver_instance(next_avail);
+        if !self.device_running {
+            self.device_running = true;
+            if self.config.num_pages != 0 {
+                self.notify_config_change();
+            }
+        }
     }
 
     /// The driver reset the device or the frontend went away: the queues are gone.
     pub fn reset(&mut self) {
-        self.device_running = false;
+        self.owner_unknown();
         self.acked_features = 0;
         self.layout = QueueLayout::for_features(0);
         self.stats_held = None;
@@ -273,7 +294,7 @@ impl Balloon {
                     channel.raw_fd()
                 );
                 self.channel = Some(channel);
-                if self.device_running && self.config.num_pages != 0 {
+                if self.config.num_pages != 0 {
                     self.notify_config_change();
                 }
             }
@@ -340,6 +361,7 @@ impl Balloon {
         let was = self.discard_enabled;
         self.discard_enabled = enabled;
         if !enabled {
+            self.discard_tracked_when_known = false;
             if let Some(worker) = &self.discard_worker {
                 worker.cancel_all();
             }
@@ -358,8 +380,28 @@ impl Balloon {
         Ok(())
     }
 
+    /// Discards every tracked page again (off the queue's path when a worker runs). Only with
+    /// MUST_TELL_HOST: without it the driver may reuse a page before deflating it, so only the
+    /// discard at inflate time is safe.
     fn discard_tracked(&mut self) {
-        let out = self.memory.discard_all_ballooned();
+        if !self.discard_enabled {
+            return;
+        }
+        if self.acked_features & bit(features::MUST_TELL_HOST) == 0 {
+            log::info!("the driver did not negotiate MUST_TELL_HOST: tracked pages are not discarded again");
+            return;
+        }
+        let out = match self.deferring_worker() {
+            Some(worker) => {
+                let mut jobs = Vec::new();
+                let out = self
+                    .memory
+                    .discard_all_ballooned_with(DiscardMode::Defer(&mut jobs));
+                worker.submit(jobs);
+                out
+            }
+            None => self.memory.discard_all_ballooned_with(DiscardMode::Now),
+        };
         self.count_discards(out);
         self.counters.reclaimed_bytes += out.discarded_bytes;
     }
@@ -370,7 +412,7 @@ impl Balloon {
     /// tracked page is the guest's again. Otherwise (a VM resumed, a backend restarted behind
     /// the keeper) the tracked pages are still the balloon's. (The 16-bit index wrapping to
     /// exactly 0 would only lose tracking, never discard a page in use.)
-    pub fn check_driver_instance(&mut self, inflate_next_avail: u16) {
+    fn check_driver_instance(&mut self, inflate_next_avail: u16) {
         if !std::mem::take(&mut self.driver_instance_unknown) {
             return;
         }
@@ -672,7 +714,7 @@ pub fn drain_queue<M: GuestMemory>(
         return Ok(heads.len());
     };
     if kind == QueueKind::Inflate {
-        balloon.check_driver_instance(queue.next_avail());
+        balloon.inflate_queue_running(queue.next_avail());
     }
     let chains: Vec<DescriptorChain<&M>> = queue.iter(mem)?.collect();
     let mut used = 0;

@@ -35,6 +35,8 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error("starting the discard worker: {0}")]
     Worker(std::io::Error),
+    #[error("state file: {0}")]
+    StateLock(std::io::Error),
 }
 
 /// What the control socket drives: the device state and the statistics timer.
@@ -122,6 +124,13 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         stats: options.stats,
         deflate_on_oom: options.deflate_on_oom,
         free_page_reporting: options.free_page_reporting,
+    };
+    // Held until the process ends (a kill -9 releases it too).
+    let _state_lock = match &options.state_file {
+        Some(path) => {
+            Some(crate::memory::persist::StateLock::acquire(path).map_err(DaemonError::StateLock)?)
+        }
+        None => None,
     };
     let worker = DiscardWorker::start().map_err(DaemonError::Worker)?;
     let mut balloon = Balloon::new(choice, options.state_file.clone()).with_discard_worker(worker);

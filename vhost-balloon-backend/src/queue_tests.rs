@@ -994,3 +994,180 @@ fn a_restarted_backend_takes_over_the_tracked_pages_and_completes_their_discards
     assert_eq!(fourth.status().ballooned_bytes, PAGE);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Inflates `pfns` through `ring` (one buffer at `at`) and checks it came back.
+fn inflate_on(ring: &mut Ring, g: &Guest, b: &mut Balloon, at: u64, pfns: &[u32]) {
+    let len = g.write_pfns(at, pfns);
+    ring.add(&[(at, len, 0)]);
+    assert_eq!(ring.drain(b, INFLATE).unwrap(), 1);
+}
+
+#[test]
+fn while_the_rings_are_stopped_for_a_reboot_no_tracked_page_is_discarded() {
+    // QEMU stops every ring at the reset and negotiates again only when the new driver starts,
+    // seconds later: meanwhile firmware and the new kernel use the old balloon's pages. Neither
+    // the worker's pending discards nor discards switched back on may touch them.
+    let g = Guest::new();
+    let (mut b, worker) = g.balloon_with_worker();
+    let old: Vec<u32> = (3000..3000 + 64).collect();
+    send_pfns(&g, &mut b, INFLATE, &old);
+    b.ring_stopped();
+    g.mem.write_obj(0x5au8, GuestAddress(3000 * PAGE)).unwrap();
+    worker.process_pending();
+    assert_eq!(
+        g.first_byte(3000),
+        0x5a,
+        "a pending discard ran after the reset"
+    );
+
+    b.set_discard(false).unwrap();
+    b.set_discard(true).unwrap();
+    worker.process_pending();
+    assert_eq!(
+        g.first_byte(3000),
+        0x5a,
+        "re-enabling discarded the rebooting guest's page"
+    );
+}
+
+#[test]
+fn a_paused_vm_gets_the_discards_dropped_at_the_pause_once_it_runs_again() {
+    let g = Guest::new();
+    let (mut b, worker) = g.balloon_with_worker();
+    let full = g.allocated();
+    let mut ring = Ring::new(&g, 64);
+    inflate_on(
+        &mut ring,
+        &g,
+        &mut b,
+        BUF,
+        &(3100..3100 + 64).collect::<Vec<_>>(),
+    );
+    // Stopped before the worker ran, then continued.
+    b.ring_stopped();
+    b.set_acked_features(bit(MUST_TELL_HOST) | bit(VIRTIO_F_VERSION_1));
+    inflate_on(
+        &mut ring,
+        &g,
+        &mut b,
+        BUF + 4 * KIB,
+        &(3200..3208).collect::<Vec<_>>(),
+    );
+    worker.process_pending();
+    assert_eq!(b.status().ballooned_bytes, 72 * PAGE);
+    assert_eq!(
+        full - g.allocated(),
+        72 * PAGE,
+        "the dropped discards were not redone"
+    );
+}
+
+#[test]
+fn discards_switched_off_again_before_the_queue_is_seen_stay_off() {
+    let g = Guest::new();
+    let (mut b, worker) = g.balloon_with_worker();
+    b.set_discard(false).unwrap();
+    let full = g.allocated();
+    let mut ring = Ring::new(&g, 64);
+    inflate_on(
+        &mut ring,
+        &g,
+        &mut b,
+        BUF,
+        &(3300..3300 + 64).collect::<Vec<_>>(),
+    );
+    b.ring_stopped();
+    b.set_acked_features(bit(MUST_TELL_HOST) | bit(VIRTIO_F_VERSION_1));
+    b.set_discard(true).unwrap(); // deferred
+    b.set_discard(false).unwrap(); // before VFIO, postcopy or a snapshot
+    inflate_on(
+        &mut ring,
+        &g,
+        &mut b,
+        BUF + 4 * KIB,
+        &(3400..3408).collect::<Vec<_>>(),
+    );
+    worker.process_pending();
+    assert_eq!(
+        g.allocated(),
+        full,
+        "pages discarded while discards are off"
+    );
+}
+
+#[test]
+fn a_later_memory_table_never_takes_over_a_stale_page_file() {
+    // The first persist of a process fails (here: its temporary file cannot be created); a
+    // later table must not adopt the previous process's file over what this one tracks.
+    let g = Guest::new();
+    let dir = std::env::temp_dir().join(format!("stale-pages-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("state.json");
+    let pages = dir.join("state.pages");
+    let start = || {
+        let mut b = Balloon::new(FeatureChoice::default(), Some(state.clone()));
+        b.set_acked_features(bit(MUST_TELL_HOST) | bit(VIRTIO_F_VERSION_1));
+        b.set_memory(regions_of(&g.mem));
+        b
+    };
+    let mut ring = Ring::new(&g, 64);
+    {
+        let mut first = start();
+        inflate_on(
+            &mut ring,
+            &g,
+            &mut first,
+            BUF,
+            &(3500..3500 + 64).collect::<Vec<_>>(),
+        );
+    }
+    std::fs::rename(&pages, dir.join("hidden")).unwrap();
+    let tmp = dir.join(format!("state.pages.{}.tmp", std::process::id()));
+    std::fs::create_dir(&tmp).unwrap();
+    let mut second = start();
+    inflate_on(
+        &mut ring,
+        &g,
+        &mut second,
+        BUF + 4 * KIB,
+        &(3600..3608).collect::<Vec<_>>(),
+    );
+    // The guest takes the old pages back and uses them.
+    second.memory.deflate(&[crate::memory::PfnRange {
+        start: 3500,
+        count: 64,
+    }]);
+    g.mem.write_obj(0x5au8, GuestAddress(3500 * PAGE)).unwrap();
+    std::fs::remove_dir(&tmp).unwrap();
+    std::fs::rename(dir.join("hidden"), &pages).unwrap();
+    second.set_memory(regions_of(&g.mem));
+    assert_eq!(second.status().ballooned_bytes, 8 * PAGE);
+    inflate_on(
+        &mut ring,
+        &g,
+        &mut second,
+        BUF + 8 * KIB,
+        &(3700..3708).collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        g.first_byte(3500),
+        0x5a,
+        "a page the guest took back was discarded"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn two_backends_cannot_share_a_state_file() {
+    let dir = std::env::temp_dir().join(format!("state-lock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("state.json");
+    let held = crate::memory::persist::StateLock::acquire(&state).unwrap();
+    // flock locks belong to the open file: a second open, as a second process would, fails.
+    let e = crate::memory::persist::StateLock::acquire(&state).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+    drop(held);
+    crate::memory::persist::StateLock::acquire(&state).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

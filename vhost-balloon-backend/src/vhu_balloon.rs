@@ -156,10 +156,11 @@ impl VhostUserBalloon {
         }
     }
 
-    /// After a negotiation, the first event with the inflate queue started tells whether the
-    /// tracked pages are still the driver's (see `Balloon::check_driver_instance`), even when
-    /// the driver does not inflate (a statistics tick suffices).
-    fn check_driver_instance(&self, vrings: &[Vring]) {
+    /// The inflate queue, once ready, tells the device model that the device runs and where
+    /// the queue resumed (see `Balloon::inflate_queue_running`). vhost-user-backend raises an
+    /// event for each ring it registers, so this runs as soon as the frontend starts the rings,
+    /// kick or no kick.
+    fn observe_inflate_queue(&self, vrings: &[Vring]) {
         let mut balloon = lock(&self.balloon);
         let Some(vring) = balloon
             .layout
@@ -168,9 +169,13 @@ impl VhostUserBalloon {
         else {
             return;
         };
-        let queue = vring.get_ref();
-        if queue.get_queue().ready() {
-            balloon.check_driver_instance(queue.get_queue().next_avail());
+        // Copied out: the vring lock is not held while the device model works.
+        let (ready, next_avail) = {
+            let state = vring.get_ref();
+            (state.get_queue().ready(), state.get_queue().next_avail())
+        };
+        if ready {
+            balloon.inflate_queue_running(next_avail);
         }
     }
 
@@ -331,7 +336,7 @@ impl VhostUserBackend for VhostUserBalloon {
         if evset != EventSet::IN {
             log::warn!("unexpected event set {evset:?} for event {device_event}");
         }
-        self.check_driver_instance(vrings);
+        self.observe_inflate_queue(vrings);
         let event = u64::from(device_event);
         if event == self.stats_timer_event() {
             self.stats_tick(vrings);

@@ -53,17 +53,17 @@ impl PageBitmap {
         }
     }
 
-    /// Moves the bits into `mapped`, which holds `words_for(pages)` words; with `adopt`, takes
-    /// the bits `mapped` already holds instead (a previous process's). Returns false, changing
-    /// nothing, if `mapped` has another size.
-    pub fn move_to(&mut self, mut mapped: MappedWords, adopt: bool) -> bool {
-        let n = words_for(self.pages);
+    /// The words, for copying into a file.
+    pub fn words(&self) -> &[u64] {
+        self.words.as_slice()
+    }
+
+    /// Uses `mapped` (which holds `words_for(pages)` words, the bits to use from now on) as
+    /// the storage. Returns false, changing nothing, if it has another size.
+    pub fn move_to(&mut self, mut mapped: MappedWords) -> bool {
         let slice = mapped.as_mut_slice();
-        if slice.len() != n {
+        if slice.len() != words_for(self.pages) {
             return false;
-        }
-        if !adopt {
-            slice.copy_from_slice(self.words.as_slice());
         }
         // Bits past the last page are never set, whatever a file held.
         if let (Some(last), rem) = (slice.last_mut(), self.pages % 64) {

@@ -160,6 +160,23 @@ enum Op<'a> {
     FreeReport,
 }
 
+/// Whether two regions are backed by the same file at the same offset (so the pages named by
+/// one are the pages of the other), or neither has a file to tell.
+fn same_backing(a: &GuestRegion, b: &GuestRegion) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (&a.backing.file, &b.backing.file) {
+        (Some((fa, oa)), Some((fb, ob))) => {
+            oa == ob
+                && match (fa.metadata(), fb.metadata()) {
+                    (Ok(ma), Ok(mb)) => ma.dev() == mb.dev() && ma.ino() == mb.ino(),
+                    _ => false,
+                }
+        }
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 impl GuestMemoryMap {
     /// Builds the map from the memory table. Ballooned pages of a region that was already known
     /// (same address and size) carry over, so a re-sent table does not lose the accounting.
@@ -170,7 +187,7 @@ impl GuestMemoryMap {
             if let Some(old) = self
                 .regions
                 .iter_mut()
-                .find(|o| o.gpa == r.gpa && o.len == r.len)
+                .find(|o| o.gpa == r.gpa && o.len == r.len && same_backing(o, r))
             {
                 std::mem::swap(&mut r.ballooned, &mut old.ballooned);
             }
@@ -224,10 +241,14 @@ impl GuestMemoryMap {
             .sum()
     }
 
-    /// Keeps the tracking in the file at `path` from now on (see persist.rs). The first time in
-    /// this process, a file describing the same guest RAM is taken over: returns the pages it
-    /// holds. Regions without a backing file cannot be named, so nothing is persisted then.
+    /// Keeps the tracking in the file at `path` from now on (see persist.rs). Only the first
+    /// table of this process, and only while it tracks nothing, may take over a file that
+    /// describes the same guest RAM: returns the pages taken over. Regions without a backing
+    /// file cannot be named, so nothing is persisted then.
     pub fn persist_to(&mut self, path: &std::path::Path) -> std::io::Result<Option<u64>> {
+        let may_adopt = !self.persisting && self.ballooned_pages() == 0;
+        // Once tried, never again: a later table must not take stale bits over live ones.
+        self.persisting = true;
         let mut ids = Vec::with_capacity(self.regions.len());
         for r in &self.regions {
             let Some((file, offset)) = &r.backing.file else {
@@ -235,21 +256,21 @@ impl GuestMemoryMap {
             };
             ids.push(persist::RegionIdentity::of(r.gpa, r.len, file, *offset)?);
         }
-        let words: Vec<usize> = self
-            .regions
-            .iter()
-            .map(|r| bitmap::words_for(r.len / PAGE_SIZE))
-            .collect();
-        let (mapped, adopted) = persist::open(path, &ids, &words, !self.persisting)?;
+        let current: Vec<&[u64]> = self.regions.iter().map(|r| r.ballooned.words()).collect();
+        let (mapped, adopted) = persist::open(path, &ids, &current, may_adopt)?;
         for (r, m) in self.regions.iter_mut().zip(mapped) {
-            r.ballooned.move_to(m, adopted);
+            r.ballooned.move_to(m);
         }
-        self.persisting = true;
         Ok(adopted.then(|| self.ballooned_pages()))
     }
 
     /// Discards every ballooned page again, e.g. after discarding was switched back on.
     pub fn discard_all_ballooned(&mut self) -> PageOutcome {
+        self.discard_all_ballooned_with(DiscardMode::Now)
+    }
+
+    /// As `discard_all_ballooned`, now or handed to the caller as jobs.
+    pub fn discard_all_ballooned_with(&mut self, mode: DiscardMode) -> PageOutcome {
         let ranges: Vec<PfnRange> = self
             .regions
             .iter()
@@ -261,7 +282,7 @@ impl GuestMemoryMap {
                 })
             })
             .collect();
-        let mut out = self.apply(&ranges, Op::Inflate(DiscardMode::Now));
+        let mut out = self.apply(&ranges, Op::Inflate(mode));
         out.changed_pages = 0;
         out
     }

@@ -112,18 +112,20 @@ fn map(file: &File, bytes: usize) -> io::Result<Arc<Mapping>> {
     }))
 }
 
-/// Maps the tracking file at `path` for regions `ids` with `words[i]` words each. With
-/// `may_adopt` and a file that describes exactly these regions, its bits are kept (returns
-/// true); otherwise a new, empty file replaces it (atomically: a mapping of the old one stays
-/// valid).
+/// Maps the tracking file at `path` for regions `ids`, region i's bits being `current[i]`.
+/// With `may_adopt` and a file that describes exactly these regions, the file's bits are kept
+/// (returns true: a previous process's); otherwise a new file holding `current` replaces it,
+/// written and mapped before it is renamed into place, so that at every moment the file at
+/// `path` is complete (and a mapping of the old one stays valid).
 pub fn open(
     path: &Path,
     ids: &[RegionIdentity],
-    words: &[usize],
+    current: &[&[u64]],
     may_adopt: bool,
 ) -> io::Result<(Vec<MappedWords>, bool)> {
+    use std::os::unix::fs::FileExt;
     let head = header(ids);
-    let total_words: usize = words.iter().sum();
+    let total_words: usize = current.iter().map(|c| c.len()).sum();
     let bytes = head.len() + total_words * 8;
     let existing = may_adopt
         .then(|| {
@@ -135,17 +137,16 @@ pub fn open(
         })
         .flatten()
         .filter(|f| {
-            use std::os::unix::fs::FileExt;
             let mut h = vec![0u8; head.len()];
             f.metadata().is_ok_and(|m| m.len() == bytes as u64)
                 && f.read_exact_at(&mut h, 0).is_ok()
                 && h == head
         });
     let adopted = existing.is_some();
-    let file = match existing {
-        Some(f) => f,
+    let (file, rename_from) = match existing {
+        Some(f) => (f, None),
         None => {
-            let tmp = path.with_extension("pages.tmp");
+            let tmp = path.with_extension(format!("pages.{}.tmp", std::process::id()));
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -154,22 +155,60 @@ pub fn open(
                 .mode(0o600)
                 .open(&tmp)?;
             f.set_len(bytes as u64)?;
-            use std::os::unix::fs::FileExt;
             f.write_all_at(&head, 0)?;
-            std::fs::rename(&tmp, path)?;
-            f
+            (f, Some(tmp))
         }
     };
     let map = map(&file, bytes)?;
     let mut start = head.len() / 8;
-    let mut out = Vec::with_capacity(words.len());
-    for &len in words {
-        out.push(MappedWords {
+    let mut out = Vec::with_capacity(current.len());
+    for bits in current {
+        let mut words = MappedWords {
             map: map.clone(),
             start,
-            len,
-        });
-        start += len;
+            len: bits.len(),
+        };
+        if !adopted {
+            words.as_mut_slice().copy_from_slice(bits);
+        }
+        start += bits.len();
+        out.push(words);
+    }
+    if let Some(tmp) = rename_from {
+        std::fs::rename(&tmp, path)?;
     }
     Ok((out, adopted))
+}
+
+/// Holds an exclusive lock on `STATE.lock` for as long as it lives: two backends must never
+/// share a state file (each would take the other's pages for its own).
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateLock {
+    pub fn acquire(state_file: &Path) -> io::Result<Self> {
+        let path = state_file.with_extension("lock");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is held by another backend", path.display()),
+                )
+            } else {
+                e
+            });
+        }
+        Ok(StateLock { _file: file })
+    }
 }

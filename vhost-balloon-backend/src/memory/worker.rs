@@ -87,13 +87,16 @@ impl DiscardWorker {
         }
     }
 
-    /// Discards are switched off: forget every pending one and wait for those in flight.
-    pub fn cancel_all(&self) {
+    /// Forgets every pending discard and waits for those in flight (discards switched off, or
+    /// the pages' owner unknown). Returns whether any pending one was dropped.
+    pub fn cancel_all(&self) -> bool {
         let mut q = self.lock();
+        let dropped = !q.pending.is_empty();
         q.pending.clear();
         while !q.in_flight.is_empty() {
             q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
         }
+        dropped
     }
 
     /// Waits until every submitted discard is done.
