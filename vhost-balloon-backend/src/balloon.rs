@@ -157,6 +157,10 @@ impl Balloon {
     /// interrupted discard is completed) once the driver's inflate queue shows the pages are
     /// still the balloon's.
     pub fn set_memory(&mut self, regions: Vec<crate::memory::GuestRegion>) {
+        // Discards still queued address the old mappings, which go once this table is in.
+        if let Some(worker) = &self.discard_worker {
+            worker.flush();
+        }
         self.memory.replace_regions(regions);
         let Some(path) = self.state_file.as_ref().map(|p| p.with_extension("pages")) else {
             return;
@@ -253,15 +257,14 @@ impl Balloon {
     /// where the queue resumed tells whose the tracked pages are (see
     /// `check_driver_instance`). A config-change message goes out only while the device runs:
     /// QEMU 11.1 dereferences a null device on one that arrives while its vhost device is
-    /// stopped (a reset, a paused VM). One goes out at each start when a target is set (set
-    /// while stopped, or held by a restarted backend); a starting driver reads it anyway.
+    /// stopped (a reset, a paused VM). So one goes out at each start, whatever the target
+    /// (it may have changed, to 0 too, while the device was stopped); a driver that has
+    /// nothing to do just reads the config.
     pub fn inflate_queue_running(&mut self, next_avail: u16) {
         self.check_driver_instance(next_avail);
         if !self.device_running {
             self.device_running = true;
-            if self.config.num_pages != 0 {
-                self.notify_config_change();
-            }
+            self.notify_config_change();
         }
     }
 

@@ -170,11 +170,16 @@ impl VhostUserBalloon {
             return;
         };
         // Copied out: the vring lock is not held while the device model works.
-        let (ready, next_avail) = {
+        let (running, next_avail) = {
             let state = vring.get_ref();
-            (state.get_queue().ready(), state.get_queue().next_avail())
+            (
+                state.get_queue().ready() && state.is_enabled(),
+                state.get_queue().next_avail(),
+            )
         };
-        if ready {
+        // An event the old connection's thread handles late sees stale rings: only a device
+        // the current driver started counts.
+        if running && balloon.device_started() {
             balloon.inflate_queue_running(next_avail);
         }
     }

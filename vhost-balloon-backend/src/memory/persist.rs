@@ -154,12 +154,25 @@ pub fn open(
                 .truncate(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            f.set_len(bytes as u64)?;
-            f.write_all_at(&head, 0)?;
+            let written = f
+                .set_len(bytes as u64)
+                .and_then(|()| f.write_all_at(&head, 0));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
             (f, Some(tmp))
         }
     };
-    let map = map(&file, bytes)?;
+    let map = match map(&file, bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            if let Some(tmp) = &rename_from {
+                let _ = std::fs::remove_file(tmp);
+            }
+            return Err(e);
+        }
+    };
     let mut start = head.len() / 8;
     let mut out = Vec::with_capacity(current.len());
     for bits in current {
@@ -175,7 +188,10 @@ pub fn open(
         out.push(words);
     }
     if let Some(tmp) = rename_from {
-        std::fs::rename(&tmp, path)?;
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
     }
     Ok((out, adopted))
 }
