@@ -37,8 +37,15 @@ impl Backend {
         extra_args: &[&str],
         app_socket: Option<PathBuf>,
     ) -> Result<Backend> {
+        let mut b = Self::in_new_dir(name, extra_args, app_socket)?;
+        b.restart()?;
+        Ok(b)
+    }
+
+    /// The sockets and state file in a fresh directory; nothing started yet.
+    fn in_new_dir(name: &str, extra_args: &[&str], app_socket: Option<PathBuf>) -> Result<Backend> {
         let dir = lab::run_dir(&format!("{name}-backend"))?;
-        let mut b = Backend {
+        Ok(Backend {
             socket: dir.join("vhost.sock"),
             keeper_backend_socket: None,
             control_socket: dir.join("control.sock"),
@@ -48,23 +55,20 @@ impl Backend {
             dir,
             child: None,
             keeper: None,
-        };
-        b.restart()?;
-        Ok(b)
+        })
     }
 
     /// As `start`, behind vhost-user-keeper: the frontend connects to the keeper's socket
     /// (`socket`), the backend to the keeper as a client, so the backend can be killed and
     /// restarted without the frontend seeing its connection close.
     pub fn start_behind_keeper(name: &str, extra_args: &[&str]) -> Result<Backend> {
-        let dir = lab::run_dir(&format!("{name}-backend"))?;
-        let socket = dir.join("vhost.sock");
-        let backend_socket = dir.join("keeper-backend.sock");
+        let mut b = Self::in_new_dir(name, extra_args, None)?;
+        let backend_socket = b.dir.join("keeper-backend.sock");
         let exe = lab::workspace_binary("vhost-user-keeper")?;
-        let log = std::fs::File::create(dir.join("keeper.log")).ctx(|| "keeper.log".into())?;
+        let log = std::fs::File::create(b.dir.join("keeper.log")).ctx(|| "keeper.log".into())?;
         let mut cmd = Command::new(&exe);
         cmd.arg("--socket")
-            .arg(&socket)
+            .arg(&b.socket)
             .arg("--backend-socket")
             .arg(&backend_socket)
             .env("RUST_LOG", "info")
@@ -72,31 +76,9 @@ impl Backend {
             .stdout(log.try_clone().ctx(|| "keeper.log".into())?)
             .stderr(log);
         lab::die_with_parent(&mut cmd);
-        let keeper = cmd.spawn().ctx(|| format!("starting {}", exe.display()))?;
-        let mut b = Backend {
-            socket,
-            keeper_backend_socket: Some(backend_socket.clone()),
-            control_socket: dir.join("control.sock"),
-            state_file: dir.join("state.json"),
-            app_socket: dir.join("app.sock"),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            dir,
-            child: None,
-            keeper: Some(keeper),
-        };
-        let (s, k) = (b.socket.clone(), backend_socket);
-        wait_for(
-            "the keeper's sockets",
-            Duration::from_secs(20),
-            Duration::from_millis(20),
-            || {
-                Ok(if s.exists() && k.exists() {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending(String::new())
-                })
-            },
-        )?;
+        b.keeper = Some(cmd.spawn().ctx(|| format!("starting {}", exe.display()))?);
+        wait_for_paths("the keeper's sockets", &[&b.socket, &backend_socket])?;
+        b.keeper_backend_socket = Some(backend_socket);
         b.restart()?;
         Ok(b)
     }
@@ -234,6 +216,21 @@ impl Backend {
     }
 }
 
+/// Waits until every one of `paths` exists (a daemon has bound its sockets).
+fn wait_for_paths(what: &str, paths: &[&std::path::Path]) -> Result<()> {
+    wait_for(
+        what,
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || {
+            Ok(match paths.iter().find(|p| !p.exists()) {
+                None => Poll::Ready(()),
+                Some(missing) => Poll::Pending(format!("{} missing", missing.display())),
+            })
+        },
+    )
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         self.kill();
@@ -255,7 +252,7 @@ impl Drop for Backend {
                     .collect::<Vec<_>>()
                     .join("\n")
             );
-            if self.keeper.is_some() || self.keeper_backend_socket.is_some() {
+            if self.keeper_backend_socket.is_some() {
                 eprintln!("--- keeper.log ---\n{}", self.keeper_log());
             }
         } else {
@@ -298,19 +295,7 @@ impl VsockDevice {
             .stderr(log);
         lab::die_with_parent(&mut cmd);
         let child = cmd.spawn().ctx(|| format!("starting {}", exe.display()))?;
-        let s = socket.clone();
-        wait_for(
-            "vhost-device-vsock's socket",
-            Duration::from_secs(20),
-            Duration::from_millis(20),
-            || {
-                Ok(if s.exists() {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending(String::new())
-                })
-            },
-        )?;
+        wait_for_paths("vhost-device-vsock's socket", &[&socket])?;
         Ok(VsockDevice {
             dir,
             socket,

@@ -82,16 +82,15 @@ pub struct Balloon {
     discard_worker: Option<Arc<DiscardWorker>>,
     /// The user-level balloon app's pages, tracked apart from the driver's.
     pub app: AppBalloon,
-    /// Set at each negotiation until the inflate queue is first seen: only then is it known
-    /// whether the driver is the one the tracked pages belong to (see `check_driver_instance`).
+    /// Set from the first ring stopped (and at each negotiation) until the inflate queue is
+    /// seen running: only then is it known whether the tracked pages are still the balloon's
+    /// (see `owner_unknown`, `check_driver_instance`).
     driver_instance_unknown: bool,
     /// Discards were switched back on while `driver_instance_unknown`: discard the tracked
     /// pages once they are known to be the balloon's.
     discard_tracked_when_known: bool,
-    /// The frontend started the device (it sends the features at each start) and has not
-    /// stopped a ring since. Config-change messages go out only then: QEMU 11.1 crashes
-    /// (SIGSEGV) on one that arrives while it resets the device for a guest reboot, and a
-    /// starting driver reads the target itself.
+    /// The inflate queue was seen ready for the current driver and no ring has stopped since.
+    /// Config-change messages go out only then (see `inflate_queue_running`).
     device_running: bool,
 }
 
@@ -253,6 +252,12 @@ impl Balloon {
         self.owner_unknown();
     }
 
+    /// Whether `inflate_queue_running` has anything left to learn (it does not once the device
+    /// runs and the pages' owner is known: the common case, on every kick).
+    pub fn watching_inflate_queue(&self) -> bool {
+        !self.device_running || self.driver_instance_unknown
+    }
+
     /// The inflate queue runs (ready, as the frontend set it up): the device is started, and
     /// where the queue resumed tells whose the tracked pages are (see
     /// `check_driver_instance`). A config-change message goes out only while the device runs:
@@ -399,11 +404,11 @@ impl Balloon {
                 let mut jobs = Vec::new();
                 let out = self
                     .memory
-                    .discard_all_ballooned_with(DiscardMode::Defer(&mut jobs));
+                    .discard_all_ballooned(DiscardMode::Defer(&mut jobs));
                 worker.submit(jobs);
                 out
             }
-            None => self.memory.discard_all_ballooned_with(DiscardMode::Now),
+            None => self.memory.discard_all_ballooned(DiscardMode::Now),
         };
         self.count_discards(out);
         self.counters.reclaimed_bytes += out.discarded_bytes;

@@ -207,6 +207,14 @@ impl<'m> Ring<'m> {
         self.add(&[(table, 16 * chain.len() as u32, F_INDIRECT)])
     }
 
+    /// Writes a statistics buffer (`some_stats(free)`) at `BUF` and makes it available, as the
+    /// driver posts its only one; returns its head.
+    fn add_stats(&mut self, free: u64) -> u16 {
+        let buf = some_stats(free);
+        self.mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
+        self.add(&[(BUF, buf.len() as u32, 0)])
+    }
+
     fn drain(&mut self, b: &mut Balloon, index: usize) -> Result<usize, BalloonError> {
         drain_queue(b, index, &mut self.queue, self.mem)
     }
@@ -524,10 +532,8 @@ fn statistics_are_parsed_and_held_until_fresh_ones_are_wanted() {
     let g = Guest::new();
     let mut b = g.balloon(bit(STATS_VQ));
     let stats_queue = 2;
-    let buf = some_stats(111 * MIB);
-    g.mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
     let mut ring = Ring::new(&g, 64);
-    let head = ring.add(&[(BUF, buf.len() as u32, 0)]);
+    let head = ring.add_stats(111 * MIB);
     assert_eq!(ring.drain(&mut b, stats_queue).unwrap(), 0);
     assert!(ring.used().is_empty(), "held, not returned");
     let s = b.status().stats.expect("statistics");
@@ -548,10 +554,7 @@ fn statistics_are_parsed_and_held_until_fresh_ones_are_wanted() {
     assert_eq!(ring.used().len(), 1);
 
     // The driver answers with fresh figures in the same buffer: held again, values replaced.
-    g.mem
-        .write_slice(&some_stats(99 * MIB), GuestAddress(BUF))
-        .unwrap();
-    let again = ring.add(&[(BUF, buf.len() as u32, 0)]);
+    let again = ring.add_stats(99 * MIB);
     assert_eq!(ring.drain(&mut b, stats_queue).unwrap(), 0);
     assert_eq!(ring.used().len(), 1);
     assert_eq!(b.status().stats.unwrap().values["free_memory"], 99 * MIB);
@@ -621,10 +624,8 @@ fn a_stats_buffer_reposted_after_a_driver_restart_is_not_returned_at_once() {
     // which would be returned at once, and so on.
     let g = Guest::new();
     let mut b = g.balloon(bit(STATS_VQ));
-    let buf = some_stats(5 * MIB);
-    g.mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
     let mut ring = Ring::new(&g, 64);
-    assert_eq!(ring.add(&[(BUF, buf.len() as u32, 0)]), 0);
+    assert_eq!(ring.add_stats(5 * MIB), 0);
     assert_eq!(ring.drain(&mut b, 2).unwrap(), 0);
 
     // The reboot: a fresh ring in the same place, the features again.
@@ -633,7 +634,7 @@ fn a_stats_buffer_reposted_after_a_driver_restart_is_not_returned_at_once() {
         .write_slice(&vec![0u8; RING_AREA as usize], GuestAddress(0))
         .unwrap();
     let mut ring = Ring::new(&g, 64);
-    assert_eq!(ring.add(&[(BUF, buf.len() as u32, 0)]), 0);
+    assert_eq!(ring.add_stats(5 * MIB), 0);
     assert_eq!(ring.drain(&mut b, 2).unwrap(), 0);
     assert!(
         ring.used().is_empty(),
@@ -686,11 +687,8 @@ fn with_stats_and_reporting_stats_is_queue_2_and_reporting_queue_3() {
     let g = Guest::new();
     let mut b = g.balloon(bit(STATS_VQ) | bit(REPORTING));
     let full = g.allocated();
-    let buf = some_stats(42 * MIB);
-    g.mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
-
     let mut stats = Ring::new(&g, 64);
-    stats.add(&[(BUF, buf.len() as u32, 0)]);
+    stats.add_stats(42 * MIB);
     assert_eq!(stats.drain(&mut b, 2).unwrap(), 0, "held as statistics");
     assert_eq!(b.status().stats.unwrap().values["free_memory"], 42 * MIB);
 
@@ -703,7 +701,7 @@ fn with_stats_and_reporting_stats_is_queue_2_and_reporting_queue_3() {
 
     // The same statistics buffer on queue 3 is a (device-readable, so refused) report.
     let mut wrong = Ring::new(&g, 64);
-    wrong.add(&[(BUF, buf.len() as u32, 0)]);
+    wrong.add_stats(42 * MIB);
     assert_eq!(wrong.drain(&mut b, 3).unwrap(), 1);
     assert_eq!(b.status().rejected.bad_descriptors, 1);
 }
@@ -867,10 +865,8 @@ fn switching_discards_off_drops_the_discards_the_worker_has_not_run() {
 fn reset_drops_the_held_stats_buffer() {
     let g = Guest::new();
     let mut b = g.balloon(bit(STATS_VQ));
-    let buf = some_stats(5 * MIB);
-    g.mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
     let mut ring = Ring::new(&g, 64);
-    ring.add(&[(BUF, buf.len() as u32, 0)]);
+    ring.add_stats(5 * MIB);
     ring.drain(&mut b, 2).unwrap();
     b.reset();
     assert!(!ring.request_stats(&mut b));

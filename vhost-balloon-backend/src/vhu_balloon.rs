@@ -162,6 +162,9 @@ impl VhostUserBalloon {
     /// kick or no kick.
     fn observe_inflate_queue(&self, vrings: &[Vring]) {
         let mut balloon = lock(&self.balloon);
+        if !balloon.watching_inflate_queue() {
+            return;
+        }
         let Some(vring) = balloon
             .layout
             .index(QueueKind::Inflate)

@@ -191,8 +191,8 @@ impl Journal {
         }
     }
 
-    /// The memory regions the frontend described, as (frontend address, size, file offset,
-    /// descriptor).
+    /// The memory regions the frontend described (the latest table, with regions added and
+    /// removed since).
     pub fn regions(&self) -> Vec<MemoryRegion<'_>> {
         let mut out = Vec::new();
         for m in self.entries.iter().map(|e| &e.msg) {

@@ -118,15 +118,6 @@ enum ReplayError {
     Different(u32),
 }
 
-/// Totals, logged and used by the tests.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct KeeperCounters {
-    pub backends_attached: u64,
-    pub replays: u64,
-    pub requests_forwarded: u64,
-    pub requests_resent: u64,
-}
-
 pub struct Keeper {
     frontend_listener: UnixListener,
     backend_listener: UnixListener,
@@ -134,7 +125,6 @@ pub struct Keeper {
     backend: Option<UnixStream>,
     journal: Journal,
     wake: Option<OwnedFd>,
-    pub counters: KeeperCounters,
 }
 
 /// Binds a Unix socket, replacing a stale socket (never another kind of file), readable and
@@ -242,7 +232,6 @@ impl Keeper {
             backend: None,
             journal: Journal::default(),
             wake: None,
-            counters: KeeperCounters::default(),
         })
     }
 
@@ -335,7 +324,6 @@ impl Keeper {
 
     /// Tells a new backend what the frontend told the old one, then nudges every ring.
     fn attach_backend(&mut self, stream: UnixStream) {
-        self.counters.backends_attached += 1;
         if let Err(e) = set_timeouts(&stream) {
             log::warn!("backend socket: {e}; refused");
             return;
@@ -347,7 +335,6 @@ impl Keeper {
         }
         match self.replay(&stream) {
             Ok(count) => {
-                self.counters.replays += 1;
                 log::info!("backend connected: replayed {count} messages of the frontend's");
                 for fd in self.journal.ring_eventfds() {
                     nudge(fd);
@@ -438,7 +425,6 @@ impl Keeper {
         };
         match self.carry(&msg) {
             Ok(Outcome::Accepted(reply)) => {
-                self.counters.requests_forwarded += 1;
                 self.journal.record(msg, reply);
             }
             Ok(Outcome::Refused(status)) => log::warn!(
@@ -478,7 +464,6 @@ impl Keeper {
         for attempt in 0..MAX_ATTEMPTS {
             self.wait_for_backend()?;
             if attempt > 0 {
-                self.counters.requests_resent += 1;
                 log::info!("request {} sent again to the new backend", msg.request);
             }
             let Some(backend) = self.backend.as_ref() else {

@@ -59,12 +59,11 @@ impl PageBitmap {
     }
 
     /// Uses `mapped` (which holds `words_for(pages)` words, the bits to use from now on) as
-    /// the storage. Returns false, changing nothing, if it has another size.
-    pub fn move_to(&mut self, mut mapped: MappedWords) -> bool {
+    /// the storage.
+    pub fn move_to(&mut self, mut mapped: MappedWords) {
         let slice = mapped.as_mut_slice();
-        if slice.len() != words_for(self.pages) {
-            return false;
-        }
+        // persist::open sizes each region's words from this bitmap's own.
+        debug_assert_eq!(slice.len(), words_for(self.pages));
         // Bits past the last page are never set, whatever a file held.
         if let (Some(last), rem) = (slice.last_mut(), self.pages % 64) {
             if rem != 0 {
@@ -73,12 +72,6 @@ impl PageBitmap {
         }
         self.set = slice.iter().map(|w| u64::from(w.count_ones())).sum();
         self.words = Words::Mapped(mapped);
-        true
-    }
-
-    /// Whether the bits live in a file mapping.
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.words, Words::Mapped(_))
     }
 
     /// Clears every bit, in place (a mapped bitmap stays mapped).

@@ -264,13 +264,9 @@ impl GuestMemoryMap {
         Ok(adopted.then(|| self.ballooned_pages()))
     }
 
-    /// Discards every ballooned page again, e.g. after discarding was switched back on.
-    pub fn discard_all_ballooned(&mut self) -> PageOutcome {
-        self.discard_all_ballooned_with(DiscardMode::Now)
-    }
-
-    /// As `discard_all_ballooned`, now or handed to the caller as jobs.
-    pub fn discard_all_ballooned_with(&mut self, mode: DiscardMode) -> PageOutcome {
+    /// Discards every ballooned page again (after discarding was switched back on, or to
+    /// complete discards a restart or a stop interrupted), now or handed over as jobs.
+    pub fn discard_all_ballooned(&mut self, mode: DiscardMode) -> PageOutcome {
         let ranges: Vec<PfnRange> = self
             .regions
             .iter()

@@ -156,7 +156,7 @@ fn tracking_without_discard_and_catching_up_later() {
     let out = map.inflate(&[r(0, 256)], DiscardMode::Off);
     assert_eq!((out.changed_pages, out.discarded_bytes), (256, 0));
     assert_eq!(ram.allocated(), 16 * MIB);
-    let out = map.discard_all_ballooned();
+    let out = map.discard_all_ballooned(DiscardMode::Now);
     assert_eq!((out.changed_pages, out.discarded_bytes), (0, MIB));
     assert_eq!(ram.allocated(), 15 * MIB);
 }
