@@ -17,7 +17,7 @@
 # through the rootfs's own dynamic loader, so sockets and files keep their host paths.
 set -euo pipefail
 
-TOP=$(cd "$(dirname "$0")/.." && pwd)
+TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LAB=${BALLOON_LAB_DIR:-$TOP/.lab}
 QEMU_ROOT=$LAB/qemu-root
 KERNEL_DIR=$LAB/kernel
@@ -55,22 +55,103 @@ as_root() {
     fi
 }
 
-# The Debian mirror this host already uses, so the rootfs comes from the same place.
+# The Debian mirror this host's apt already uses, so the rootfs comes from the same place (the
+# same mirror, or the same caching proxy such as apt-cacher-ng). It is taken only from the host's
+# apt sources, never from a default: a machine behind its own mirror or proxy may reach no other.
+# Files are read in apt's order (the classic sources.list, then sources.list.d/*.list in the
+# classic one-line format and *.sources in deb822, by name), with apt's own idea of where they
+# are (APT_CONFIG, Dir::Etc). An entry counts when it is a "deb" entry, not disabled, for a Debian
+# release suite: the host's codename (on a Debian host) or stable/testing/unstable/sid and the
+# like, with or without -updates/-backports. Security mirrors carry only *-security suites and
+# are skipped; so are other vendors' repositories (their suites are not Debian's). Prints the
+# first such entry's first URI; callers never log it (it may name a private host or carry
+# credentials).
 debian_mirror() {
-    local uri=""
-    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
-        uri=$(awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+    local list=/etc/apt/sources.list parts=/etc/apt/sources.list.d codename="" f
+    local SL="" SP=""
+    if command -v apt-config >/dev/null; then
+        eval "$(apt-config shell SL Dir::Etc::sourcelist/f SP Dir::Etc::sourceparts/d)"
+        list=${SL:-$list}
+        parts=${SP%/}
+        parts=${parts:-/etc/apt/sources.list.d}
     fi
-    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
-        uri=$(awk '/^deb / && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
-    fi
-    echo "${uri:-http://deb.debian.org/debian}"
+    # Only a Debian host's codename names a Debian suite (Ubuntu's do not).
+    # shellcheck source=/dev/null
+    codename=$(. /etc/os-release 2>/dev/null && [ "${ID:-}" = debian ] && echo "${VERSION_CODENAME:-}") || codename=""
+    local files=()
+    [ -f "$list" ] && files+=("$list")
+    for f in "$parts"/*; do
+        case $f in *.list | *.sources) [ -f "$f" ] && files+=("$f") ;; esac
+    done
+    [ ${#files[@]} -gt 0 ] || die "no apt sources on this host ($list, $parts/): the lab builds its trixie rootfs from the Debian mirror the host's apt uses"
+    local uri
+    # One awk program for both formats: deb822 stanzas (fields case-insensitive, folded lines,
+    # comments, Enabled: no) in *.sources, one-line entries (with [options]) elsewhere.
+    # shellcheck disable=SC2016
+    uri=$(awk -v codename="$codename" '
+        function debian_suite(s,   base) {
+            if (s ~ /-security$/) return 0
+            base = s
+            sub(/-(updates|proposed-updates|backports|backports-sloppy)$/, "", base)
+            return (codename != "" && base == codename) || base ~ /^(stable|oldstable|oldoldstable|testing|unstable|sid)$/
+        }
+        function usable(u) { return u != "" && u !~ /^cdrom:/ }
+        function pick(u, s,   nu, ns, i, j, us, ss) {
+            if (found != "") return
+            ns = split(s, ss); nu = split(u, us)
+            for (i = 1; i <= ns; i++) {
+                if (!debian_suite(ss[i])) continue
+                for (j = 1; j <= nu; j++) if (usable(us[j])) { found = us[j]; return }
+            }
+        }
+        function flush() {
+            if (deb822 && nfields > 0 && tolower(f["enabled"]) != "no" && (" " f["types"] " ") ~ /[ \t]deb[ \t]/)
+                pick(f["uris"], f["suites"])
+            split("", f); nfields = 0; last = ""
+        }
+        FNR == 1 { flush(); deb822 = FILENAME ~ /\.sources$/ }
+        found != "" { exit }
+        deb822 {
+            if ($0 ~ /^#/) next
+            if ($0 ~ /^[ \t]*$/) { flush(); next }
+            if ($0 ~ /^[ \t]/) { if (last != "") f[last] = f[last] " " $0; next }
+            i = index($0, ":")
+            if (i == 0) next
+            last = tolower(substr($0, 1, i - 1))
+            v = substr($0, i + 1)
+            sub(/^[ \t]+/, "", v); sub(/[ \t]+$/, "", v)
+            f[last] = v; nfields++
+            next
+        }
+        {
+            sub(/#.*/, "")
+            if ($1 != "deb") next
+            i = 2
+            if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+            pick($i, $(i + 1))
+        }
+        END { if (found == "") flush(); if (found != "") print found }
+    ' "${files[@]}")
+    [ -n "$uri" ] || die "the host's apt sources ($list, $parts/*.list, $parts/*.sources) name no Debian mirror (a \"deb\" entry for a Debian release suite such as ${codename:-stable}): the lab builds its trixie rootfs from the Debian mirror the host's apt uses, and knows no other"
+    echo "$uri"
+}
+
+# The host's apt proxy settings (Acquire::*::Proxy, with per-host entries, and
+# Proxy-Auto-Detect) as mmdebstrap --aptopt arguments: mmdebstrap's apt does not read the host's
+# apt.conf. Printed one argument a line; never logged.
+apt_proxy_aptopts() {
+    local dump
+    command -v apt-config >/dev/null || return 0
+    dump=$(apt-config dump 2>/dev/null) || return 0
+    awk '/^Acquire::[A-Za-z0-9+-]+::Proxy(-Auto-Detect)?(::| )/ { print "--aptopt=" $0 }' <<<"$dump"
 }
 
 do_host() {
     local want=(mmdebstrap cpio xz-utils zstd e2fsprogs) missing=()
+    local p status
     for p in "${want[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+        status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) || status=""
+        [ "$status" = "install ok installed" ] || missing+=("$p")
     done
     if [ ${#missing[@]} -eq 0 ]; then return; fi
     log "installing host packages: ${missing[*]}"
@@ -83,55 +164,111 @@ do_qemu() {
     local stamp=$QEMU_ROOT/.lab-complete
     if [ ! -f "$stamp" ]; then
         command -v mmdebstrap >/dev/null || die "mmdebstrap is missing: run 'scripts/lab.sh host'"
-        local mirror tmp
+        local mirror tmp proxy
         mirror=$(debian_mirror)
+        proxy=$(apt_proxy_aptopts)
+        local aptopts=()
+        if [ -n "$proxy" ]; then
+            mapfile -t aptopts <<<"$proxy"
+            # The proxy is for building; the rootfs keeps no host settings. ($1: the hook's root.)
+            # shellcheck disable=SC2016
+            aptopts+=(--customize-hook='rm -f "$1/etc/apt/apt.conf.d/99mmdebstrap"')
+        fi
         tmp=$QEMU_ROOT.tmp
         as_root rm -rf "$tmp"
-        log "building the trixie rootfs with QEMU 11 from $mirror (about 30 s)"
+        log "building the trixie rootfs with QEMU 11 from the host's apt mirror (about 30 s)"
         # The customize hook runs inside mmdebstrap's chroot (with /proc mounted): QEMU comes from
         # trixie-backports, everything else from trixie. The kernel and busybox are downloaded as
-        # .debs for the guest images (not installed).
+        # .debs for the guest images (not installed). Hooks expand $1 themselves.
+        # shellcheck disable=SC2016
         as_root mmdebstrap --quiet --variant=apt --include=ca-certificates \
             --customize-hook='chroot "$1" apt-get install -y -qq --no-install-recommends -t trixie-backports qemu-system-x86 qemu-system-data seabios >/dev/null' \
             --customize-hook='mkdir -p "$1/debs" && chroot "$1" sh -c "cd /debs && apt-get download -qq busybox-static linux-image-cloud-amd64 && apt-get download -qq \$(apt-cache depends linux-image-cloud-amd64 | awk \"/Depends: linux-image-[0-9]/ {print \\\$2; exit}\")"' \
+            "${aptopts[@]}" \
             trixie "$tmp" \
             "deb $mirror trixie main" "deb $mirror trixie-backports main" \
-            || die "mmdebstrap of trixie + QEMU failed (is $mirror reachable?)"
+            || die "mmdebstrap of trixie + QEMU failed (is the host's apt mirror reachable, and does it carry trixie and trixie-backports?)"
         as_root touch "$tmp/.lab-complete"
         as_root rm -rf "$QEMU_ROOT"
         as_root mv "$tmp" "$QEMU_ROOT"
     fi
+
+    # Keeping QEMU 11 away from a host QEMU's modules. QEMU looks for a module (ui-opengl.so,
+    # hw-usb-host.so, ...) in $QEMU_MODULE_DIR, then in its compiled-in module directory
+    # /usr/lib/x86_64-linux-gnu/qemu, then in /var/run/qemu/<its exact version> (util/module.c).
+    # The compiled-in one is the host's: with Debian's qemu-system-x86 installed there, QEMU 11
+    # falls through to the host's modules for any module the rootfs lacks, fails on them ("Only
+    # modules from the same build can be loaded") and `-device help` prints nothing. QEMU_MODULE_DIR
+    # cannot help, as it only comes first. But QEMU passes every compiled-in path through
+    # get_relocated_path() (util/cutils.c), which maps /usr/... to <exec dir>/qemu-bundle/usr/...
+    # whenever <exec dir>/qemu-bundle exists, and its exec dir is that of /proc/self/exe: here the
+    # rootfs's loader. So a qemu-bundle/usr beside the loader pointing at the rootfs's /usr makes
+    # QEMU search only the rootfs for modules (and for firmware and data, as a chroot would); the
+    # version directory is only ever filled by the same build. This needs no privileges, keeps
+    # QEMU's PID, host paths and mount view (tests read /proc/PID and connect sockets), and works
+    # under libvirt. A private mount namespace hiding the host directory would need root (or a
+    # user namespace with a mapped root) for every QEMU start and give QEMU its own view of the
+    # host's mounts. The check below proves the redirection on every host, QEMU or not: with
+    # QEMU_MODULE_DIR unset, only the redirected directory can supply usb-host.
+    local loader qr ql
+    loader=$(readlink -f "$QEMU_ROOT/lib64/ld-linux-x86-64.so.2")
+    [ -x "$loader" ] || die "the rootfs's dynamic loader is missing from $QEMU_ROOT: remove it and run 'scripts/lab.sh qemu'"
+    local bundle=${loader%/*}/qemu-bundle
+    if [ "$(readlink "$bundle/usr" 2>/dev/null)" != "$QEMU_ROOT/usr" ]; then
+        as_root mkdir -p "$bundle"
+        as_root ln -sfn "$QEMU_ROOT/usr" "$bundle/usr"
+    fi
     mkdir -p "$LAB/bin"
-    # The wrapper runs the rootfs's QEMU through the rootfs's own loader and libraries.
+    qr=$(printf '%q' "$QEMU_ROOT")
+    ql=$(printf '%q' "$loader")
+    # The wrapper runs the rootfs's QEMU through the rootfs's own loader and libraries. It is
+    # rewritten on every run, so an existing .lab/ gets the current one.
     cat >"$LAB/bin/qemu-system-x86_64.tmp" <<EOF
 #!/bin/sh
-# Generated by scripts/lab.sh: QEMU 11 from the trixie rootfs in $QEMU_ROOT.
-R=$QEMU_ROOT
-export QEMU_MODULE_DIR=\$R/usr/lib/x86_64-linux-gnu/qemu
-exec \$R/lib64/ld-linux-x86-64.so.2 --library-path \$R/lib/x86_64-linux-gnu:\$R/usr/lib/x86_64-linux-gnu \\
-    \$R/usr/bin/qemu-system-x86_64 -L \$R/usr/share/qemu -L \$R/usr/share/seabios "\$@"
+# Generated by scripts/lab.sh: QEMU 11 from the trixie rootfs $QEMU_ROOT.
+# Its modules, firmware and data come from the rootfs only: see do_qemu in scripts/lab.sh.
+R=$qr
+unset QEMU_MODULE_DIR
+exec $ql --library-path "\$R/lib/x86_64-linux-gnu:\$R/usr/lib/x86_64-linux-gnu" \\
+    "\$R/usr/bin/qemu-system-x86_64" -L "\$R/usr/share/qemu" -L "\$R/usr/share/seabios" "\$@"
 EOF
     chmod +x "$LAB/bin/qemu-system-x86_64.tmp"
     mv "$LAB/bin/qemu-system-x86_64.tmp" "$LAB/bin/qemu-system-x86_64"
-    "$LAB/bin/qemu-system-x86_64" -device help 2>/dev/null | grep -q vhost-user-test-device-pci \
-        || die "QEMU in $QEMU_ROOT lacks vhost-user-test-device-pci (need QEMU >= 10.2)"
+    # The output is captured, not piped into grep -q: under pipefail an early-exiting grep can
+    # fail the pipeline by SIGPIPE.
+    local out
+    out=$("$LAB/bin/qemu-system-x86_64" -device help 2>&1) \
+        || die "QEMU in $QEMU_ROOT fails on '-device help': $(printf '%s' "$out" | tail -n 3)"
+    case $out in
+    *vhost-user-test-device-pci*) ;;
+    *) die "QEMU in $QEMU_ROOT lacks vhost-user-test-device-pci (need QEMU >= 10.2)" ;;
+    esac
+    case $out in
+    *'name "usb-host"'*) ;;
+    *) die "QEMU in $QEMU_ROOT does not load its own modules from the rootfs (usb-host from hw-usb-host.so is missing): $bundle is not in effect" ;;
+    esac
 }
 
 do_kernel() {
     local stamp=$KERNEL_DIR/.lab-complete
     [ -f "$stamp" ] && return
     [ -d "$QEMU_ROOT/debs" ] || die "the trixie rootfs is missing: run 'scripts/lab.sh qemu'"
-    local tmp=$KERNEL_DIR.tmp deb bb
+    local tmp=$KERNEL_DIR.tmp deb bb found
     rm -rf "$tmp"
     mkdir -p "$tmp/x" "$tmp/modules"
-    deb=$(ls "$QEMU_ROOT"/debs/linux-image-[0-9]*cloud-amd64*.deb 2>/dev/null | head -1)
-    [ -n "$deb" ] || die "no linux-image-*-cloud-amd64 .deb in $QEMU_ROOT/debs"
-    bb=$(ls "$QEMU_ROOT"/debs/busybox-static_*.deb 2>/dev/null | head -1)
-    [ -n "$bb" ] || die "no busybox-static .deb in $QEMU_ROOT/debs"
+    # Globs, not `ls | head` (which under pipefail can fail by SIGPIPE); the first match in order.
+    found=("$QEMU_ROOT"/debs/linux-image-[0-9]*cloud-amd64*.deb)
+    deb=${found[0]}
+    [ -f "$deb" ] || die "no linux-image-*-cloud-amd64 .deb in $QEMU_ROOT/debs"
+    found=("$QEMU_ROOT"/debs/busybox-static_*.deb)
+    bb=${found[0]}
+    [ -f "$bb" ] || die "no busybox-static .deb in $QEMU_ROOT/debs"
     dpkg-deb -x "$deb" "$tmp/x"
     dpkg-deb -x "$bb" "$tmp/bb"
     local ver
-    ver=$(ls "$tmp/x/usr/lib/modules" | head -1)
+    found=("$tmp"/x/usr/lib/modules/*)
+    [ -d "${found[0]}" ] || die "no kernel modules directory in $deb"
+    ver=${found[0]##*/}
     cp "$tmp/x/boot/vmlinuz-$ver" "$tmp/vmlinuz"
     cp "$tmp/bb/usr/bin/busybox" "$tmp/busybox"
     echo "$ver" >"$tmp/version"
@@ -152,9 +289,9 @@ do_kernel() {
 VSOCK_DEVICE_VERSION=0.3.0
 do_vsock() {
     local bin=$LAB/tools/bin/vhost-device-vsock
-    if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "$VSOCK_DEVICE_VERSION"; then
-        return
-    fi
+    local have=""
+    if [ -x "$bin" ]; then have=$("$bin" --version 2>/dev/null) || have=""; fi
+    case $have in *"$VSOCK_DEVICE_VERSION"*) return ;; esac
     command -v cargo >/dev/null || die "cargo is missing"
     log "installing vhost-device-vsock $VSOCK_DEVICE_VERSION from crates.io (about 30 s)"
     cargo install --quiet --locked vhost-device-vsock --version "$VSOCK_DEVICE_VERSION" \
@@ -207,12 +344,20 @@ do_debian() {
     local root=$LAB/debian-root out=$IMAGES/debian ver
     ver=$(cat "$KERNEL_DIR/version")
     if [ ! -f "$root/.lab-complete" ]; then
-        local mirror
+        local mirror proxy aptopts=()
         mirror=$(debian_mirror)
+        proxy=$(apt_proxy_aptopts)
+        if [ -n "$proxy" ]; then
+            mapfile -t aptopts <<<"$proxy"
+            # The proxy is for building; the guest image keeps no host settings.
+            # shellcheck disable=SC2016
+            aptopts+=(--customize-hook='rm -f "$1/etc/apt/apt.conf.d/99mmdebstrap"')
+        fi
         as_root rm -rf "$root.tmp"
-        log "building the Debian trixie guest rootfs with systemd (about 15 s)"
-        as_root mmdebstrap --quiet --variant=minbase --include=systemd-sysv,udev,kmod trixie "$root.tmp" \
-            "deb $mirror trixie main" || die "mmdebstrap of the Debian guest failed"
+        log "building the Debian trixie guest rootfs with systemd from the host's apt mirror (about 15 s)"
+        as_root mmdebstrap --quiet --variant=minbase --include=systemd-sysv,udev,kmod "${aptopts[@]}" trixie "$root.tmp" \
+            "deb $mirror trixie main" \
+            || die "mmdebstrap of the Debian guest failed (is the host's apt mirror reachable, and does it carry trixie?)"
         as_root mkdir -p "$root.tmp/usr/lib/modules"
         as_root cp -a "$KERNEL_DIR/modules-tree/$ver" "$root.tmp/usr/lib/modules/"
         as_root chroot "$root.tmp" depmod "$ver"
@@ -260,4 +405,8 @@ main() {
     done
 }
 
-main "$@"
+# Run, it provisions; sourced (tests/tests/lab_host_qemu.rs checks debian_mirror), it only defines
+# its functions. `return` succeeds at the top level only in a sourced file.
+if ! (return 0 2>/dev/null); then
+    main "$@"
+fi

@@ -24,6 +24,8 @@ pub struct Settings {
     pub tick: Duration,
     /// The largest chunk claimed at once.
     pub max_chunk: u64,
+    /// The per-VM secret presented in the hello (when the host requires one).
+    pub secret: Option<String>,
     /// Where to write, every second, the PFN ranges reported to the host and the ones
     /// pagemap shows now (they must stay equal: pinned pages do not move).
     pub pfn_file: Option<std::path::PathBuf>,
@@ -121,8 +123,10 @@ impl App {
             pressure_run: 0,
             last_state: Instant::now() - Duration::from_secs(10),
         };
+        let secret = app.settings.secret.clone();
         app.send(AppMessage::Hello {
             pid: std::process::id(),
+            secret,
         })?;
         Ok(app)
     }
@@ -138,6 +142,10 @@ impl App {
     }
 
     fn on_host(&mut self, msg: HostMessage) {
+        if let HostMessage::Refused { reason } = &msg {
+            // The host closes the connection after this; the loop ends there.
+            log::error!("the host refused this app: {reason}");
+        }
         if let HostMessage::Target { bytes } = msg {
             if bytes != self.target {
                 log::info!("target {} MiB", bytes >> 20);

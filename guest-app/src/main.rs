@@ -33,6 +33,11 @@ struct Cli {
     /// Memory the guest always keeps available; the app never claims into it.
     #[arg(long, default_value = "96M", value_parser = parse_size)]
     reserve: u64,
+    /// The per-VM secret to present to the host (required by the host over vsock, TCP or
+    /// Unix). Default: the QEMU fw_cfg entry opt/vhost-balloon/app-secret, if the guest has
+    /// one (the qemu_fw_cfg module makes it readable by root only).
+    #[arg(long)]
+    secret_file: Option<std::path::PathBuf>,
     /// Write the reported and current PFN ranges here every second (for checks).
     #[arg(long)]
     pfn_file: Option<std::path::PathBuf>,
@@ -78,7 +83,15 @@ fn main() {
     if let Err(e) = std::fs::write(guest_app::caps::COMPACT_UNEVICTABLE, "0") {
         log::warn!("cannot set {}: {e}", guest_app::caps::COMPACT_UNEVICTABLE);
     }
+    let secret = match read_secret(cli.secret_file.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("balloon-guest: {e}");
+            std::process::exit(2);
+        }
+    };
     let settings = Settings {
+        secret,
         min_rate: cli.min_rate,
         max_rate: cli.max_rate,
         rate_step: cli.rate_step,
@@ -101,6 +114,20 @@ fn main() {
         eprintln!("balloon-guest: {e}");
         std::process::exit(1);
     }
+}
+
+/// The secret from `--secret-file`, or from the fw_cfg entry when the guest has one.
+fn read_secret(path: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    let fw_cfg = std::path::Path::new(balloon_protocol::app::FW_CFG_SECRET_PATH);
+    let path = match path {
+        Some(p) => p,
+        None if fw_cfg.exists() => fw_cfg,
+        None => return Ok(None),
+    };
+    let bytes = std::fs::read(path).map_err(|e| format!("secret file {}: {e}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("secret file {}: not text", path.display()))?;
+    Ok(Some(text.trim().to_string()))
 }
 
 /// Set by SIGTERM/SIGINT; the loop sees it within a tick.

@@ -91,6 +91,18 @@ impl MemfdRam {
         self.data_len / PAGE
     }
 
+    /// Fills the data page `pfn` with `value` (what a guest keeps there).
+    pub fn fill_page(&self, pfn: u64, value: u8) {
+        for off in 0..PAGE {
+            self.write(pfn * PAGE + off, value);
+        }
+    }
+
+    /// Whether every byte of data page `pfn` is `value` (a discarded page reads as zeros).
+    pub fn page_is(&self, pfn: u64, value: u8) -> bool {
+        (0..PAGE).all(|off| self.read::<u8>(pfn * PAGE + off) == value)
+    }
+
     fn write<T: Copy>(&self, gpa: u64, value: T) {
         assert!(gpa + std::mem::size_of::<T>() as u64 <= self.len);
         // SAFETY: bounds checked above; the ring area is ours to write.

@@ -1,137 +1,308 @@
 //! The guest app channel: serves the user-level balloon app (balloon-guest) of this VM. The
 //! backend listens on a Unix socket; QEMU's virtio-serial port connects to it
-//! (`-chardev socket,path=APP_SOCKET,reconnect-ms=...` + `virtserialport,name=...`), and in
-//! tests a plain client does. Page ranges from the app are validated and discarded with the
-//! same code as the driver's, and tracked apart.
+//! (`-chardev socket,path=APP_SOCKET,reconnect-ms=...` + `virtserialport,name=...`), or the
+//! VMM's hybrid vsock socket does (`UDS_PATH_PORT`), and in tests a plain client does. Page
+//! ranges from the app are validated (Balloon::app_inflated) and discarded off the device lock,
+//! and tracked apart from the driver's.
+//!
+//! Trust: a connection is nobody until its first line, a hello, passes authentication (the
+//! per-VM secret, when the backend has one: required for every transport an unprivileged
+//! guest process can open). Anything else first ends the connection. Only the authenticated
+//! connection is the app; a later authenticated hello replaces it.
 //!
 //! A virtio-serial connection outlives the app (the host side stays connected when the guest
 //! process dies), so the app's pages count as given back when a new app says hello, when the
 //! connection closes, or when the app has been silent for `SILENCE` (it reports its state every
-//! second).
+//! second; the server closes a connection that sends no line for that long).
 
 use crate::balloon::Balloon;
-use crate::memory::PfnRange;
 use crate::vhu_balloon::lock;
-use balloon_protocol::app::{decode, encode, AppMessage, HostMessage, PageRange, MAX_LINE_BYTES};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use balloon_protocol::app::{decode, encode, AppMessage, HostMessage, MAX_LINE_BYTES};
+use balloon_protocol::lines::{Flow, Limits, LineServer, Outbox, RateLimitedLog, Service, Session};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// An app silent this long is gone.
 pub const SILENCE: Duration = Duration::from_secs(5);
 
-fn ranges(r: &[PageRange]) -> Vec<PfnRange> {
-    r.iter()
-        .map(|r| PfnRange {
-            start: r.start,
-            count: r.count,
-        })
-        .collect()
+/// The shortest secret accepted (bytes).
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// The per-VM secret an app must present.
+#[derive(Clone)]
+pub struct AppSecret(Vec<u8>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("app secret file {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("app secret file {path}: {len} bytes; at least {MIN_SECRET_BYTES} are needed")]
+    TooShort {
+        path: std::path::PathBuf,
+        len: usize,
+    },
+    #[error("app secret file {path}: readable by group or others (mode {mode:o}); chmod 600 it")]
+    Exposed { path: std::path::PathBuf, mode: u32 },
 }
 
-/// Handles one message; returns the reply, if any.
-pub fn handle(balloon: &mut Balloon, msg: AppMessage) -> Option<HostMessage> {
-    balloon.app.last_heard = Some(Instant::now());
-    match msg {
-        AppMessage::Hello { pid } => {
-            log::info!("guest app (pid {pid}) connected");
-            // A new app: whatever an earlier one held, the guest kernel has freed.
-            balloon.app_gone();
-            balloon.app.connected = true;
-            Some(HostMessage::Target {
-                bytes: balloon.app.target_bytes,
-            })
+impl AppSecret {
+    /// Reads the secret (surrounding whitespace ignored) from a file only its owner can read.
+    pub fn load(path: &Path) -> Result<Self, SecretError> {
+        use std::os::unix::fs::PermissionsExt;
+        let err = |source| SecretError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mode = std::fs::metadata(path).map_err(err)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(SecretError::Exposed {
+                path: path.to_path_buf(),
+                mode: mode & 0o777,
+            });
         }
-        AppMessage::Inflated { seq, ranges: r } => match balloon.app_inflated(&ranges(&r)) {
-            Ok(()) => Some(HostMessage::Ack { seq }),
-            Err(reason) => Some(HostMessage::Nack { seq, reason }),
-        },
-        AppMessage::Deflate { seq, ranges: r } => {
-            balloon.app_deflate(&ranges(&r));
-            Some(HostMessage::Ack { seq })
+        let bytes = std::fs::read(path).map_err(err)?;
+        let secret = bytes.trim_ascii().to_vec();
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(SecretError::TooShort {
+                path: path.to_path_buf(),
+                len: secret.len(),
+            });
         }
-        AppMessage::State {
-            held_bytes,
-            psi_some_avg10,
-            stalled,
-            ..
-        } => {
-            balloon.app.held_bytes = held_bytes;
-            balloon.app.psi_some_avg10 = psi_some_avg10;
-            balloon.app.stalled = stalled;
-            None
+        Ok(AppSecret(secret))
+    }
+
+    #[cfg(test)]
+    pub fn from_bytes(b: &[u8]) -> Self {
+        AppSecret(b.to_vec())
+    }
+
+    /// Compares in time independent of where the first difference is.
+    fn matches(&self, presented: &str) -> bool {
+        let p = presented.trim().as_bytes();
+        let differ = self.0.iter().zip(p).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        differ == 0 && p.len() == self.0.len()
+    }
+}
+
+/// What a connection has shown so far.
+enum PeerState {
+    /// Nothing yet: the first line must be a hello that authenticates.
+    Unauthenticated,
+    /// The app's connection (unless a later one replaced it).
+    App { pid: u32 },
+}
+
+pub struct AppChannel {
+    balloon: Arc<Mutex<Balloon>>,
+    secret: Option<AppSecret>,
+    next_session: AtomicU64,
+    refusals: Arc<Mutex<RateLimitedLog>>,
+}
+
+pub struct AppSession {
+    balloon: Arc<Mutex<Balloon>>,
+    secret: Option<AppSecret>,
+    outbox: Outbox,
+    id: u64,
+    state: PeerState,
+    refusals: Arc<Mutex<RateLimitedLog>>,
+}
+
+impl AppChannel {
+    pub fn new(balloon: Arc<Mutex<Balloon>>, secret: Option<AppSecret>) -> Self {
+        AppChannel {
+            balloon,
+            secret,
+            next_session: AtomicU64::new(1),
+            refusals: Arc::new(Mutex::new(RateLimitedLog::new(Duration::from_secs(10)))),
         }
     }
 }
 
-fn serve_connection(stream: UnixStream, balloon: &Mutex<Balloon>) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
-    let writer = stream.try_clone()?;
-    lock(balloon).app.writer = Some(writer.try_clone()?);
-    lock(balloon).send_app_target();
-    let mut writer = writer;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        {
-            let mut b = lock(balloon);
-            if b.app.connected && b.app.last_heard.is_some_and(|t| t.elapsed() > SILENCE) {
-                log::info!("guest app silent for {SILENCE:?}: its pages are the guest's again");
-                b.app.connected = false;
-                b.app_gone();
+/// The app channel's limits: an app line may carry many ranges; a few connections at most
+/// (one app, plus room for its restart), and a connection that has not said hello makes room
+/// for a new one. The app itself is never evicted.
+pub fn limits() -> Limits {
+    Limits {
+        max_line_bytes: MAX_LINE_BYTES,
+        idle_timeout: SILENCE,
+        max_connections: 4,
+        evict_silent_after: Duration::ZERO,
+        evict_idle_after: Duration::MAX,
+        write_timeout: Duration::from_secs(2),
+        outbox_lines: 32,
+    }
+}
+
+impl Service for AppChannel {
+    type Session = AppSession;
+
+    fn open(&self, outbox: Outbox) -> AppSession {
+        AppSession {
+            balloon: self.balloon.clone(),
+            secret: self.secret.clone(),
+            outbox,
+            id: self.next_session.fetch_add(1, Ordering::Relaxed),
+            state: PeerState::Unauthenticated,
+            refusals: self.refusals.clone(),
+        }
+    }
+
+    fn refusal(&self, reason: &str) -> String {
+        encode(HostMessage::Refused {
+            reason: reason.to_string(),
+        })
+    }
+}
+
+impl AppSession {
+    fn refuse(&mut self, reason: &str) -> Flow {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .warn(|| format!("app channel: connection refused: {reason}"));
+        let _ = self.outbox.send(encode(HostMessage::Refused {
+            reason: reason.to_string(),
+        }));
+        Flow::Close
+    }
+
+    fn reply(&self, msg: HostMessage) {
+        let _ = self.outbox.send(encode(msg));
+    }
+
+    fn hello(&mut self, pid: u32, secret: Option<String>) -> Flow {
+        if let Some(expected) = &self.secret {
+            if !secret.is_some_and(|s| expected.matches(&s)) {
+                return self.refuse("authentication failed: wrong or missing secret");
             }
         }
-        match (&mut reader)
-            .take(MAX_LINE_BYTES as u64 + 1)
-            .read_line(&mut line)
-        {
-            Ok(0) => return Ok(()),
-            Ok(_) if !line.ends_with('\n') && line.len() <= MAX_LINE_BYTES => continue,
-            Ok(_) => {}
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                continue
-            }
-            Err(e) => return Err(e),
-        }
-        let text = std::mem::take(&mut line);
-        if text.trim().is_empty() {
-            continue;
-        }
-        let reply = match decode::<AppMessage>(text.trim()) {
-            Ok(msg) => handle(&mut lock(balloon), msg),
+        self.state = PeerState::App { pid };
+        lock(&self.balloon).app_hello(self.id, pid, self.outbox.clone());
+        Flow::Continue
+    }
+}
+
+impl Session for AppSession {
+    fn line(&mut self, line: &str) -> Flow {
+        let msg = match decode::<AppMessage>(line) {
+            Ok(msg) => msg,
             Err(e) => {
+                if let PeerState::Unauthenticated = self.state {
+                    return self.refuse(&format!("the first message must be a hello ({e})"));
+                }
                 log::warn!("guest app: {e}");
-                lock(balloon).counters.rejected.bad_descriptors += 1;
-                None
+                lock(&self.balloon).counters.rejected.bad_descriptors += 1;
+                return Flow::Continue;
             }
         };
-        if let Some(r) = reply {
-            writer.write_all(encode(r).as_bytes())?;
-        }
+        let pid = match (&self.state, msg) {
+            // A new app process on the same connection (virtio-serial outlives the process).
+            (_, AppMessage::Hello { pid, secret }) => return self.hello(pid, secret),
+            (PeerState::Unauthenticated, _) => return self.refuse("say hello first"),
+            (PeerState::App { pid }, msg) => {
+                let mut balloon = lock(&self.balloon);
+                if !balloon.is_app_session(self.id) {
+                    drop(balloon);
+                    return self.refuse("another app connection replaced this one");
+                }
+                match msg {
+                    AppMessage::Hello { .. } => unreachable!("handled above"),
+                    AppMessage::Inflated { seq, ranges } => {
+                        let reply = match balloon.app_inflated(&ranges) {
+                            Ok(()) => HostMessage::Ack { seq },
+                            Err(e) => HostMessage::Nack {
+                                seq,
+                                reason: e.to_string(),
+                            },
+                        };
+                        drop(balloon);
+                        self.reply(reply);
+                    }
+                    AppMessage::Deflate { seq, ranges } => {
+                        let reply = match balloon.app_deflate(&ranges) {
+                            Ok(()) => HostMessage::Ack { seq },
+                            Err(e) => HostMessage::Nack {
+                                seq,
+                                reason: e.to_string(),
+                            },
+                        };
+                        drop(balloon);
+                        self.reply(reply);
+                    }
+                    AppMessage::State {
+                        held_bytes,
+                        psi_some_avg10,
+                        stalled,
+                        ..
+                    } => {
+                        balloon.app.held_bytes = held_bytes;
+                        balloon.app.psi_some_avg10 = psi_some_avg10.filter(|p| p.is_finite());
+                        balloon.app.stalled = stalled;
+                    }
+                }
+                *pid
+            }
+        };
+        log::trace!("guest app (pid {pid}): message handled");
+        Flow::Continue
+    }
+
+    fn closed(&mut self) {
+        lock(&self.balloon).app_closed(self.id);
     }
 }
 
-/// Accepts connections one at a time, forever.
-pub fn serve(listener: UnixListener, balloon: Arc<Mutex<Balloon>>) {
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                if let Err(e) = serve_connection(stream, &balloon) {
-                    log::warn!("app channel: {e}");
-                }
-                let mut b = lock(&balloon);
-                b.app.writer = None;
-                if b.app.connected {
-                    log::info!("guest app channel closed: its pages are the guest's again");
-                    b.app.connected = false;
-                    b.app_gone();
-                }
-            }
-            Err(e) => log::warn!("app channel: accept: {e}"),
-        }
+/// Serves the app channel on `listener` until it fails.
+pub fn serve(listener: UnixListener, balloon: Arc<Mutex<Balloon>>, secret: Option<AppSecret>) {
+    let server = Arc::new(LineServer::new(
+        "app channel",
+        Arc::new(AppChannel::new(balloon, secret)),
+        limits(),
+    ));
+    server.serve(listener);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_match_exactly() {
+        let s = AppSecret::from_bytes(b"0123456789abcdef");
+        assert!(s.matches("0123456789abcdef"));
+        assert!(s.matches("0123456789abcdef\n"));
+        assert!(!s.matches("0123456789abcdeF"));
+        assert!(!s.matches("0123456789abcde"));
+        assert!(!s.matches("0123456789abcdef0"));
+        assert!(!s.matches(""));
+    }
+
+    #[test]
+    fn secret_files_must_be_private_and_long_enough() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("secret-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("secret");
+        std::fs::write(&p, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            AppSecret::load(&p),
+            Err(SecretError::Exposed { .. })
+        ));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(AppSecret::load(&p).unwrap().matches("0123456789abcdef0123"));
+        std::fs::write(&p, "short\n").unwrap();
+        assert!(matches!(
+            AppSecret::load(&p),
+            Err(SecretError::TooShort { len: 5, .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -9,7 +9,7 @@ use crate::device::stats::{parse_stats, GuestStats};
 use crate::device::{BalloonConfig, QueueKind, QueueLayout};
 use crate::memory::worker::DiscardWorker;
 use crate::memory::{merge_pfns, pages_within, DiscardMode, GuestMemoryMap, PageOutcome};
-use crate::state::PersistentState;
+use crate::state::{PersistentState, SaveJob, StateStore};
 use balloon_protocol::{
     bytes_to_pages, pages_to_bytes, BackendStatus, GuestStatsSnapshot, RejectedInput,
 };
@@ -30,6 +30,8 @@ pub enum BalloonError {
     TargetTooLarge { requested: u64, ram: u64 },
     #[error("target of {0} bytes does not fit the device's 32-bit page count")]
     TargetOutOfRange(u64),
+    #[error("statistics interval of {0} s is above the limit of {max} s", max = crate::state::MAX_STATS_INTERVAL_SECONDS)]
+    StatsIntervalTooLong(u64),
     #[error("persisting the state: {0}")]
     State(#[from] crate::state::StateError),
     #[error("virtqueue: {0}")]
@@ -77,6 +79,10 @@ pub struct Balloon {
     channel: Option<ConfigChangeChannel>,
     sockets_before_channel: BTreeSet<RawFd>,
     state_file: Option<PathBuf>,
+    /// Where the settings persist; written off the device lock (see `unsaved_settings`).
+    state_store: Option<Arc<StateStore>>,
+    /// Bumped at every change of what the state file holds.
+    settings_generation: u64,
     /// Discards inflated pages off the queue's path (see memory::worker); without it, inflate
     /// discards before returning the buffer.
     discard_worker: Option<Arc<DiscardWorker>>,
@@ -98,14 +104,58 @@ pub struct Balloon {
 #[derive(Default)]
 pub struct AppBalloon {
     pub memory: GuestMemoryMap,
-    pub connected: bool,
+    /// The app connection that said hello (and passed authentication), if any.
+    pub peer: Option<AppPeer>,
     pub target_bytes: u64,
     pub held_bytes: u64,
     pub stalled: bool,
     pub psi_some_avg10: Option<f64>,
-    pub last_heard: Option<Instant>,
-    /// Where targets go to the app.
-    pub writer: Option<std::os::unix::net::UnixStream>,
+}
+
+/// The authenticated app connection.
+pub struct AppPeer {
+    /// Which connection (a later one replaces it).
+    pub session: u64,
+    pub pid: u32,
+    /// Where targets go; never blocks (a peer that does not read is dropped).
+    pub outbox: balloon_protocol::lines::Outbox,
+}
+
+/// Why the app's pages were refused; nothing changed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AppRangeError {
+    #[error("no memory table: the guest has not started the balloon device")]
+    NoMemoryTable,
+    #[error("{0} ranges in one message (at most {max})", max = balloon_protocol::app::MAX_RANGES_PER_MESSAGE)]
+    TooManyRanges(usize),
+    #[error("a range is empty or beyond 64-bit guest addresses (start {start}, count {count})")]
+    BadRange { start: u64, count: u64 },
+    #[error("{0} pages outside guest RAM")]
+    OutsideRam(u64),
+    #[error("{0} pages are in the driver's balloon")]
+    DriverPages(u64),
+    #[error("{new} more pages exceed the app target ({room} pages left under it)")]
+    OverTarget { new: u64, room: u64 },
+}
+
+/// Checks ranges from the app (untrusted) and merges them: no page twice.
+pub fn app_ranges(
+    ranges: &[balloon_protocol::app::PageRange],
+) -> Result<Vec<crate::memory::PfnRange>, AppRangeError> {
+    use crate::memory::PfnRange;
+    if ranges.len() > balloon_protocol::app::MAX_RANGES_PER_MESSAGE {
+        return Err(AppRangeError::TooManyRanges(ranges.len()));
+    }
+    let checked = ranges
+        .iter()
+        .map(|r| {
+            PfnRange::checked(r.start, r.count).ok_or(AppRangeError::BadRange {
+                start: r.start,
+                count: r.count,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::memory::merge_ranges(checked))
 }
 
 impl Balloon {
@@ -124,6 +174,8 @@ impl Balloon {
             stats_held: None,
             channel: None,
             sockets_before_channel: BTreeSet::new(),
+            state_store: state_file.clone().map(|p| Arc::new(StateStore::new(p))),
+            settings_generation: 0,
             state_file,
             discard_worker: None,
             app: AppBalloon::default(),
@@ -161,7 +213,12 @@ impl Balloon {
             worker.flush();
         }
         self.memory.replace_regions(regions);
-        let Some(path) = self.state_file.as_ref().map(|p| p.with_extension("pages")) else {
+        self.clamp_targets_to_ram();
+        let Some(path) = self
+            .state_file
+            .as_ref()
+            .map(|p| crate::state::beside(p, "pages"))
+        else {
             return;
         };
         match self.memory.persist_to(&path) {
@@ -194,18 +251,30 @@ impl Balloon {
         self.discard_enabled = state.discard_enabled;
     }
 
-    fn persist(&self) -> Result<(), BalloonError> {
-        if let Some(path) = &self.state_file {
-            PersistentState {
-                version: 1,
-                target_pages: u64::from(self.config.num_pages),
-                stats_interval_seconds: self.stats_interval_seconds,
-                discard_enabled: self.discard_enabled,
-                app_target_bytes: self.app.target_bytes,
-            }
-            .save(path)?;
+    /// What the state file holds, as of now.
+    pub fn settings(&self) -> PersistentState {
+        PersistentState {
+            version: crate::state::STATE_VERSION,
+            target_pages: u64::from(self.config.num_pages),
+            stats_interval_seconds: self.stats_interval_seconds,
+            discard_enabled: self.discard_enabled,
+            app_target_bytes: self.app.target_bytes,
         }
-        Ok(())
+    }
+
+    /// The settings changed: they are saved by whoever changed them, after releasing the
+    /// device lock (`unsaved_settings`), so no file I/O happens under the lock the vring
+    /// handlers and the VMM's config reads need.
+    fn changed(&mut self) {
+        self.settings_generation += 1;
+    }
+
+    /// A save of the current settings, to run after the device lock is released (a no-op
+    /// when a later save already covered them).
+    pub fn unsaved_settings(&self) -> Option<SaveJob> {
+        self.state_store
+            .as_ref()
+            .map(|store| store.job(self.settings_generation, self.settings()))
     }
 
     /// The driver acknowledged features and the frontend sent guest RAM: the device runs.
@@ -330,6 +399,34 @@ impl Balloon {
         }
     }
 
+    /// Targets accepted while guest RAM was unknown (a restarted backend, a target set before
+    /// the VM started) are cut to RAM once it is known; the cut is saved.
+    fn clamp_targets_to_ram(&mut self) {
+        let ram = self.memory.ram_bytes();
+        if ram == 0 {
+            return;
+        }
+        let target = pages_to_bytes(u64::from(self.config.num_pages));
+        if target > ram {
+            log::warn!(
+                "target of {} MiB is above guest RAM ({} MiB): lowered to guest RAM",
+                target >> 20,
+                ram >> 20
+            );
+            self.config.num_pages = u32::try_from(bytes_to_pages(ram)).unwrap_or(u32::MAX);
+            self.changed();
+        }
+        if self.app.target_bytes > ram {
+            log::warn!(
+                "app target of {} MiB is above guest RAM ({} MiB): lowered to guest RAM",
+                self.app.target_bytes >> 20,
+                ram >> 20
+            );
+            self.app.target_bytes = ram;
+            self.changed();
+        }
+    }
+
     /// A balloon cannot be larger than guest RAM (once the memory table is known).
     fn check_target(&self, target_bytes: u64) -> Result<(), BalloonError> {
         let ram = self.memory.ram_bytes();
@@ -349,7 +446,7 @@ impl Balloon {
             .map_err(|_| BalloonError::TargetOutOfRange(target_bytes))?;
         let changed = pages != self.config.num_pages;
         self.config.num_pages = pages;
-        self.persist()?;
+        self.changed();
         if changed {
             log::info!("target {} MiB", target_bytes >> 20);
             self.notify_config_change();
@@ -357,9 +454,19 @@ impl Balloon {
         Ok(())
     }
 
+    /// Checks a statistics interval before anything (the timer, the state file) takes it.
+    pub fn check_stats_interval(seconds: u64) -> Result<(), BalloonError> {
+        if seconds > crate::state::MAX_STATS_INTERVAL_SECONDS {
+            return Err(BalloonError::StatsIntervalTooLong(seconds));
+        }
+        Ok(())
+    }
+
     pub fn set_stats_interval(&mut self, seconds: u64) -> Result<(), BalloonError> {
+        Self::check_stats_interval(seconds)?;
         self.stats_interval_seconds = seconds;
-        self.persist()
+        self.changed();
+        Ok(())
     }
 
     /// Switching discards off (before VFIO, postcopy or a snapshot) takes effect before this
@@ -374,7 +481,7 @@ impl Balloon {
                 worker.cancel_all();
             }
         }
-        self.persist()?;
+        self.changed();
         if enabled && !was {
             if self.driver_instance_unknown {
                 log::info!(
@@ -478,7 +585,7 @@ impl Balloon {
             rejected: self.counters.rejected.clone(),
             features: features::names(self.acked_features),
             app: balloon_protocol::AppStatus {
-                connected: self.app.connected,
+                connected: self.app.peer.is_some(),
                 target_bytes: self.app.target_bytes,
                 ballooned_bytes: pages_to_bytes(self.app.memory.ballooned_pages()),
                 held_bytes: self.app.held_bytes,
@@ -494,26 +601,59 @@ impl Balloon {
         }
     }
 
-    /// Sends the app its target, if one is connected.
+    /// Sends the app its target, if one is connected. Never blocks: a peer whose queue is
+    /// full does not read, and is dropped (its pages are the guest's again).
     pub fn send_app_target(&mut self) {
         use balloon_protocol::app::{encode, HostMessage};
-        use std::io::Write;
         let line = encode(HostMessage::Target {
             bytes: self.app.target_bytes,
         });
-        if let Some(w) = self.app.writer.as_mut() {
-            if let Err(e) = w.write_all(line.as_bytes()) {
-                log::warn!("app channel: {e}");
-            }
+        let Some(peer) = &self.app.peer else { return };
+        if let Err(e) = peer.outbox.send(line) {
+            log::warn!("guest app (pid {}): {e}", peer.pid);
+            self.app.peer = None;
+            self.app_gone();
         }
     }
 
     pub fn set_app_target(&mut self, target_bytes: u64) -> Result<(), BalloonError> {
         self.check_target(target_bytes)?;
         self.app.target_bytes = target_bytes;
-        self.persist()?;
+        self.changed();
         self.send_app_target();
         Ok(())
+    }
+
+    /// An authenticated app said hello on connection `session`: it replaces any earlier one
+    /// (whatever an earlier app held, the guest kernel freed when it exited).
+    pub fn app_hello(&mut self, session: u64, pid: u32, outbox: balloon_protocol::lines::Outbox) {
+        if let Some(old) = self.app.peer.take() {
+            if old.session != session {
+                old.outbox.close();
+            }
+        }
+        self.app_gone();
+        log::info!("guest app (pid {pid}) connected");
+        self.app.peer = Some(AppPeer {
+            session,
+            pid,
+            outbox,
+        });
+        self.send_app_target();
+    }
+
+    /// Whether `session` is the app's current connection.
+    pub fn is_app_session(&self, session: u64) -> bool {
+        self.app.peer.as_ref().is_some_and(|p| p.session == session)
+    }
+
+    /// Connection `session` ended; if it was the app's, its pages are the guest's again.
+    pub fn app_closed(&mut self, session: u64) {
+        if self.is_app_session(session) {
+            log::info!("guest app channel closed: its pages are the guest's again");
+            self.app.peer = None;
+            self.app_gone();
+        }
     }
 
     /// The app's pages are the guest's again (it exited, or a new one said hello).
@@ -529,40 +669,70 @@ impl Balloon {
         self.app.stalled = false;
     }
 
-    /// The app holds these pinned pages: validate them like driver pages and discard.
-    pub fn app_inflated(&mut self, ranges: &[crate::memory::PfnRange]) -> Result<(), String> {
+    /// The app holds these pinned pages. Trusted no further than its target: every page must
+    /// be guest RAM, none may be in the driver's balloon, and the new ones must fit under the
+    /// app target; otherwise the whole message is refused and nothing changes. The discards
+    /// go to the worker, off this lock (the app asks before reusing a page, and `app_deflate`
+    /// withdraws them first).
+    pub fn app_inflated(
+        &mut self,
+        ranges: &[balloon_protocol::app::PageRange],
+    ) -> Result<(), AppRangeError> {
         if self.memory.is_empty() {
-            return Err("no memory table: the guest has not started the balloon device".into());
+            return Err(AppRangeError::NoMemoryTable);
         }
-        let mode = if self.discard_enabled {
-            DiscardMode::Now
-        } else {
-            DiscardMode::Off
+        let ranges = app_ranges(ranges)?;
+        let outside = self.app.memory.pages_outside(&ranges);
+        if outside > 0 {
+            self.counters.rejected.pages_outside_ram += outside;
+            return Err(AppRangeError::OutsideRam(outside));
+        }
+        let driver = self.memory.tracked_pages(&ranges);
+        if driver > 0 {
+            return Err(AppRangeError::DriverPages(driver));
+        }
+        let total: u64 = ranges.iter().map(|r| r.count).sum();
+        let new = total - self.app.memory.tracked_pages(&ranges);
+        let room =
+            bytes_to_pages(self.app.target_bytes).saturating_sub(self.app.memory.ballooned_pages());
+        if new > room {
+            return Err(AppRangeError::OverTarget { new, room });
+        }
+        let out = match (self.discard_enabled, self.discard_worker.clone()) {
+            (false, _) => self.app.memory.inflate(&ranges, DiscardMode::Off),
+            (true, Some(worker)) => {
+                let mut jobs = Vec::new();
+                let out = self
+                    .app
+                    .memory
+                    .inflate(&ranges, DiscardMode::Defer(&mut jobs));
+                worker.submit(jobs);
+                out
+            }
+            // Only unit tests run without a worker.
+            (true, None) => self.app.memory.inflate(&ranges, DiscardMode::Now),
         };
-        let out = self.app.memory.inflate(ranges, mode);
         self.count_discards(out);
         self.counters.reclaimed_bytes += out.discarded_bytes;
-        log_outside("app inflate", out);
-        if out.outside_pages > 0 {
-            return Err(format!(
-                "{} pages outside guest RAM skipped",
-                out.outside_pages
-            ));
-        }
         Ok(())
     }
 
     /// The app wants these pages back: after this returns no discard touches them.
-    pub fn app_deflate(&mut self, ranges: &[crate::memory::PfnRange]) {
+    pub fn app_deflate(
+        &mut self,
+        ranges: &[balloon_protocol::app::PageRange],
+    ) -> Result<(), AppRangeError> {
+        let ranges = app_ranges(ranges)?;
         if let Some(worker) = &self.discard_worker {
             let gpa: Vec<(u64, u64)> = ranges
                 .iter()
-                .map(|r| (r.gpa(), r.gpa() + r.bytes()))
+                .map(|r| (r.gpa(), r.gpa().saturating_add(r.bytes())))
                 .collect();
             worker.withdraw(&gpa);
         }
-        let out = self.app.memory.deflate(ranges);
+        let out = self.app.memory.deflate(&ranges);
         self.count_discards(out);
+        Ok(())
     }
 
     fn worker_count(

@@ -3,51 +3,77 @@
 //! daemon stay up.
 
 use balloon_protocol::control::{ControlMessage, ControlReply, ControlRequest};
+use balloon_protocol::lines::{Flow, Limits, LineServer, Outbox, Service, Session};
 #[cfg(test)]
 use balloon_protocol::ControlClient;
 use balloon_protocol::CONTROL_PROTOCOL_VERSION;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 /// The longest request line accepted; longer ones are refused and the connection closed.
-pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// What the control socket drives.
 pub trait ControlHandler: Send + Sync + 'static {
     fn handle(&self, request: ControlRequest) -> ControlReply;
 }
 
-/// Binds the control socket, replacing a stale one, with mode 0600.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+/// The control socket's limits: short requests, a scheduler that asks every tick, operators
+/// now and then.
+pub fn limits() -> Limits {
+    Limits {
+        max_line_bytes: MAX_REQUEST_BYTES,
+        ..Limits::default()
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
 }
 
-/// Serves connections until the listener fails; each connection on its own thread.
-pub fn serve(listener: UnixListener, handler: Arc<dyn ControlHandler>) {
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                let handler = handler.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("control-conn".into())
-                    .spawn(move || serve_connection(stream, &*handler));
-                if let Err(e) = spawned {
-                    log::error!("control: cannot start a connection thread: {e}");
-                }
-            }
-            Err(e) => log::warn!("control: accept failed: {e}"),
+struct ControlService(Arc<dyn ControlHandler>);
+
+struct ControlSession {
+    handler: Arc<dyn ControlHandler>,
+    outbox: Outbox,
+}
+
+fn reply_line(reply: &ControlReply) -> String {
+    let mut text = serde_json::to_string(reply)
+        .unwrap_or_else(|_| r#"{"ok":false,"error":"reply not serialisable"}"#.to_string());
+    text.push('\n');
+    text
+}
+
+impl Service for ControlService {
+    type Session = ControlSession;
+
+    fn open(&self, outbox: Outbox) -> ControlSession {
+        ControlSession {
+            handler: self.0.clone(),
+            outbox,
         }
     }
+
+    fn refusal(&self, reason: &str) -> String {
+        reply_line(&ControlReply::error(reason))
+    }
+}
+
+impl Session for ControlSession {
+    fn line(&mut self, line: &str) -> Flow {
+        let reply = reply_to_line(line, &*self.handler);
+        match self.outbox.send(reply_line(&reply)) {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close,
+        }
+    }
+}
+
+/// Serves the control socket until the listener fails.
+pub fn serve(listener: UnixListener, handler: Arc<dyn ControlHandler>) {
+    let server = Arc::new(LineServer::new(
+        "control",
+        Arc::new(ControlService(handler)),
+        limits(),
+    ));
+    server.serve(listener);
 }
 
 /// Parses one request line and runs it.
@@ -71,54 +97,11 @@ pub fn reply_to_line(line: &str, handler: &dyn ControlHandler) -> ControlReply {
     }
 }
 
-fn serve_connection(stream: UnixStream, handler: &dyn ControlHandler) {
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        let n = match (&mut reader)
-            .take(MAX_REQUEST_BYTES + 1)
-            .read_line(&mut line)
-        {
-            Ok(n) => n,
-            Err(e) => {
-                let reply = ControlReply::error(format!("unreadable request: {e}"));
-                let _ = send(&mut writer, &reply);
-                return;
-            }
-        };
-        if n == 0 {
-            return;
-        }
-        if n as u64 > MAX_REQUEST_BYTES {
-            let _ = send(
-                &mut writer,
-                &ControlReply::error(format!("request longer than {MAX_REQUEST_BYTES} bytes")),
-            );
-            return;
-        }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = reply_to_line(line.trim(), handler);
-        if send(&mut writer, &reply).is_err() {
-            return;
-        }
-    }
-}
-
-fn send(writer: &mut UnixStream, reply: &ControlReply) -> std::io::Result<()> {
-    let mut text = serde_json::to_string(reply).map_err(std::io::Error::from)?;
-    text.push('\n');
-    writer.write_all(text.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use balloon_protocol::BackendStatus;
+    use std::os::unix::fs::PermissionsExt;
     use std::sync::Mutex;
 
     struct Recorder(Mutex<Vec<ControlRequest>>);
@@ -140,7 +123,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("control-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("control.sock");
-        let listener = bind(&path).unwrap();
+        let (listener, _socket) =
+            balloon_protocol::socket::bind(&path, balloon_protocol::socket::Access::OWNER_ONLY)
+                .unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let handler = Arc::new(Recorder(Mutex::new(Vec::new())));
@@ -166,7 +151,7 @@ mod tests {
         assert!(!reply.ok);
         assert_eq!(handler.0.lock().unwrap().len(), 2);
         // An endless line closes that connection only.
-        let long = "x".repeat(MAX_REQUEST_BYTES as usize + 10) + "\n";
+        let long = "x".repeat(MAX_REQUEST_BYTES + 10) + "\n";
         let reply = c.send_raw(&long).unwrap();
         assert!(!reply.ok);
         let mut c2 = ControlClient::connect(&path).unwrap();

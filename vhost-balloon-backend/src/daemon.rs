@@ -1,6 +1,7 @@
 //! Wiring: state, control socket, signals, and the vhost-user serve loop (which accepts the
 //! frontend again after it disconnects, so QEMU's reconnect-ms and backend restarts work).
 
+use crate::app_channel::AppSecret;
 use crate::balloon::{Balloon, BalloonError};
 use crate::control::{self, ControlHandler};
 use crate::device::features::FeatureChoice;
@@ -8,8 +9,8 @@ use crate::memory::worker::DiscardWorker;
 use crate::options::Options;
 use crate::state::PersistentState;
 use crate::vhu_balloon::{lock, StatsTimer, VhostUserBalloon};
+use balloon_protocol::socket::{Access, SocketPath};
 use balloon_protocol::{pages_to_bytes, ControlReply, ControlRequest};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -24,11 +25,14 @@ pub enum DaemonError {
     Balloon(#[from] BalloonError),
     #[error("statistics timer: {0}")]
     Timer(std::io::Error),
-    #[error("control socket {path}: {source}")]
-    ControlSocket {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Bind(#[from] balloon_protocol::socket::BindError),
+    #[error("--socket-group: {0}")]
+    Group(std::io::Error),
+    #[error("{0}")]
+    AppSecret(#[from] crate::app_channel::SecretError),
+    #[error("starting a thread: {0}")]
+    Thread(std::io::Error),
     #[error("vhost-user daemon: {0}")]
     Vhost(String),
     #[error("signal setup: {0}")]
@@ -46,6 +50,9 @@ struct Control {
 }
 
 impl ControlHandler for Control {
+    /// Validates, applies under the device lock, then saves the settings after releasing it
+    /// (a slow disk never holds up the vrings or the VMM's config reads). A request that is
+    /// refused changes and saves nothing.
     fn handle(&self, request: ControlRequest) -> ControlReply {
         let mut balloon = lock(&self.balloon);
         let result = match request {
@@ -53,13 +60,17 @@ impl ControlHandler for Control {
             ControlRequest::SetTarget { target_bytes } => {
                 balloon.set_target(target_bytes).map_err(|e| e.to_string())
             }
-            ControlRequest::SetStatsInterval { seconds } => balloon
-                .set_stats_interval(seconds)
+            ControlRequest::SetStatsInterval { seconds } => Balloon::check_stats_interval(seconds)
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
                     self.stats_timer
                         .set_interval(seconds)
                         .map_err(|e| format!("statistics timer: {e}"))
+                })
+                .and_then(|()| {
+                    balloon
+                        .set_stats_interval(seconds)
+                        .map_err(|e| e.to_string())
                 }),
             ControlRequest::SetAppTarget { target_bytes } => balloon
                 .set_app_target(target_bytes)
@@ -68,16 +79,21 @@ impl ControlHandler for Control {
                 balloon.set_discard(enabled).map_err(|e| e.to_string())
             }
         };
-        match result {
-            Ok(()) => ControlReply::status(balloon.status()),
-            Err(e) => ControlReply::error(e),
+        let save = balloon.unsaved_settings();
+        let status = balloon.status();
+        drop(balloon);
+        let saved = save.map_or(Ok(()), |job| job.run());
+        match (result, saved) {
+            (Ok(()), Ok(())) => ControlReply::status(status),
+            (Ok(()), Err(e)) => ControlReply::error(format!("applied, but {e}")),
+            (Err(e), _) => ControlReply::error(e),
         }
     }
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in every thread (call before starting any) and returns
 /// a thread that waits for them and exits the process cleanly.
-fn handle_signals(cleanup: Vec<PathBuf>) -> Result<(), DaemonError> {
+fn handle_signals(cleanup: Arc<Mutex<Vec<SocketPath>>>) -> Result<(), DaemonError> {
     // SAFETY: plain signal-mask calls on a set we own.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -98,9 +114,9 @@ fn handle_signals(cleanup: Vec<PathBuf>) -> Result<(), DaemonError> {
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
                 log::info!("signal {sig}: shutting down");
                 // The state file is written on every change, so nothing is left to save;
-                // removing the sockets tells clients the backend is gone.
-                for path in &cleanup {
-                    let _ = std::fs::remove_file(path);
+                // removing the sockets (those still ours) tells clients the backend is gone.
+                for socket in lock_paths(&cleanup).iter() {
+                    socket.remove();
                 }
                 std::process::exit(0);
             }
@@ -109,16 +125,42 @@ fn handle_signals(cleanup: Vec<PathBuf>) -> Result<(), DaemonError> {
         .map_err(DaemonError::Signals)
 }
 
+fn lock_paths(paths: &Mutex<Vec<SocketPath>>) -> std::sync::MutexGuard<'_, Vec<SocketPath>> {
+    paths.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Binds one of the backend's sockets (see balloon_protocol::socket: never over a file or a
+/// live socket, created with its final mode) and registers it for removal at shutdown.
+fn bind_socket(
+    path: &std::path::Path,
+    access: Access,
+    cleanup: &Mutex<Vec<SocketPath>>,
+) -> Result<std::os::unix::net::UnixListener, DaemonError> {
+    let (listener, socket) =
+        balloon_protocol::socket::bind(path, access).map_err(DaemonError::Bind)?;
+    lock_paths(cleanup).push(socket);
+    Ok(listener)
+}
+
 /// Runs the backend until a signal ends it.
 pub fn run(options: Options) -> Result<(), DaemonError> {
-    // In client mode the socket is the frontend's (or a keeper's): not ours to remove.
-    let mut cleanup: Vec<PathBuf> = Vec::new();
-    if !options.client {
-        cleanup.push(options.socket.clone());
-    }
-    cleanup.extend(options.control_socket.clone());
-    cleanup.extend(options.app_socket.clone());
-    handle_signals(cleanup)?;
+    let cleanup = Arc::new(Mutex::new(Vec::new()));
+    handle_signals(cleanup.clone())?;
+    // The VMM's sockets (vhost-user, app channel) may be shared with its group; the control
+    // socket is the owner's only.
+    let vmm_access = Access {
+        group: options
+            .socket_group
+            .as_deref()
+            .map(balloon_protocol::socket::group_id)
+            .transpose()
+            .map_err(DaemonError::Group)?,
+    };
+    let app_secret = options
+        .app_secret_file
+        .as_deref()
+        .map(AppSecret::load)
+        .transpose()?;
 
     let choice = FeatureChoice {
         stats: options.stats,
@@ -152,6 +194,9 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
             balloon.set_stats_interval(options.stats_interval)?;
             balloon.set_discard(options.discard)?;
             balloon.set_target(options.target.unwrap_or(0))?;
+            if let Some(job) = balloon.unsaved_settings() {
+                job.run()?;
+            }
         }
     }
     let stats_timer = Arc::new(StatsTimer::new().map_err(DaemonError::Timer)?);
@@ -161,10 +206,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     let balloon = Arc::new(Mutex::new(balloon));
 
     if let Some(path) = &options.control_socket {
-        let listener = control::bind(path).map_err(|source| DaemonError::ControlSocket {
-            path: path.clone(),
-            source,
-        })?;
+        let listener = bind_socket(path, Access::OWNER_ONLY, &cleanup)?;
         let handler = Arc::new(Control {
             balloon: balloon.clone(),
             stats_timer: stats_timer.clone(),
@@ -172,39 +214,37 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || control::serve(listener, handler))
-            .map_err(|source| DaemonError::ControlSocket {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(DaemonError::Thread)?;
         log::info!("control socket {}", path.display());
     }
 
     if let Some(path) = &options.app_socket {
-        let listener = control::bind(path).map_err(|source| DaemonError::ControlSocket {
-            path: path.clone(),
-            source,
-        })?;
+        let listener = bind_socket(path, vmm_access, &cleanup)?;
         let b = balloon.clone();
+        if app_secret.is_none() {
+            log::warn!(
+                "guest app channel without --app-secret-file: safe only behind virtio-serial \
+                 (a root-only device in the guest); over vsock any guest user could drive it"
+            );
+        }
         std::thread::Builder::new()
             .name("app-channel".into())
-            .spawn(move || crate::app_channel::serve(listener, b))
-            .map_err(|source| DaemonError::ControlSocket {
-                path: path.clone(),
-                source,
-            })?;
+            .spawn(move || crate::app_channel::serve(listener, b, app_secret))
+            .map_err(DaemonError::Thread)?;
         log::info!("guest app channel on {}", path.display());
     }
 
     let backend = VhostUserBalloon::new(balloon, stats_timer);
+    // In client mode the socket is the frontend's (or a keeper's): not ours to create or
+    // remove.
     let mut listener = if options.client {
         None
     } else {
-        Some(Listener::new(&options.socket, true).map_err(|e| {
-            DaemonError::Vhost(format!(
-                "cannot listen on {}: {e}",
-                options.socket.display()
-            ))
-        })?)
+        Some(Listener::from(bind_socket(
+            &options.socket,
+            vmm_access,
+            &cleanup,
+        )?))
     };
     loop {
         let mut daemon = VhostUserDaemon::new(

@@ -28,9 +28,20 @@ pub struct Cli {
     /// to it (`-chardev socket,path=...,reconnect-ms=1000` + `virtserialport`).
     #[arg(long)]
     pub app_socket: Option<PathBuf>,
-    /// Where the target and settings persist across restarts (written atomically).
+    /// Where the target and settings persist across restarts (written atomically). Beside
+    /// it: STATE.lock (one backend per state file) and STATE.pages (the balloon's pages).
     #[arg(long)]
     pub state_file: Option<PathBuf>,
+    /// A group that may connect to the VMM's sockets (--socket, --app-socket: mode 0660),
+    /// e.g. the group QEMU runs as under libvirt. Without it they are the owner's only (0600).
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// The per-VM secret the guest app must present in its hello (a file of at least 16
+    /// bytes, mode 0600). Required whenever the app channel is reachable over vsock, TCP or
+    /// a Unix socket in the guest; give the same file to QEMU as
+    /// `-fw_cfg name=opt/vhost-balloon/app-secret,file=FILE`.
+    #[arg(long)]
+    pub app_secret_file: Option<PathBuf>,
     /// Seconds between requests for guest statistics; 0 never asks.
     #[arg(long)]
     pub stats_interval: Option<u64>,
@@ -69,6 +80,8 @@ pub struct FileConfig {
     pub control_socket: Option<PathBuf>,
     pub app_socket: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
+    pub socket_group: Option<String>,
+    pub app_secret_file: Option<PathBuf>,
     pub stats_interval: Option<u64>,
     pub target: Option<String>,
     pub discard: Option<bool>,
@@ -104,6 +117,8 @@ pub struct Options {
     pub control_socket: Option<PathBuf>,
     pub app_socket: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
+    pub socket_group: Option<String>,
+    pub app_secret_file: Option<PathBuf>,
     pub stats_interval: u64,
     pub target: Option<u64>,
     pub discard: bool,
@@ -137,6 +152,8 @@ impl Cli {
             control_socket: self.control_socket.or(file.control_socket),
             app_socket: self.app_socket.or(file.app_socket),
             state_file: self.state_file.or(file.state_file),
+            socket_group: self.socket_group.or(file.socket_group),
+            app_secret_file: self.app_secret_file.or(file.app_secret_file),
             stats_interval: self
                 .stats_interval
                 .or(file.stats_interval)

@@ -1093,14 +1093,14 @@ fn discards_switched_off_again_before_the_queue_is_seen_stay_off() {
 
 #[test]
 fn a_later_memory_table_never_takes_over_a_stale_page_file() {
-    // The first persist of a process fails (here: its temporary file cannot be created); a
+    // The first persist of a process fails (here: a directory stands where the file goes); a
     // later table must not adopt the previous process's file over what this one tracks.
     let g = Guest::new();
     let dir = std::env::temp_dir().join(format!("stale-pages-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let state = dir.join("state.json");
-    let pages = dir.join("state.pages");
+    let pages = dir.join("state.json.pages");
     let start = || {
         let mut b = Balloon::new(FeatureChoice::default(), Some(state.clone()));
         b.set_acked_features(bit(MUST_TELL_HOST) | bit(VIRTIO_F_VERSION_1));
@@ -1119,8 +1119,7 @@ fn a_later_memory_table_never_takes_over_a_stale_page_file() {
         );
     }
     std::fs::rename(&pages, dir.join("hidden")).unwrap();
-    let tmp = dir.join(format!("state.pages.{}.tmp", std::process::id()));
-    std::fs::create_dir(&tmp).unwrap();
+    std::fs::create_dir(&pages).unwrap();
     let mut second = start();
     inflate_on(
         &mut ring,
@@ -1135,7 +1134,7 @@ fn a_later_memory_table_never_takes_over_a_stale_page_file() {
         count: 64,
     }]);
     g.mem.write_obj(0x5au8, GuestAddress(3500 * PAGE)).unwrap();
-    std::fs::remove_dir(&tmp).unwrap();
+    std::fs::remove_dir(&pages).unwrap();
     std::fs::rename(dir.join("hidden"), &pages).unwrap();
     second.set_memory(regions_of(&g.mem));
     assert_eq!(second.status().ballooned_bytes, 8 * PAGE);

@@ -299,7 +299,7 @@ impl VhostUserBackend for VhostUserBalloon {
 
     fn update_memory(&self, atomic: GuestMemoryMmapAtomic) -> io::Result<()> {
         let regions = regions_of(&atomic.memory());
-        {
+        let save = {
             let mut balloon = lock(&self.balloon);
             for r in &regions {
                 log::info!(
@@ -319,6 +319,11 @@ impl VhostUserBackend for VhostUserBalloon {
                 .app
                 .memory
                 .replace_regions(regions_of(&atomic.memory()));
+            balloon.unsaved_settings()
+        };
+        // Targets cut to guest RAM are saved off the device lock.
+        if let Some(Err(e)) = save.map(|job| job.run()) {
+            log::error!("{e}");
         }
         // The old mappings stay alive until this (and every guard on it) is replaced.
         *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = Some(atomic);

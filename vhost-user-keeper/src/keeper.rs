@@ -25,11 +25,11 @@ use crate::message::{
     self, can_be_acked, expects_reply, features_after, has_inherent_reply, is_reply_to, request,
     Message, MessageError, FLAG_NEED_REPLY, PROTOCOL_FEATURES_KEPT, VIRTIO_F_RING_PACKED,
 };
+use balloon_protocol::socket::{Access, SocketPath};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
@@ -79,8 +79,8 @@ fn handle_termination() -> io::Result<OwnedFd> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeeperError {
-    #[error("cannot listen on {path}: {source}")]
-    Listen { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Bind(balloon_protocol::socket::BindError),
     #[error("poll: {0}")]
     Poll(io::Error),
     #[error("signal setup: {0}")]
@@ -121,34 +121,18 @@ enum ReplayError {
 pub struct Keeper {
     frontend_listener: UnixListener,
     backend_listener: UnixListener,
+    /// The two socket paths, removed at shutdown while they are still ours.
+    sockets: [SocketPath; 2],
     frontend: Option<UnixStream>,
     backend: Option<UnixStream>,
     journal: Journal,
     wake: Option<OwnedFd>,
 }
 
-/// Binds a Unix socket, replacing a stale socket (never another kind of file), readable and
-/// writable by the owner only.
-fn bind(path: &Path) -> Result<UnixListener, KeeperError> {
-    let err = |source| KeeperError::Listen {
-        path: path.to_path_buf(),
-        source,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
-        Ok(_) => {
-            return Err(err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "exists and is not a socket",
-            )))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+/// Binds a Unix socket as every daemon of the project does (balloon_protocol::socket: never
+/// over a file or a live socket, owner only from the start).
+fn bind(path: &Path) -> Result<(UnixListener, SocketPath), KeeperError> {
+    balloon_protocol::socket::bind(path, Access::OWNER_ONLY).map_err(KeeperError::Bind)
 }
 
 const HANGUP: i16 = libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP;
@@ -225,14 +209,24 @@ fn set_timeouts(stream: &UnixStream) -> io::Result<()> {
 impl Keeper {
     /// Listens for the frontend on `frontend_socket` and for backends on `backend_socket`.
     pub fn bind(frontend_socket: &Path, backend_socket: &Path) -> Result<Self, KeeperError> {
+        let (frontend_listener, frontend_path) = bind(frontend_socket)?;
+        let (backend_listener, backend_path) = bind(backend_socket)?;
         Ok(Keeper {
-            frontend_listener: bind(frontend_socket)?,
-            backend_listener: bind(backend_socket)?,
+            frontend_listener,
+            backend_listener,
+            sockets: [frontend_path, backend_path],
             frontend: None,
             backend: None,
             journal: Journal::default(),
             wake: None,
         })
+    }
+
+    /// Removes the keeper's socket paths (those still its own).
+    pub fn remove_sockets(&self) {
+        for s in &self.sockets {
+            s.remove();
+        }
     }
 
     /// Serves until SIGTERM or SIGINT (`Ok`) or an error on the keeper's own sockets.

@@ -26,9 +26,7 @@ fn main() {
         options.backend_socket.display()
     );
     let result = keeper.run();
-    for path in [&options.socket, &options.backend_socket] {
-        let _ = std::fs::remove_file(path);
-    }
+    keeper.remove_sockets();
     match result {
         Ok(()) => log::info!("shut down"),
         Err(e) => {

@@ -11,6 +11,16 @@ use serde::{Deserialize, Serialize};
 pub const APP_PROTOCOL_VERSION: u32 = 1;
 /// The longest line either side accepts.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// The most ranges in one `inflated` or `deflate` (a 64 MiB chunk of scattered 4 KiB pages
+/// needs 16384); the backend refuses more.
+pub const MAX_RANGES_PER_MESSAGE: usize = 16384;
+/// Where the guest reads the per-VM secret that QEMU provides with
+/// `-fw_cfg name=opt/vhost-balloon/app-secret,file=HOST_FILE` (the `raw` file of the
+/// qemu_fw_cfg module is readable by root only).
+pub const FW_CFG_SECRET_PATH: &str =
+    "/sys/firmware/qemu_fw_cfg/by_name/opt/vhost-balloon/app-secret/raw";
+/// The fw_cfg entry's name on the QEMU command line.
+pub const FW_CFG_SECRET_NAME: &str = "opt/vhost-balloon/app-secret";
 
 /// `count` 4 KiB pages from page frame number `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +38,9 @@ pub enum HostMessage {
     Ack { seq: u64 },
     /// The message with this sequence number was refused (bad ranges, not started device).
     Nack { seq: u64, reason: String },
+    /// The connection is refused or ended by the host (failed authentication, no hello
+    /// first, too many connections, silence); the host closes it after this.
+    Refused { reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,17 +48,15 @@ pub enum HostMessage {
 pub enum AppMessage {
     Hello {
         pid: u32,
+        /// The per-VM secret, when the backend requires one (every transport an unprivileged
+        /// guest process could open: vsock, TCP, Unix).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret: Option<String>,
     },
     /// These pages are pinned and held; the host may take them.
-    Inflated {
-        seq: u64,
-        ranges: Vec<PageRange>,
-    },
+    Inflated { seq: u64, ranges: Vec<PageRange> },
     /// The app wants these pages back; it releases them only after the `ack`.
-    Deflate {
-        seq: u64,
-        ranges: Vec<PageRange>,
-    },
+    Deflate { seq: u64, ranges: Vec<PageRange> },
     /// The app's state, for status and the scheduler.
     State {
         held_bytes: u64,

@@ -1,23 +1,26 @@
 //! A client for the backend's control socket, for the scheduler, `balloonctl`, tests and
-//! benchmarks.
+//! benchmarks: every exchange has a deadline and a bounded reply.
 
 use crate::control::{ControlMessage, ControlReply, ControlRequest};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use crate::lines::LineClient;
 use std::path::Path;
+use std::time::Duration;
 
-/// A client for the control socket (used by tests, the benchmarks and the scheduler's driver).
+/// How long a request may take unless the caller says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct ControlClient {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    inner: LineClient,
 }
 
 impl ControlClient {
     pub fn connect(path: &Path) -> std::io::Result<Self> {
-        let stream = UnixStream::connect(path)?;
+        Self::connect_with_timeout(path, DEFAULT_TIMEOUT)
+    }
+
+    pub fn connect_with_timeout(path: &Path, timeout: Duration) -> std::io::Result<Self> {
         Ok(ControlClient {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
+            inner: LineClient::connect(path, timeout)?,
         })
     }
 
@@ -29,11 +32,7 @@ impl ControlClient {
 
     /// Sends a raw line (for tests of bad input) and reads one reply.
     pub fn send_raw(&mut self, line: &str) -> std::io::Result<ControlReply> {
-        self.writer.write_all(line.as_bytes())?;
-        let mut reply = String::new();
-        if self.reader.read_line(&mut reply)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
+        let reply = self.inner.exchange(line)?;
         Ok(serde_json::from_str(&reply)?)
     }
 }

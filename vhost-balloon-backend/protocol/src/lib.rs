@@ -5,6 +5,8 @@
 pub mod app;
 pub mod client;
 pub mod control;
+pub mod lines;
+pub mod socket;
 pub mod units;
 
 pub use client::ControlClient;

@@ -104,6 +104,26 @@ impl PageBitmap {
         (start..start + count).all(|p| self.get(p))
     }
 
+    /// How many bits in the range are set (word at a time).
+    pub fn count_range(&self, start: u64, count: u64) -> u64 {
+        let end = start.saturating_add(count).min(self.pages);
+        let words = self.words.as_slice();
+        let mut set = 0;
+        let mut page = start;
+        while page < end {
+            let first = page % 64;
+            let n = (64 - first).min(end - page);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << first
+            };
+            set += u64::from((words[(page / 64) as usize] & mask).count_ones());
+            page += n;
+        }
+        set
+    }
+
     fn update(&mut self, start: u64, count: u64, value: bool) -> u64 {
         let end = start.saturating_add(count).min(self.pages);
         let mut changed = 0;
@@ -161,6 +181,10 @@ mod tests {
         assert_eq!(b.set_range(60, 10), 10);
         assert_eq!(b.set_range(65, 10), 5);
         assert_eq!(b.count(), 15);
+        assert_eq!(b.count_range(0, 200), 15);
+        assert_eq!(b.count_range(62, 70), 13);
+        assert_eq!(b.count_range(70, 0), 0);
+        assert_eq!(b.count_range(190, u64::MAX), 0);
         assert!(b.all_set(60, 15));
         assert!(!b.all_set(59, 2));
         assert_eq!(b.clear_range(0, 64), 4);

@@ -13,7 +13,7 @@ pub mod worker;
 use balloon_protocol::PAGE_SIZE;
 use bitmap::PageBitmap;
 pub use discard::Backing;
-pub use ranges::{merge_pfns, pages_within, PfnRange};
+pub use ranges::{merge_pfns, merge_ranges, pages_within, PfnRange};
 
 /// One region of guest RAM from the vhost-user memory table.
 #[derive(Debug)]
@@ -209,6 +209,33 @@ impl GuestMemoryMap {
 
     pub fn region_count(&self) -> usize {
         self.regions.len()
+    }
+
+    /// Pages of `ranges` (merged: no page twice) that lie outside guest RAM.
+    pub fn pages_outside(&self, ranges: &[PfnRange]) -> u64 {
+        ranges
+            .iter()
+            .map(|range| range.count - self.regions_in(*range).map(|(_, _, n)| n).sum::<u64>())
+            .sum()
+    }
+
+    /// Pages of `ranges` (merged) this map tracks as ballooned.
+    pub fn tracked_pages(&self, ranges: &[PfnRange]) -> u64 {
+        ranges
+            .iter()
+            .flat_map(|range| self.regions_in(*range))
+            .map(|(region, rs, n)| region.ballooned.count_range(rs, n))
+            .sum()
+    }
+
+    /// The regions `range` touches, with the region-relative first page and page count.
+    fn regions_in(&self, range: PfnRange) -> impl Iterator<Item = (&GuestRegion, u64, u64)> {
+        self.regions.iter().filter_map(move |region| {
+            let pages = region.pages();
+            let start = range.start.max(pages.start);
+            let end = range.end().min(pages.end());
+            (start < end).then(|| (region, start - pages.start, end - start))
+        })
     }
 
     /// The guest gave these pages to the balloon: track them and return their memory to the

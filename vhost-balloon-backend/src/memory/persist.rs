@@ -128,13 +128,7 @@ pub fn open(
     let total_words: usize = current.iter().map(|c| c.len()).sum();
     let bytes = head.len() + total_words * 8;
     let existing = may_adopt
-        .then(|| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .ok()
-        })
+        .then(|| crate::state::open_nofollow(path, true).ok())
         .flatten()
         .filter(|f| {
             let mut h = vec![0u8; head.len()];
@@ -146,33 +140,15 @@ pub fn open(
     let (file, rename_from) = match existing {
         Some(f) => (f, None),
         None => {
-            let tmp = path.with_extension(format!("pages.{}.tmp", std::process::id()));
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            let written = f
-                .set_len(bytes as u64)
-                .and_then(|()| f.write_all_at(&head, 0));
-            if let Err(e) = written {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-            (f, Some(tmp))
+            let tmp = crate::state::temp_beside(path)?;
+            let f = tmp.as_file();
+            f.set_len(bytes as u64)?;
+            f.write_all_at(&head, 0)?;
+            (tmp.as_file().try_clone()?, Some(tmp))
         }
     };
-    let map = match map(&file, bytes) {
-        Ok(m) => m,
-        Err(e) => {
-            if let Some(tmp) = &rename_from {
-                let _ = std::fs::remove_file(tmp);
-            }
-            return Err(e);
-        }
-    };
+    // A temporary file not renamed into place is removed when `rename_from` drops.
+    let map = map(&file, bytes)?;
     let mut start = head.len() / 8;
     let mut out = Vec::with_capacity(current.len());
     for bits in current {
@@ -188,16 +164,14 @@ pub fn open(
         out.push(words);
     }
     if let Some(tmp) = rename_from {
-        if let Err(e) = std::fs::rename(&tmp, path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        tmp.persist(path).map_err(|e| e.error)?;
     }
     Ok((out, adopted))
 }
 
 /// Holds an exclusive lock on `STATE.lock` for as long as it lives: two backends must never
-/// share a state file (each would take the other's pages for its own).
+/// share a state file (each would take the other's pages for its own). The lock file is
+/// never a symlink (O_NOFOLLOW).
 #[derive(Debug)]
 pub struct StateLock {
     _file: File,
@@ -205,13 +179,14 @@ pub struct StateLock {
 
 impl StateLock {
     pub fn acquire(state_file: &Path) -> io::Result<Self> {
-        let path = state_file.with_extension("lock");
+        let path = crate::state::beside(state_file, "lock");
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -219,7 +194,11 @@ impl StateLock {
             return Err(if e.kind() == io::ErrorKind::WouldBlock {
                 io::Error::new(
                     io::ErrorKind::AddrInUse,
-                    format!("{} is held by another backend", path.display()),
+                    format!(
+                        "{} is held by another running backend (it uses state file {})",
+                        path.display(),
+                        state_file.display()
+                    ),
                 )
             } else {
                 e

@@ -11,18 +11,44 @@ pub struct PfnRange {
     pub count: u64,
 }
 
+/// Page frame numbers beyond this name no byte a 64-bit guest address can reach.
+pub const MAX_PFN: u64 = u64::MAX / PAGE_SIZE;
+
 impl PfnRange {
+    /// A range from untrusted input: `None` unless it is non-empty and every one of its pages
+    /// has a 64-bit guest address (so `end`, `gpa` and `bytes` cannot overflow).
+    pub fn checked(start: u64, count: u64) -> Option<PfnRange> {
+        let end = start.checked_add(count)?;
+        (count > 0 && end <= MAX_PFN).then_some(PfnRange { start, count })
+    }
+
+    /// Saturates, so a range built without `checked` never wraps to a low page.
     pub fn end(self) -> u64 {
-        self.start + self.count
+        self.start.saturating_add(self.count)
     }
 
     pub fn gpa(self) -> u64 {
-        self.start * PAGE_SIZE
+        self.start.saturating_mul(PAGE_SIZE)
     }
 
     pub fn bytes(self) -> u64 {
-        self.count * PAGE_SIZE
+        self.count.saturating_mul(PAGE_SIZE)
     }
+}
+
+/// Sorts ranges and joins those that overlap or touch, so each page is counted once.
+pub fn merge_ranges(mut ranges: Vec<PfnRange>) -> Vec<PfnRange> {
+    ranges.sort_unstable();
+    let mut out: Vec<PfnRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end() => {
+                last.count = last.end().max(r.end()) - last.start;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// Sorts `pfns`, drops repeats, and merges runs of consecutive frames into ranges.
@@ -72,6 +98,27 @@ mod tests {
         assert!(merge_pfns(&mut []).is_empty());
         let mut run: Vec<u32> = (1000..1256).rev().collect();
         assert_eq!(merge_pfns(&mut run), vec![r(1000, 256)]);
+    }
+
+    #[test]
+    fn untrusted_ranges_cannot_wrap() {
+        assert_eq!(PfnRange::checked(0, u64::MAX), None);
+        assert_eq!(PfnRange::checked(u64::MAX, 1), None);
+        assert_eq!(PfnRange::checked(MAX_PFN, 1), None);
+        assert_eq!(PfnRange::checked(5, 0), None);
+        assert_eq!(PfnRange::checked(MAX_PFN - 1, 1), Some(r(MAX_PFN - 1, 1)));
+        let huge = r(u64::MAX - 1, 10);
+        assert_eq!(huge.end(), u64::MAX);
+        assert_eq!(huge.gpa(), u64::MAX);
+        assert_eq!(huge.bytes(), 10 * 4096);
+    }
+
+    #[test]
+    fn overlapping_ranges_merge_once() {
+        assert_eq!(
+            merge_ranges(vec![r(10, 5), r(0, 3), r(12, 10), r(3, 1), r(40, 1)]),
+            vec![r(0, 4), r(10, 12), r(40, 1)]
+        );
     }
 
     #[test]

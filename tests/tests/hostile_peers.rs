@@ -1,0 +1,568 @@
+//! The backend process against hostile peers on its real sockets (no VM: a memfd guest behind
+//! an in-process vhost-user frontend): guest processes on the app channel, local clients on
+//! the control socket, planted files, and a second backend on the same paths. Each test is one
+//! finding of the safety review and failed on the code before the fix.
+
+use balloon_lab::backend::Backend;
+use balloon_lab::frontend::{MemfdRam, TestFrontend};
+use balloon_lab::wait::{wait_for, Poll};
+use balloon_lab::{lab, MIB};
+use balloon_protocol::app::{decode, encode, AppMessage, HostMessage, PageRange};
+use balloon_protocol::lines::LineClient;
+use balloon_protocol::{BackendStatus, ControlClient, ControlRequest};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const PAGE: u64 = 4096;
+const SECRET: &str = "4f1c2b9e8d7a6f5e4d3c2b1a09f8e7d6";
+const NO_EXTRA_QUEUES: &[&str] = &["--no-stats", "--no-free-page-reporting"];
+
+/// A private secret file in `dir`.
+fn secret_file(dir: &Path) -> PathBuf {
+    let p = dir.join("app-secret");
+    std::fs::write(&p, format!("{SECRET}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// A backend whose app channel requires the secret, and a 64 MiB memfd guest attached.
+struct Guest {
+    backend: Backend,
+    ram: MemfdRam,
+    fe: TestFrontend,
+}
+
+impl Guest {
+    fn start(name: &str) -> Guest {
+        let dir = lab::run_dir(&format!("{name}-secret")).unwrap();
+        let secret = secret_file(&dir);
+        let mut args: Vec<&str> = NO_EXTRA_QUEUES.to_vec();
+        args.extend(["--app-secret-file", secret.to_str().unwrap()]);
+        let backend = Backend::start(name, &args).unwrap();
+        let ram = MemfdRam::new(64 * MIB).unwrap();
+        ram.populate();
+        let fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
+        wait_for(
+            "the memory table",
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            || {
+                let s = backend.status()?;
+                Ok(if s.guest_ram_bytes > 0 {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending("no RAM yet".into())
+                })
+            },
+        )
+        .unwrap();
+        Guest { backend, ram, fe }
+    }
+
+    fn app(&self) -> LineClient {
+        LineClient::connect(&self.backend.app_socket, Duration::from_secs(5)).unwrap()
+    }
+
+    fn status(&self) -> BackendStatus {
+        self.backend.status().unwrap()
+    }
+
+    fn set_app_target(&self, bytes: u64) {
+        let r = self
+            .backend
+            .request(ControlRequest::SetAppTarget {
+                target_bytes: bytes,
+            })
+            .unwrap();
+        assert!(r.ok, "{r:?}");
+    }
+}
+
+fn send(c: &mut LineClient, msg: AppMessage) -> HostMessage {
+    decode::<HostMessage>(c.exchange(&encode(msg)).unwrap().trim()).unwrap()
+}
+
+fn hello(secret: Option<&str>) -> AppMessage {
+    AppMessage::Hello {
+        pid: 4242,
+        secret: secret.map(String::from),
+    }
+}
+
+/// Reads host messages until one that is not a target.
+fn answer(c: &mut LineClient) -> HostMessage {
+    loop {
+        let m = decode::<HostMessage>(c.read_line().unwrap().trim()).unwrap();
+        if !matches!(m, HostMessage::Target { .. }) {
+            return m;
+        }
+    }
+}
+
+fn inflated(seq: u64, ranges: &[(u64, u64)]) -> AppMessage {
+    AppMessage::Inflated {
+        seq,
+        ranges: ranges
+            .iter()
+            .map(|&(start, count)| PageRange { start, count })
+            .collect(),
+    }
+}
+
+#[test]
+fn no_guest_process_without_the_secret_can_discard_guest_memory() {
+    let mut g = Guest::start("hostile-app");
+    for pfn in [0, 100, 8000] {
+        g.ram.fill_page(pfn, 0xa5);
+    }
+    let full = g.ram.allocated();
+    g.set_app_target(8 * MIB);
+
+    // Finding 1: no hello at all, the whole address space.
+    let mut c = g.app();
+    let reply = send(&mut c, inflated(1, &[(0, u64::MAX)]));
+    assert!(matches!(reply, HostMessage::Refused { .. }), "{reply:?}");
+    assert!(c.read_line().is_err(), "the connection must end");
+    // A hello without the secret, and one with a wrong secret.
+    for secret in [None, Some("0000000000000000000000000000000")] {
+        let mut c = g.app();
+        let reply = send(&mut c, hello(secret));
+        assert!(matches!(reply, HostMessage::Refused { .. }), "{reply:?}");
+        assert!(c.read_line().is_err());
+    }
+    assert!(!g.status().app.connected);
+
+    // Connections that never speak do not hold the slot: the real app still gets in.
+    let squatters: Vec<UnixStream> = (0..10)
+        .map(|_| UnixStream::connect(&g.backend.app_socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(150));
+    let mut app = g.app();
+    app.exchange(&encode(hello(Some(SECRET))))
+        .expect("the real app gets in beside squatters");
+    assert!(g.status().app.connected);
+    drop(squatters);
+
+    // The authenticated app is held to its target and to guest RAM.
+    for (ranges, what) in [
+        (vec![(0, u64::MAX)], "beyond 64-bit"),
+        (vec![(u64::MAX - 1, 2)], "beyond 64-bit"),
+        (vec![(g.ram.len / PAGE + 16, 100)], "outside guest RAM"),
+        (vec![(0, 4096)], "exceed the app target"),
+    ] {
+        app.send(&encode(inflated(2, &ranges))).unwrap();
+        let reply = answer(&mut app);
+        match reply {
+            HostMessage::Nack { reason, .. } => {
+                assert!(reason.contains(what), "{ranges:?}: {reason}")
+            }
+            other => panic!("{ranges:?}: {other:?}"),
+        }
+    }
+    assert_eq!(g.status().app.ballooned_bytes, 0);
+    assert_eq!(
+        g.ram.allocated(),
+        full,
+        "a refused message discarded memory"
+    );
+    for pfn in [0, 100, 8000] {
+        assert!(g.ram.page_is(pfn, 0xa5), "page {pfn} lost its content");
+    }
+    // Pages in the driver's balloon are not the app's to report.
+    g.backend.set_target(MIB).unwrap();
+    g.fe.inflate(&g.ram, &(2000..2256).collect::<Vec<u32>>())
+        .unwrap();
+    app.send(&encode(inflated(3, &[(2100, 10)]))).unwrap();
+    let reply = answer(&mut app);
+    assert!(
+        matches!(&reply, HostMessage::Nack { reason, .. } if reason.contains("driver")),
+        "{reply:?}"
+    );
+    // What the app may give, it gives.
+    app.send(&encode(inflated(4, &[(100, 256)]))).unwrap();
+    assert!(matches!(answer(&mut app), HostMessage::Ack { seq: 4 }));
+    wait_for(
+        "the app's pages to leave",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || {
+            Ok(if g.ram.page_is(100, 0) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending("page 100 still there".into())
+            })
+        },
+    )
+    .unwrap();
+    assert!(g.ram.page_is(0, 0xa5) && g.ram.page_is(8000, 0xa5));
+    assert_eq!(g.status().app.ballooned_bytes, 256 * PAGE);
+}
+
+/// The longest a status or config read took while `work` ran beside it.
+fn slowest_answers_while(g: &mut Guest, work: impl FnOnce() + Send) -> (Duration, Duration) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut status_worst = Duration::ZERO;
+    let mut config_worst = Duration::ZERO;
+    let control = g.backend.control_socket.clone();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            work();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        let mut c = ControlClient::connect(&control).unwrap();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = Instant::now();
+            assert!(c.request(ControlRequest::Status).unwrap().ok);
+            status_worst = status_worst.max(t.elapsed());
+            let t = Instant::now();
+            g.fe.config().unwrap();
+            config_worst = config_worst.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    (status_worst, config_worst)
+}
+
+#[test]
+fn a_guest_app_that_never_reads_cannot_freeze_its_backend() {
+    let mut g = Guest::start("no-read");
+    // Finding 2: an authenticated app that stops reading (a guest not reading its port).
+    let mut app = UnixStream::connect(&g.backend.app_socket).unwrap();
+    app.write_all(encode(hello(Some(SECRET))).as_bytes())
+        .unwrap();
+    wait_for(
+        "the app to connect",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || {
+            Ok(if g.backend.status()?.app.connected {
+                Poll::Ready(())
+            } else {
+                Poll::Pending("not yet".into())
+            })
+        },
+    )
+    .unwrap();
+    let (status, config) = {
+        let control = g.backend.control_socket.clone();
+        slowest_answers_while(&mut g, move || {
+            let mut c = ControlClient::connect(&control).unwrap();
+            // Far more target lines than the socket buffer holds.
+            for i in 0..20_000u64 {
+                let r = c
+                    .request(ControlRequest::SetAppTarget {
+                        target_bytes: (i % 4) * MIB,
+                    })
+                    .unwrap();
+                assert!(r.ok, "{r:?}");
+            }
+        })
+    };
+    assert!(
+        status < Duration::from_millis(100),
+        "status took {status:?}"
+    );
+    assert!(
+        config < Duration::from_millis(100),
+        "a config read took {config:?}"
+    );
+    // The peer that did not read was dropped.
+    assert!(!g.backend.status().unwrap().app.connected);
+    drop(app);
+}
+
+#[test]
+fn a_huge_app_message_does_not_hold_up_config_reads() {
+    let mut g = Guest::start("huge-line");
+    g.set_app_target(64 * MIB);
+    let mut app = g.app();
+    app.exchange(&encode(hello(Some(SECRET)))).unwrap();
+    // 8192 scattered pages in one message: their discards run off the device lock.
+    let ranges: Vec<(u64, u64)> = (0..8192).map(|i| (2 * i, 1)).collect();
+    let line = encode(inflated(1, &ranges));
+    let app = &mut app;
+    let (status, config) = slowest_answers_while(&mut g, move || {
+        app.send(&line).unwrap();
+        assert!(matches!(answer(app), HostMessage::Ack { seq: 1 }));
+    });
+    assert!(
+        status < Duration::from_millis(100),
+        "status took {status:?}"
+    );
+    assert!(
+        config < Duration::from_millis(100),
+        "config took {config:?}"
+    );
+    assert_eq!(g.status().app.ballooned_bytes, 8192 * PAGE);
+}
+
+/// Runs the backend binary with `args` and expects it to exit at once with an error; returns
+/// what it printed.
+fn failed_start(args: &[&str]) -> String {
+    let exe = lab::workspace_binary("vhost-balloon-backend").unwrap();
+    let mut child = std::process::Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stderr).to_string()
+                + &String::from_utf8_lossy(&out.stdout);
+            assert!(!status.success(), "the backend started: {text}");
+            return text;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the backend did not exit with an error: {args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_refused_request_is_never_saved_and_targets_above_ram_are_cut() {
+    let mut backend = Backend::start("state-valid", NO_EXTRA_QUEUES).unwrap();
+    // Finding 3: refused, and nothing saved.
+    let r = backend
+        .request(ControlRequest::SetStatsInterval { seconds: u64::MAX })
+        .unwrap();
+    assert!(!r.ok);
+    assert!(r.error.unwrap().contains("statistics interval"));
+    // A target above any RAM, while RAM is unknown.
+    assert!(backend.set_target(1 << 40).is_ok());
+    backend.kill();
+    backend
+        .restart()
+        .expect("a refused request bricked the restart");
+    let ram = MemfdRam::new(64 * MIB).unwrap();
+    let _fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
+    wait_for(
+        "the target cut to guest RAM",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || {
+            let s = backend.status()?;
+            Ok(
+                if s.target_bytes <= s.guest_ram_bytes && s.guest_ram_bytes > 0 {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending(format!(
+                        "target {} of {}",
+                        s.target_bytes, s.guest_ram_bytes
+                    ))
+                },
+            )
+        },
+    )
+    .unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&backend.state_file).unwrap()).unwrap();
+    assert_eq!(saved["target_pages"].as_u64().unwrap() * PAGE, ram.len);
+    // A state file of another version is refused by name, and not overwritten.
+    let state = backend.state_file.clone();
+    let dir = backend.dir.clone();
+    drop(_fe);
+    backend.kill();
+    let v2 = r#"{"version":2,"target_pages":0,"stats_interval_seconds":5,"discard_enabled":true}"#;
+    std::fs::write(&state, v2).unwrap();
+    let text = failed_start(&[
+        "--socket",
+        dir.join("v2.sock").to_str().unwrap(),
+        "--state-file",
+        state.to_str().unwrap(),
+    ]);
+    assert!(text.contains("version 2"), "{text}");
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), v2);
+}
+
+#[test]
+fn state_files_never_follow_planted_links_and_are_named_beside_the_state() {
+    let dir = lab::run_dir("planted").unwrap();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    // Finding 6: where the old code put its temporary file (`with_extension`).
+    let backend = Backend::start("planted", NO_EXTRA_QUEUES).unwrap();
+    for name in ["state.tmp", "state.json.tmp"] {
+        std::os::unix::fs::symlink(&victim, backend.dir.join(name)).unwrap();
+    }
+    backend.set_target(4 * MIB).unwrap();
+    backend.set_target(8 * MIB).unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let ram = MemfdRam::new(64 * MIB).unwrap();
+    let _fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
+    let pages = backend.dir.join("state.json.pages");
+    wait_for(
+        "STATE.pages",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || {
+            Ok(if pages.exists() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending("missing".into())
+            })
+        },
+    )
+    .unwrap();
+    assert!(backend.dir.join("state.json.lock").exists());
+    // `s.state` and `s.json` are two state files, not one lock.
+    let shared = lab::run_dir("collide").unwrap();
+    let mut one = Vec::new();
+    for (i, state) in ["s.state", "s.json"].iter().enumerate() {
+        let exe = lab::workspace_binary("vhost-balloon-backend").unwrap();
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("--socket")
+            .arg(shared.join(format!("v{i}.sock")))
+            .arg("--control-socket")
+            .arg(shared.join(format!("c{i}.sock")))
+            .arg("--state-file")
+            .arg(shared.join(state))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        lab::die_with_parent(&mut cmd);
+        one.push(cmd.spawn().unwrap());
+    }
+    for i in 0..2 {
+        let c = shared.join(format!("c{i}.sock"));
+        wait_for(
+            "both backends",
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            || {
+                Ok(match ControlClient::connect(&c) {
+                    Ok(_) => Poll::Ready(()),
+                    Err(e) => Poll::Pending(e.to_string()),
+                })
+            },
+        )
+        .unwrap();
+    }
+    for mut c in one {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[test]
+fn binding_never_destroys_a_file_or_takes_a_live_socket() {
+    let backend = Backend::start("bind", NO_EXTRA_QUEUES).unwrap();
+    let dir = backend.dir.clone();
+    // Finding 7: a regular file where a socket should go.
+    let data = dir.join("data.txt");
+    std::fs::write(&data, "precious").unwrap();
+    let text = failed_start(&[
+        "--socket",
+        dir.join("other.sock").to_str().unwrap(),
+        "--control-socket",
+        data.to_str().unwrap(),
+    ]);
+    assert!(text.contains("not a socket"), "{text}");
+    assert_eq!(std::fs::read_to_string(&data).unwrap(), "precious");
+    // A second backend on the first one's live sockets.
+    for args in [
+        vec!["--socket", backend.socket.to_str().unwrap()],
+        vec![
+            "--socket",
+            dir.join("third.sock").to_str().unwrap(),
+            "--control-socket",
+            backend.control_socket.to_str().unwrap(),
+        ],
+    ] {
+        let text = failed_start(&args);
+        assert!(text.contains("another process is serving"), "{text}");
+    }
+    assert!(
+        backend.status().is_ok(),
+        "the first backend lost its socket"
+    );
+    assert!(backend.socket.exists() && backend.control_socket.exists());
+    // Every socket is the owner's only, whatever the umask.
+    for p in [
+        &backend.socket,
+        &backend.control_socket,
+        &backend.app_socket,
+    ] {
+        let mode = std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", p.display());
+    }
+}
+
+/// Raises this process's descriptor limit (the floods below open many connections).
+fn raise_own_fd_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a struct we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = want.min(lim.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+/// Lowers the backend's descriptor limit, as LimitNOFILE would.
+fn limit_fds(pid: u32, n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: prlimit on our child with a struct we own.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// Opens `idle` connections to the control socket and keeps them, then asks for the status
+/// every 100 ms for `seconds`: returns how many went unanswered and the log's growth.
+fn flood(backend: &Backend, idle: usize, seconds: u64) -> (usize, usize) {
+    let log_before = backend.log().len();
+    let held: Vec<UnixStream> = (0..idle)
+        .filter_map(|_| UnixStream::connect(&backend.control_socket).ok())
+        .collect();
+    assert!(held.len() >= idle / 2, "could only open {}", held.len());
+    let mut unanswered = 0;
+    let end = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        let answered =
+            ControlClient::connect_with_timeout(&backend.control_socket, Duration::from_secs(2))
+                .and_then(|mut c| c.request(ControlRequest::Status))
+                .is_ok_and(|r| r.ok);
+        if !answered {
+            unanswered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(held);
+    (unanswered, backend.log().len().saturating_sub(log_before))
+}
+
+#[test]
+fn a_connection_flood_neither_spins_nor_locks_the_operator_out() {
+    raise_own_fd_limit(8192);
+    let backend = Backend::start("flood", NO_EXTRA_QUEUES).unwrap();
+    let pid = backend.pid().unwrap();
+    // Finding 4: far more idle connections than the descriptor limit allows.
+    limit_fds(pid, 256);
+    let (unanswered, log_growth) = flood(&backend, 1000, 3);
+    assert_eq!(unanswered, 0, "status requests went unanswered");
+    assert!(log_growth < 100_000, "the log grew by {log_growth} bytes");
+    // Right at the descriptor limit: accept fails with EMFILE; it is backed off and logged
+    // rarely, and idle connections are closed to make room.
+    let open_now = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    limit_fds(pid, open_now + 6);
+    let (unanswered, log_growth) = flood(&backend, 300, 3);
+    assert_eq!(unanswered, 0, "status requests went unanswered at EMFILE");
+    assert!(log_growth < 100_000, "the log grew by {log_growth} bytes");
+    assert!(backend.status().is_ok());
+}

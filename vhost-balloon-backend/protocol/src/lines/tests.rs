@@ -1,0 +1,243 @@
+use super::*;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+
+/// Answers every line with "echo: LINE".
+struct Echo;
+
+struct EchoSession(Outbox);
+
+impl Session for EchoSession {
+    fn line(&mut self, line: &str) -> Flow {
+        if line == "bye" {
+            return Flow::Close;
+        }
+        let _ = self.0.send(format!("echo: {line}\n"));
+        Flow::Continue
+    }
+}
+
+impl Service for Echo {
+    type Session = EchoSession;
+    fn open(&self, outbox: Outbox) -> EchoSession {
+        EchoSession(outbox)
+    }
+    fn refusal(&self, reason: &str) -> String {
+        format!("refused: {reason}\n")
+    }
+}
+
+fn socket_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lines-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn start(name: &str, limits: Limits) -> (PathBuf, Arc<LineServer<Echo>>) {
+    let path = socket_dir(name).join("s.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = Arc::new(LineServer::new("test", Arc::new(Echo), limits));
+    let s = server.clone();
+    std::thread::spawn(move || s.serve(listener));
+    (path, server)
+}
+
+fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn read_line(s: &UnixStream) -> String {
+    read_line_within(s, Duration::from_secs(5))
+}
+
+fn read_line_within(s: &UnixStream, timeout: Duration) -> String {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut line = String::new();
+    let _ = BufReader::new(s).read_line(&mut line);
+    line
+}
+
+#[test]
+fn lines_are_answered_and_a_long_one_ends_only_its_connection() {
+    let limits = Limits {
+        max_line_bytes: 100,
+        ..Limits::default()
+    };
+    let (path, _server) = start("long", limits);
+    let mut c = LineClient::connect(&path, Duration::from_secs(5)).unwrap();
+    assert_eq!(c.exchange("hi\n").unwrap(), "echo: hi\n");
+    // Empty lines are skipped, not answered.
+    assert_eq!(c.exchange("\n  \nagain\n").unwrap(), "echo: again\n");
+    let mut other = LineClient::connect(&path, Duration::from_secs(5)).unwrap();
+    let long = "x".repeat(500) + "\n";
+    let reply = c.exchange(&long).unwrap();
+    assert!(
+        reply.starts_with("refused: line longer than 100 bytes"),
+        "{reply}"
+    );
+    assert!(
+        c.exchange("more\n").is_err(),
+        "the connection must have ended"
+    );
+    assert_eq!(other.exchange("still\n").unwrap(), "echo: still\n");
+}
+
+#[test]
+fn a_peer_that_drips_bytes_is_closed_at_the_line_deadline() {
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(400),
+        ..Limits::default()
+    };
+    let (path, server) = start("drip", limits);
+    let mut s = UnixStream::connect(&path).unwrap();
+    wait_until("the connection", Duration::from_secs(5), || {
+        server.connections() == 1
+    });
+    let started = Instant::now();
+    // A byte every 100 ms never completes a line.
+    while server.connections() == 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a dripping peer kept its connection"
+        );
+        if s.write_all(b"x").is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(350));
+    let line = read_line(&s);
+    assert!(line.contains("no complete request"), "{line:?}");
+}
+
+#[test]
+fn at_the_cap_a_silent_or_idle_connection_makes_room() {
+    let limits = Limits {
+        max_connections: 3,
+        evict_silent_after: Duration::from_millis(200),
+        evict_idle_after: Duration::from_millis(600),
+        ..Limits::default()
+    };
+    let (path, server) = start("cap", limits);
+    let mut talker = LineClient::connect(&path, Duration::from_secs(5)).unwrap();
+    assert_eq!(talker.exchange("hello\n").unwrap(), "echo: hello\n");
+    let silent: Vec<UnixStream> = (0..2)
+        .map(|_| UnixStream::connect(&path).unwrap())
+        .collect();
+    wait_until("3 connections", Duration::from_secs(5), || {
+        server.connections() == 3
+    });
+    // None silent or idle long enough yet: a fourth is refused with a reason.
+    let refused = UnixStream::connect(&path).unwrap();
+    let line = read_line(&refused);
+    assert!(
+        line.starts_with("refused: too many connections"),
+        "{line:?}"
+    );
+    // After the silent grace time, the silent ones make room, the talker (idle less than
+    // its own grace time) stays.
+    std::thread::sleep(Duration::from_millis(250));
+    for _ in 0..2 {
+        let mut c = LineClient::connect(&path, Duration::from_secs(5)).unwrap();
+        assert_eq!(c.exchange("in\n").unwrap(), "echo: in\n");
+        std::mem::forget(c);
+    }
+    for s in &silent {
+        let told = read_line_within(s, Duration::from_secs(2));
+        assert!(told.contains("make room"), "{told:?}");
+    }
+    assert_eq!(talker.exchange("still\n").unwrap(), "echo: still\n");
+    assert!(server.connections() <= 3);
+}
+
+#[test]
+fn a_peer_that_never_reads_is_dropped_and_nobody_waits_for_it() {
+    let (path, _server) = start("noread", Limits::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    struct Grab(std::sync::mpsc::Sender<Outbox>);
+    // The session hands its outbox to the test, as the app channel hands it to the device.
+    struct GrabSession;
+    impl Session for GrabSession {
+        fn line(&mut self, _: &str) -> Flow {
+            Flow::Continue
+        }
+    }
+    impl Service for Grab {
+        type Session = GrabSession;
+        fn open(&self, outbox: Outbox) -> GrabSession {
+            let _ = self.0.send(outbox);
+            GrabSession
+        }
+        fn refusal(&self, reason: &str) -> String {
+            format!("{reason}\n")
+        }
+    }
+    drop(path);
+    let dir = socket_dir("grab");
+    let p = dir.join("g.sock");
+    let listener = UnixListener::bind(&p).unwrap();
+    let server = Arc::new(LineServer::new(
+        "grab",
+        Arc::new(Grab(tx)),
+        Limits {
+            write_timeout: Duration::from_millis(300),
+            outbox_lines: 8,
+            ..Limits::default()
+        },
+    ));
+    let s = server.clone();
+    std::thread::spawn(move || s.serve(listener));
+    let _peer = UnixStream::connect(&p).unwrap();
+    let outbox = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let line = "t".repeat(4095) + "\n";
+    let started = Instant::now();
+    let mut result = Ok(());
+    // Far more than the socket buffer holds: every send returns at once, and the peer is
+    // dropped.
+    for _ in 0..10_000 {
+        let t = Instant::now();
+        result = outbox.send(line.clone());
+        assert!(t.elapsed() < Duration::from_millis(50), "send blocked");
+        if result.is_err() {
+            break;
+        }
+    }
+    assert!(result.is_err(), "a peer that never reads was kept");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    wait_until("the connection to end", Duration::from_secs(5), || {
+        server.connections() == 0
+    });
+}
+
+#[test]
+fn the_client_gives_up_at_its_deadline() {
+    let dir = socket_dir("client");
+    let p = dir.join("mute.sock");
+    let listener = UnixListener::bind(&p).unwrap();
+    let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let mut c = LineClient::connect(&p, Duration::from_millis(300)).unwrap();
+    let t = Instant::now();
+    let e = c.exchange("status\n").unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    assert!(t.elapsed() < Duration::from_secs(2));
+    drop(held);
+}
+
+#[test]
+fn the_rate_limited_log_counts_what_it_suppressed() {
+    let mut log = RateLimitedLog::new(Duration::from_secs(3600));
+    let mut built = 0;
+    for _ in 0..1000 {
+        log.warn(|| {
+            built += 1;
+            "x".into()
+        });
+    }
+    assert_eq!(built, 1);
+    assert_eq!(log.suppressed, 999);
+}

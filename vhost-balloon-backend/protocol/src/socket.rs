@@ -1,0 +1,251 @@
+//! Binding the daemons' Unix sockets without harming what is already there.
+//!
+//! - A path that exists and is not a socket (a regular file, a directory, a symlink) is never
+//!   removed: binding fails with an error that says so.
+//! - A socket another process still serves (a connection to it succeeds, or its backlog is
+//!   full) is never taken over: binding fails and names the path. Only a stale socket (nobody
+//!   listens: the connection is refused) is replaced.
+//! - The socket is created with its final mode: the mode is set on the socket before `bind`,
+//!   which Linux uses (less the umask) for the new file, so there is no moment where it is
+//!   reachable with the umask's looser mode. A group, if given, is set afterwards and only then
+//!   the group bits.
+//! - On shutdown, [`SocketPath::remove`] removes the path only if it is still the socket this
+//!   process bound (another process may have replaced it meanwhile).
+
+use socket2::{Domain, SockAddr, Socket, Type};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{}: exists and is not a socket; refusing to replace it", path.display())]
+    NotASocket { path: PathBuf },
+    #[error(
+        "{}: another process is serving this socket; stop it first (or choose another path)",
+        path.display()
+    )]
+    InUse { path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Who may connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// The group that may connect too (mode 0660); `None`: the owner only (0600).
+    pub group: Option<u32>,
+}
+
+impl Access {
+    pub const OWNER_ONLY: Access = Access { group: None };
+
+    fn final_mode(self) -> u32 {
+        if self.group.is_some() {
+            0o660
+        } else {
+            0o600
+        }
+    }
+}
+
+/// A socket path this process bound: removed on shutdown only while it is still ours.
+#[derive(Debug, Clone)]
+pub struct SocketPath {
+    path: PathBuf,
+    /// Device, inode and change time: an inode number alone may be reused by the next socket.
+    identity: (u64, u64, i64, i64),
+}
+
+fn identity(m: &std::fs::Metadata) -> (u64, u64, i64, i64) {
+    (m.dev(), m.ino(), m.ctime(), m.ctime_nsec())
+}
+
+impl SocketPath {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the socket if the path still names the one this process bound.
+    pub fn remove(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if identity(&m) == self.identity => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether some process accepts connections on the socket at `path`. A non-blocking connect
+/// never waits: a full backlog (EAGAIN) also means somebody listens.
+fn served(path: &Path) -> io::Result<bool> {
+    let probe = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
+    match probe.connect(&SockAddr::unix(path)?) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Binds a listening Unix socket at `path` (see the module's rules).
+pub fn bind(path: &Path, access: Access) -> Result<(UnixListener, SocketPath), BindError> {
+    let err = |source| BindError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if served(path).map_err(err)? {
+                return Err(BindError::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => {
+            return Err(BindError::NotASocket {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(err)?;
+    // SAFETY: fchmod on a descriptor we own. Linux creates the socket file with this mode
+    // (less the umask) at bind.
+    if unsafe { libc::fchmod(socket.as_raw_fd(), 0o600) } != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    socket
+        .bind(&SockAddr::unix(path).map_err(err)?)
+        .map_err(err)?;
+    socket.listen(libc::SOMAXCONN).map_err(err)?;
+    let listener: UnixListener = socket.into();
+    if let Some(gid) = access.group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.final_mode()))
+            .map_err(err)?;
+    }
+    let m = std::fs::symlink_metadata(path).map_err(err)?;
+    Ok((
+        listener,
+        SocketPath {
+            path: path.to_path_buf(),
+            identity: identity(&m),
+        },
+    ))
+}
+
+/// Resolves a group name (or a number) to its id.
+pub fn group_id(name: &str) -> io::Result<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let text = std::fs::read_to_string("/etc/group")?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let n = f.next()?;
+            let _ = f.next()?;
+            let gid = f.next()?.parse::<u32>().ok()?;
+            (n == name).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no group {name:?} in /etc/group"),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("socket-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_regular_file_is_never_removed() {
+        let d = dir("file");
+        let p = d.join("data.txt");
+        std::fs::write(&p, "precious").unwrap();
+        assert!(matches!(
+            bind(&p, Access::OWNER_ONLY),
+            Err(BindError::NotASocket { .. })
+        ));
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "precious");
+        // Nor is a symlink to a socket followed.
+        let s = d.join("real.sock");
+        let _live = bind(&s, Access::OWNER_ONLY).unwrap();
+        let link = d.join("link.sock");
+        std::os::unix::fs::symlink(&s, &link).unwrap();
+        assert!(matches!(
+            bind(&link, Access::OWNER_ONLY),
+            Err(BindError::NotASocket { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_live_socket_is_refused_and_a_stale_one_replaced() {
+        let d = dir("live");
+        let p = d.join("c.sock");
+        let (first, path) = bind(&p, Access::OWNER_ONLY).unwrap();
+        let e = bind(&p, Access::OWNER_ONLY).unwrap_err();
+        assert!(matches!(e, BindError::InUse { .. }), "{e}");
+        assert!(e.to_string().contains("c.sock"), "{e}");
+        // The first still serves at its path.
+        assert!(std::os::unix::net::UnixStream::connect(&p).is_ok());
+        drop(first);
+        // Stale now (nobody listens): replaced.
+        let (_second, path2) = bind(&p, Access::OWNER_ONLY).unwrap();
+        // The first process's cleanup must not remove the second's socket.
+        path.remove();
+        assert!(p.exists());
+        path2.remove();
+        assert!(!p.exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn created_with_the_final_mode_whatever_the_umask() {
+        let d = dir("mode");
+        let p = d.join("m.sock");
+        // SAFETY: umask is process-wide; this test only loosens it, which makes the check
+        // stricter for other tests too, never weaker.
+        let old = unsafe { libc::umask(0o002) };
+        let r = bind(&p, Access::OWNER_ONLY);
+        unsafe { libc::umask(old) };
+        let (_l, _p) = r.unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let gid = unsafe { libc::getgid() };
+        let q = d.join("g.sock");
+        let (_l2, _p2) = bind(&q, Access { group: Some(gid) }).unwrap();
+        let m = std::fs::metadata(&q).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o660);
+        assert_eq!(m.gid(), gid);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn groups_by_name_or_number() {
+        assert_eq!(group_id("0").unwrap(), 0);
+        assert_eq!(group_id("root").unwrap(), 0);
+        assert!(group_id("no-such-group-here").is_err());
+    }
+}
