@@ -34,6 +34,7 @@ GUEST_MODULES=(
     net/vmw_vsock/vmw_vsock_virtio_transport_common.ko
     net/vmw_vsock/vmw_vsock_virtio_transport.ko
     drivers/block/virtio_blk.ko
+    drivers/firmware/qemu_fw_cfg.ko
 )
 
 log() { printf '[lab] %s\n' "$*" >&2; }
@@ -250,8 +251,10 @@ EOF
 }
 
 do_kernel() {
-    local stamp=$KERNEL_DIR/.lab-complete
-    [ -f "$stamp" ] && return
+    # The stamp lists the modules extracted: a changed GUEST_MODULES extracts again.
+    local stamp=$KERNEL_DIR/.lab-complete have=""
+    [ -f "$stamp" ] && have=$(cat "$stamp")
+    [ "$have" = "${GUEST_MODULES[*]}" ] && return
     [ -d "$QEMU_ROOT/debs" ] || die "the trixie rootfs is missing: run 'scripts/lab.sh qemu'"
     local tmp=$KERNEL_DIR.tmp deb bb found
     rm -rf "$tmp"
@@ -279,7 +282,7 @@ do_kernel() {
     # The full module tree for the Debian image (depmod runs there).
     mv "$tmp/x/usr/lib/modules" "$tmp/modules-tree"
     rm -rf "$tmp/x" "$tmp/bb"
-    touch "$tmp/.lab-complete"
+    echo "${GUEST_MODULES[*]}" >"$tmp/.lab-complete"
     rm -rf "$KERNEL_DIR"
     mv "$tmp" "$KERNEL_DIR"
 }

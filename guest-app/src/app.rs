@@ -66,6 +66,8 @@ pub enum AppError {
     NoAck(u64),
     #[error("{0}")]
     Setup(String),
+    #[error("the host refused this app: {0}")]
+    Refused(String),
 }
 
 /// Reads host messages into a channel; the connection stays readable across virtio-serial
@@ -124,10 +126,19 @@ impl App {
             last_state: Instant::now() - Duration::from_secs(10),
         };
         let secret = app.settings.secret.clone();
-        app.send(AppMessage::Hello {
+        let hello = app.send(AppMessage::Hello {
             pid: std::process::id(),
             secret,
-        })?;
+        });
+        // The host answers a hello with the target, or refuses the app (then it closes the
+        // connection, and the write may already have failed). A host not connected yet (a
+        // virtio-serial port whose host side comes later) answers once it is.
+        match app.replies.recv_timeout(Duration::from_secs(5)) {
+            Ok(HostMessage::Refused { reason }) => return Err(AppError::Refused(reason)),
+            Ok(other) => app.on_host(other),
+            Err(_) => {}
+        }
+        hello?;
         Ok(app)
     }
 

@@ -259,12 +259,23 @@ fn the_systemd_unit_starts_at_boot_follows_targets_and_stops_cleanly() {
 }
 
 #[test]
-fn the_app_talks_over_vsock_with_the_hybrid_convention() {
+fn the_app_talks_over_vsock_with_the_hybrid_convention_and_only_with_the_vms_secret() {
     let vsock = balloon_lab::backend::VsockDevice::start("appvsock").unwrap();
+    // The per-VM secret: the backend requires it, QEMU hands it to the guest over fw_cfg.
+    let secret = vsock.socket.with_file_name("app-secret");
+    std::fs::write(&secret, "7e0c9b1d2f3a4b5c6d7e8f9012345678\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     // The backend listens where a guest connection to host port 1234 arrives.
     let backend = Backend::start_with_app_socket(
         "appvsock",
-        &["--no-free-page-reporting"],
+        &[
+            "--no-free-page-reporting",
+            "--app-secret-file",
+            secret.to_str().unwrap(),
+        ],
         Some(vsock.port_path(1234)),
     )
     .unwrap();
@@ -276,10 +287,42 @@ fn the_app_talks_over_vsock_with_the_hybrid_convention() {
         "vsock",
         "vmw_vsock_virtio_transport_common",
         "vmw_vsock_virtio_transport",
+        "qemu_fw_cfg",
     ]
     .map(String::from)
     .to_vec();
+    config.extra_args = vec![
+        "-fw_cfg".into(),
+        format!(
+            "name={},file={}",
+            balloon_protocol::app::FW_CFG_SECRET_NAME,
+            secret.display()
+        ),
+    ];
     let mut vm = Vm::start(config).unwrap();
+    let raw = balloon_protocol::app::FW_CFG_SECRET_PATH;
+    // Only root in the guest can read it; an unprivileged user cannot.
+    assert_eq!(
+        vm.agent
+            .sh(&format!("stat -c '%a %u' {raw}"))
+            .unwrap()
+            .trim(),
+        "400 0"
+    );
+    let nobody = vm
+        .agent
+        .run(&format!("chpst -u :65534:65534 cat {raw}"))
+        .unwrap();
+    assert!(!nobody.success(), "an unprivileged user read the secret");
+    // An app without the secret is refused and holds nothing.
+    let refused = vm
+        .agent
+        .run("echo guess-guess-guess-guess > /tmp/wrong; balloon-guest --connect vsock:2:1234 --secret-file /tmp/wrong")
+        .unwrap();
+    assert!(!refused.success());
+    assert!(refused.stderr.contains("refused"), "{refused:?}");
+    assert!(!backend.status().unwrap().app.connected);
+    // The real app reads the secret from fw_cfg by default.
     vm.agent
         .spawn("balloon-guest --connect vsock:2:1234 > /tmp/app.log 2>&1")
         .unwrap();

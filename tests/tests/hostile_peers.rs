@@ -37,12 +37,16 @@ struct Guest {
 
 impl Guest {
     fn start(name: &str) -> Guest {
+        Self::with_ram(name, 64 * MIB)
+    }
+
+    fn with_ram(name: &str, bytes: u64) -> Guest {
         let dir = lab::run_dir(&format!("{name}-secret")).unwrap();
         let secret = secret_file(&dir);
         let mut args: Vec<&str> = NO_EXTRA_QUEUES.to_vec();
         args.extend(["--app-secret-file", secret.to_str().unwrap()]);
         let backend = Backend::start(name, &args).unwrap();
-        let ram = MemfdRam::new(64 * MIB).unwrap();
+        let ram = MemfdRam::new(bytes).unwrap();
         ram.populate();
         let fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
         wait_for(
@@ -209,8 +213,15 @@ fn slowest_answers_while(g: &mut Guest, work: impl FnOnce() + Send) -> (Duration
     let control = g.backend.control_socket.clone();
     std::thread::scope(|s| {
         s.spawn(|| {
+            // Stops the sampling however `work` ends (a failed assertion in it too).
+            struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let _stop = Stop(&stop);
             work();
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
         let mut c = ControlClient::connect(&control).unwrap();
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -276,17 +287,27 @@ fn a_guest_app_that_never_reads_cannot_freeze_its_backend() {
 
 #[test]
 fn a_huge_app_message_does_not_hold_up_config_reads() {
-    let mut g = Guest::start("huge-line");
-    g.set_app_target(64 * MIB);
+    let mut g = Guest::with_ram("huge-line", 300 * MIB);
+    g.set_app_target(200 * MIB);
     let mut app = g.app();
     app.exchange(&encode(hello(Some(SECRET)))).unwrap();
-    // 8192 scattered pages in one message: their discards run off the device lock.
-    let ranges: Vec<(u64, u64)> = (0..8192).map(|i| (2 * i, 1)).collect();
-    let line = encode(inflated(1, &ranges));
+    // A line just under the 1 MiB limit with 36000 scattered pages (discarded under the device
+    // lock, it held it for well over 100 ms), then the most ranges a message may carry.
+    let scattered = |n: u64| -> Vec<(u64, u64)> { (0..n).map(|i| (2 * i, 1)).collect() };
+    let most = balloon_protocol::app::MAX_RANGES_PER_MESSAGE as u64;
+    let huge = encode(inflated(1, &scattered(36_000)));
+    assert!(huge.len() < balloon_protocol::app::MAX_LINE_BYTES);
+    let allowed = encode(inflated(2, &scattered(most)));
     let app = &mut app;
     let (status, config) = slowest_answers_while(&mut g, move || {
-        app.send(&line).unwrap();
-        assert!(matches!(answer(app), HostMessage::Ack { seq: 1 }));
+        app.send(&huge).unwrap();
+        let reply = answer(app);
+        assert!(
+            matches!(&reply, HostMessage::Nack { seq: 1, reason } if reason.contains("ranges in one message")),
+            "{reply:?}"
+        );
+        app.send(&allowed).unwrap();
+        assert!(matches!(answer(app), HostMessage::Ack { seq: 2 }));
     });
     assert!(
         status < Duration::from_millis(100),
@@ -296,7 +317,7 @@ fn a_huge_app_message_does_not_hold_up_config_reads() {
         config < Duration::from_millis(100),
         "config took {config:?}"
     );
-    assert_eq!(g.status().app.ballooned_bytes, 8192 * PAGE);
+    assert_eq!(g.status().app.ballooned_bytes, most * PAGE);
 }
 
 /// Runs the backend binary with `args` and expects it to exit at once with an error; returns
