@@ -6,6 +6,7 @@ use crate::policy::PolicyConfig;
 use balloon_protocol::parse_size;
 use serde::{Deserialize, Deserializer};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A size in bytes written as a number or a string with a suffix ("512M", "1.5G").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,10 @@ fn default_tick() -> f64 {
 pub struct Config {
     #[serde(default = "default_tick")]
     pub tick_seconds: f64,
+    /// How long a tick waits for the guests' drivers, all asked at once: reads get the first
+    /// half, balloon writes the rest. A guest that has not answered by then is unreachable for
+    /// that tick. Default: half of `tick_seconds`; at most `tick_seconds`.
+    pub driver_deadline_seconds: Option<f64>,
     pub budget: BudgetConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
@@ -151,6 +156,14 @@ impl Config {
         if self.tick_seconds.is_nan() || self.tick_seconds <= 0.0 {
             return bad(format!("tick_seconds {} must be > 0", self.tick_seconds));
         }
+        if let Some(d) = self.driver_deadline_seconds {
+            if d.is_nan() || d <= 0.0 || d > self.tick_seconds {
+                return bad(format!(
+                    "driver_deadline_seconds {d} must be > 0 and at most tick_seconds ({})",
+                    self.tick_seconds
+                ));
+            }
+        }
         if self.budget.bytes.is_some() == self.budget.reserve.is_some() {
             return bad("budget: give exactly one of `bytes` or `reserve`".into());
         }
@@ -168,12 +181,52 @@ impl Config {
                 return bad(format!("guest {:?}: memory must be > 0", g.name));
             }
         }
+        if let Some(budget) = self.budget.bytes {
+            check_minimums(budget.0, &self.specs()).map_err(ConfigError::Invalid)?;
+        }
         Ok(())
+    }
+
+    /// How long a tick waits for the drivers.
+    pub fn driver_deadline(&self) -> Duration {
+        let seconds = self
+            .driver_deadline_seconds
+            .unwrap_or(self.tick_seconds / 2.0);
+        Duration::try_from_secs_f64(seconds).unwrap_or(Duration::from_secs(1))
     }
 
     pub fn specs(&self) -> Vec<GuestSpec> {
         self.guests.iter().map(GuestConfig::spec).collect()
     }
+}
+
+/// A size for messages: whole MiB when it is one, else bytes.
+pub fn show_size(bytes: u64) -> String {
+    if bytes & ((1 << 20) - 1) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// A fixed budget must hold every guest's minimum; the error names the numbers.
+pub fn check_minimums(budget: u64, guests: &[GuestSpec]) -> Result<(), String> {
+    let total: u64 = guests.iter().map(GuestSpec::min_allocation).sum();
+    if total <= budget {
+        return Ok(());
+    }
+    let each: Vec<String> = guests
+        .iter()
+        .filter(|g| g.min_allocation() > 0)
+        .map(|g| format!("{} {}", g.name, show_size(g.min_allocation())))
+        .collect();
+    Err(format!(
+        "budget: {} cannot hold the guests' minimums, {} together ({}); \
+         lower the minimums or raise the budget",
+        show_size(budget),
+        show_size(total),
+        each.join(", ")
+    ))
 }
 
 #[cfg(test)]
@@ -228,6 +281,50 @@ mod tests {
         assert_eq!(c.specs()[1].static_bytes, Some(2 << 30));
     }
 
+    const TWO_AT_1280M: &str = r#"
+        [[guest]]
+        name = "a"
+        memory = "2G"
+        min = "1280M"
+        driver = { kind = "backend", control_socket = "/run/a.control" }
+        [[guest]]
+        name = "b"
+        memory = "2G"
+        min = "1280M"
+        driver = { kind = "backend", control_socket = "/run/b.control" }
+    "#;
+
+    #[test]
+    fn a_fixed_budget_below_the_minimums_is_an_error_naming_the_numbers() {
+        let err = Config::parse(&format!("budget = {{ bytes = \"2G\" }}\n{TWO_AT_1280M}"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "budget: 2048 MiB cannot hold the guests' minimums, 2560 MiB together \
+             (a 1280 MiB, b 1280 MiB); lower the minimums or raise the budget"
+        );
+        // Exactly the minimums is feasible; a dynamic budget is checked as it runs.
+        Config::parse(&format!("budget = {{ bytes = \"2560M\" }}\n{TWO_AT_1280M}")).unwrap();
+        Config::parse(&format!("budget = {{ reserve = \"2G\" }}\n{TWO_AT_1280M}")).unwrap();
+        let e = check_minimums(
+            (2560 << 20) - 1,
+            &Config::parse(&format!("budget = {{ reserve = \"2G\" }}\n{TWO_AT_1280M}"))
+                .unwrap()
+                .specs(),
+        )
+        .unwrap_err();
+        assert!(e.starts_with("budget: 2684354559 bytes cannot hold"), "{e}");
+    }
+
+    #[test]
+    fn the_driver_deadline_follows_the_tick_unless_set() {
+        let c = Config::parse("tick_seconds = 3\nbudget = { bytes = 1 }").unwrap();
+        assert_eq!(c.driver_deadline(), Duration::from_millis(1500));
+        let c = Config::parse("driver_deadline_seconds = 0.25\nbudget = { bytes = 1 }").unwrap();
+        assert_eq!(c.driver_deadline(), Duration::from_millis(250));
+    }
+
     #[test]
     fn bad_configs_say_why() {
         for (text, want) in [
@@ -239,6 +336,10 @@ mod tests {
                 "min exceeds max",
             ),
             ("budget = { bytes = 1 }\nbogus = 1", "unknown field"),
+            (
+                "budget = { bytes = 1 }\ntick_seconds = 2\ndriver_deadline_seconds = 3",
+                "driver_deadline_seconds 3 must be > 0 and at most tick_seconds (2)",
+            ),
             (
                 "budget = { bytes = 1 }\n[[guest]]\nname=\"a\"\nmemory=\"1G\"\ndriver={kind=\"vmware\"}",
                 "unknown variant",

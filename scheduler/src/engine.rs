@@ -27,7 +27,13 @@ pub struct Engine {
     pub actuator: ActuatorConfig,
     policy_state: PolicyState,
     guests: HashMap<String, GuestMemory>,
+    /// The budget cannot hold the guests' minimums (see `Engine::feasibility`).
+    infeasible: bool,
 }
+
+/// Once infeasible, the budget counts as feasible again only when it exceeds the minimums by
+/// this fraction of them, so that a budget at the line is not reported on and off every tick.
+const FEASIBLE_AGAIN_MARGIN: u64 = 100;
 
 /// The outcome of a tick.
 #[derive(Debug, Clone)]
@@ -45,7 +51,38 @@ impl Engine {
             actuator,
             policy_state: PolicyState::default(),
             guests: HashMap::new(),
+            infeasible: false,
         }
+    }
+
+    /// Whether the budget cannot hold the guests' minimums (as of the latest tick).
+    pub fn infeasible(&self) -> bool {
+        self.infeasible
+    }
+
+    /// Checks the budget against the sum of the minimums; logs when that changes (once each
+    /// way). A budget from host MemAvailable can fall below the minimums at run time.
+    fn feasibility(&mut self, budget: u64, minimums: u64) -> bool {
+        use crate::config::show_size;
+        if !self.infeasible && budget < minimums {
+            self.infeasible = true;
+            log::error!(
+                "the budget, {}, cannot hold the guests' minimums, {} together: every guest is \
+                 held at its minimum until it can",
+                show_size(budget),
+                show_size(minimums)
+            );
+        } else if self.infeasible
+            && budget >= minimums.saturating_add(minimums / FEASIBLE_AGAIN_MARGIN)
+        {
+            self.infeasible = false;
+            log::info!(
+                "the budget, {}, holds the guests' minimums ({}) again: back to the policy",
+                show_size(budget),
+                show_size(minimums)
+            );
+        }
+        self.infeasible
     }
 
     /// Pins a guest at an allocation (memory it may use), outside the policy.
@@ -119,6 +156,8 @@ impl Engine {
             };
             guests.push(state);
         }
+        let minimums: u64 = inputs.iter().map(|(s, _)| s.min_allocation()).sum();
+        let infeasible = self.feasibility(host.budget_bytes, minimums);
         let snapshot = Snapshot {
             time_s,
             host,
@@ -133,6 +172,9 @@ impl Engine {
             let (lo, hi) = g.bounds();
             let decided = match mem.pinned_allocation {
                 Some(pinned) => pinned.clamp(lo.min(pinned), hi),
+                // No policy can share out a budget below the minimums: each guest gets its
+                // minimum (or what a stalled balloon leaves it), the same every tick.
+                None if infeasible && g.reachable => lo,
                 None => decided,
             };
             let (plan, state) = if !g.reachable {
@@ -152,7 +194,10 @@ impl Engine {
             states.push(state);
             decisions.push(decided);
         }
-        fund_growth(&snapshot, &mut send);
+        if !infeasible {
+            // Infeasible, the only growth is up to a guest's minimum, which the budget yields to.
+            fund_growth(&snapshot, &mut send);
+        }
         let trace_guests = snapshot
             .guests
             .iter()
@@ -177,6 +222,8 @@ impl Engine {
             host_total_bytes: host.total_bytes,
             host_available_bytes: host.available_bytes,
             budget_bytes: host.budget_bytes,
+            minimums_bytes: minimums,
+            budget_infeasible: infeasible,
             guests: trace_guests,
         };
         TickOutcome {
@@ -283,6 +330,81 @@ mod tests {
         let out = e.tick(0.0, host(), &[(spec("a"), Some(reading))]);
         assert_eq!(out.send, vec![Some(124 * MIB)]);
         assert_eq!(out.trace.guests[0].state, "pinned");
+    }
+
+    #[test]
+    fn an_infeasible_budget_holds_every_guest_at_its_minimum_tick_after_tick() {
+        // Two 2 GiB guests with a 1280 MiB minimum each; the budget drops to 2 GiB.
+        let mut e = Engine::new(PolicyConfig::default(), ActuatorConfig::default());
+        let g = |name: &str| GuestSpec {
+            name: name.into(),
+            memory_bytes: 2048 * MIB,
+            min_bytes: 1280 * MIB,
+            max_bytes: 2048 * MIB,
+            shares: 1000,
+            static_bytes: None,
+        };
+        let (a, b) = (g("a"), g("b"));
+        let budget = |mib: u64| HostState {
+            budget_bytes: mib * MIB,
+            ..host()
+        };
+        // The balloons as the guests hold them: every target reached by the next tick.
+        let mut balloons = [0u64, 0];
+        let mut tick = |e: &mut Engine, t: f64, host: HostState| {
+            let reading = |b: u64| {
+                Some(DriverReading {
+                    target_bytes: Some(b),
+                    actual_bytes: b,
+                    stats: Some(crate::drivers::RawGuestStats {
+                        available_bytes: 2048 * MIB - b - 300 * MIB,
+                        total_bytes: 2048 * MIB - b,
+                        ..Default::default()
+                    }),
+                })
+            };
+            let inputs = [
+                (a.clone(), reading(balloons[0])),
+                (b.clone(), reading(balloons[1])),
+            ];
+            let out = e.tick(t, host, &inputs);
+            for (i, send) in out.send.iter().enumerate() {
+                if let Some(bytes) = send {
+                    e.sent(&inputs[i].0.name, *bytes);
+                    balloons[i] = *bytes;
+                }
+            }
+            out
+        };
+        let first = tick(&mut e, 0.0, budget(2048));
+        assert!(e.infeasible());
+        assert!(first.trace.budget_infeasible);
+        assert_eq!(first.trace.minimums_bytes, 2560 * MIB);
+        assert_eq!(first.trace.budget_bytes, 2048 * MIB);
+        for t in 1..20 {
+            let out = tick(&mut e, t as f64, budget(2048));
+            let allocations: Vec<u64> = out
+                .trace
+                .guests
+                .iter()
+                .map(|g| g.allocation_bytes)
+                .collect();
+            if t >= 4 {
+                // 768 MiB balloons in 256 MiB steps: there by the fourth tick, then no change.
+                assert_eq!(allocations, [1280 * MIB, 1280 * MIB], "t={t}");
+                assert_eq!(out.send, [None, None], "t={t}: targets must not move");
+            }
+            for g in &out.trace.guests {
+                assert_eq!(g.decided_allocation_bytes, 1280 * MIB, "t={t}");
+            }
+        }
+        // Just at the line it stays infeasible (no flapping); with room it is feasible again and
+        // the policy shares the budget out.
+        tick(&mut e, 20.0, budget(2560));
+        assert!(e.infeasible());
+        let out = tick(&mut e, 21.0, budget(3072));
+        assert!(!e.infeasible() && !out.trace.budget_infeasible);
+        assert!(out.send.iter().any(Option::is_some), "{:?}", out.send);
     }
 
     #[test]

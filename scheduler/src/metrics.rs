@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -94,6 +94,16 @@ pub fn render(status: &SchedulerStatus) -> String {
             "balloon_scheduler_budget_bytes",
             "Memory the guests may use together.",
             last.budget_bytes,
+        ),
+        (
+            "balloon_scheduler_minimums_bytes",
+            "The sum of the guests' minimums.",
+            last.minimums_bytes,
+        ),
+        (
+            "balloon_scheduler_budget_infeasible",
+            "1 while the budget cannot hold the guests' minimums (every guest is held at its minimum).",
+            u64::from(last.budget_infeasible),
         ),
     ] {
         family(&mut out, name, "gauge", help, &[(String::new(), value)]);
@@ -181,12 +191,55 @@ pub fn render(status: &SchedulerStatus) -> String {
 const MAX_REQUEST_HEAD: u64 = 16 * 1024;
 /// Connections answered at once; more are refused with 503.
 const MAX_CONNECTIONS: usize = 16;
-/// How long a client may take to send its request or to take the answer.
+/// How long a client may take, in all, to send its request and take the answer: one deadline
+/// per request, not per read, so that a client sending a byte now and then cannot hold a
+/// connection slot for longer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// After answering, what is left of the request is read and dropped (so that closing does not
-/// reset the connection under the answer), up to this much and this long.
+/// reset the connection under the answer), up to this much and this long in all.
 const MAX_DRAIN: u64 = 64 * 1024;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A connection whose reads and writes must all be done by one deadline: before each, the
+/// socket's timeout is set to the time left.
+struct Deadlined {
+    stream: TcpStream,
+    deadline: Instant,
+}
+
+impl Deadlined {
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request's deadline passed",
+            ))
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadlined {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_write_timeout(Some(left))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
 
 #[derive(Debug, PartialEq)]
 enum Head {
@@ -286,10 +339,12 @@ fn respond(
 }
 
 fn answer(stream: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut writer = Deadlined {
+        stream: stream.try_clone()?,
+        deadline,
+    };
+    let mut reader = BufReader::new(Deadlined { stream, deadline });
     match read_head(&mut reader)? {
         Head::Closed => return Ok(()),
         Head::Malformed => respond(&mut writer, "400 Bad Request", "", "bad request\n", true)?,
@@ -324,8 +379,8 @@ fn answer(stream: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) -> std
         }
     }
     // Lingering close: the answer is sent; read what else the client sent until it closes.
-    writer.shutdown(Shutdown::Write)?;
-    reader.get_ref().set_read_timeout(Some(DRAIN_TIMEOUT))?;
+    writer.stream.shutdown(Shutdown::Write)?;
+    reader.get_mut().deadline = Instant::now() + DRAIN_TIMEOUT;
     std::io::copy(&mut reader.take(MAX_DRAIN), &mut std::io::sink())?;
     Ok(())
 }
@@ -415,6 +470,8 @@ mod tests {
                 host_total_bytes: (1 << 60) + 1,
                 host_available_bytes: 1 << 30,
                 budget_bytes: 4 << 30,
+                minimums_bytes: 3 << 30,
+                budget_infeasible: false,
                 guests: vec![
                     guest("a", "ok", Some(1 << 27)),
                     guest(WEIRD, "stalled", None),
@@ -546,9 +603,9 @@ mod tests {
     fn every_line_follows_the_exposition_format() {
         let text = render(&status());
         let samples = parse(&text);
-        // ticks; errors for a, WEIRD, c, d; 3 host gauges; 4 levels; 7 gauges for each of 3 guests
-        // and available for the 2 with statistics.
-        assert_eq!(samples.len(), 1 + 4 + 3 + 4 + 3 * 7 + 2, "{text}");
+        // ticks; errors for a, WEIRD, c, d; 5 host and budget gauges; 4 levels; 7 gauges for each
+        // of 3 guests and available for the 2 with statistics.
+        assert_eq!(samples.len(), 1 + 4 + 5 + 4 + 3 * 7 + 2, "{text}");
         for (name, _, _) in &samples {
             assert!(name.starts_with("balloon_scheduler_"), "{name}");
         }
@@ -581,6 +638,8 @@ mod tests {
         let g = |name| Some(("guest", name));
         assert_eq!(v("ticks_total", None), Some(3.0));
         assert_eq!(v("budget_bytes", None), Some((4u64 << 30) as f64));
+        assert_eq!(v("minimums_bytes", None), Some((3u64 << 30) as f64));
+        assert_eq!(v("budget_infeasible", None), Some(0.0));
         assert_eq!(v("host_available_bytes", None), Some((1u64 << 30) as f64));
         for (level, on) in [("high", 0.0), ("soft", 1.0), ("hard", 0.0), ("low", 0.0)] {
             assert_eq!(v("host_level", Some(("level", level))), Some(on), "{level}");
@@ -617,6 +676,25 @@ mod tests {
         assert_eq!(v("driver_errors_total", g("a")), Some(0.0));
         assert_eq!(v("driver_errors_total", g("d")), Some(0.0));
         assert_eq!(v("guest_memory_bytes", g("d")), None);
+    }
+
+    #[test]
+    fn an_infeasible_budget_shows_as_a_gauge() {
+        let mut st = status();
+        if let Some(last) = st.last.as_mut() {
+            last.budget_infeasible = true;
+            last.minimums_bytes = 5 << 30;
+        }
+        let text = render(&st);
+        assert!(
+            text.contains("\nballoon_scheduler_budget_infeasible 1\n"),
+            "{text}"
+        );
+        let samples = parse(&text);
+        assert_eq!(
+            value(&samples, "balloon_scheduler_minimums_bytes", None),
+            Some((5u64 << 30) as f64)
+        );
     }
 
     #[test]
@@ -792,6 +870,79 @@ mod tests {
             let _ = s.read_to_end(&mut sink);
         }
         assert_serves_metrics(addr, &expected);
+    }
+
+    #[test]
+    fn slow_drip_clients_cannot_starve_scrapes() {
+        let (addr, expected) = server();
+        // More slow clients than connection slots, each sending a byte of a request that never
+        // ends every 400 ms: well inside a per-read timeout, so only a deadline per request
+        // frees their slots.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = Instant::now();
+        let drips: Vec<_> = (0..MAX_CONNECTIONS + 6)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let request =
+                        b"GET /metrics HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+                    for byte in request.iter().cycle() {
+                        if stop.load(Ordering::SeqCst) || s.write_all(&[*byte]).is_err() {
+                            return;
+                        }
+                        let until = Instant::now() + Duration::from_millis(400);
+                        while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                            std::thread::park_timeout(until - Instant::now());
+                        }
+                    }
+                })
+            })
+            .collect();
+        let scrape = || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(GOOD).unwrap();
+            let mut raw = Vec::new();
+            let _ = s.read_to_end(&mut raw);
+            String::from_utf8_lossy(&raw).into_owned()
+        };
+        // The slots are taken: a scrape is refused now (the condition this test is about), with
+        // a 503 or, as the server does not read the request it refuses, a reset.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let text = scrape();
+            if !text.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the slow clients never held the slots: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Their deadline passes: the slots free up while they still drip, and a scrape is
+        // answered within a bounded time after it.
+        let bound = started + IO_TIMEOUT + Duration::from_secs(3);
+        let answered = loop {
+            let text = scrape();
+            if text.starts_with("HTTP/1.1 200 OK\r\n") {
+                break text;
+            }
+            assert!(
+                Instant::now() < bound,
+                "no scrape answered {:?} after the slow clients connected: {text:?}",
+                bound - started
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(answered.ends_with(&expected));
+        assert!(started.elapsed() >= IO_TIMEOUT - Duration::from_millis(500));
+        stop.store(true, Ordering::SeqCst);
+        for d in drips {
+            d.thread().unpark();
+            d.join().unwrap();
+        }
     }
 
     #[test]

@@ -45,6 +45,13 @@ impl GuestSpec {
     }
 }
 
+impl GuestSpec {
+    /// The least memory the guest may be given: its `min`, capped at its max and memory size.
+    pub fn min_allocation(&self) -> u64 {
+        self.min_bytes.min(self.max_bytes.min(self.memory_bytes))
+    }
+}
+
 /// What a guest's statistics say (virtio-balloon stats or the guest app's PSI), when known.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct GuestMemoryStats {

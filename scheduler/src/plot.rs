@@ -266,6 +266,8 @@ mod tests {
                     host_total_bytes: 4096 * MIB,
                     host_available_bytes: 2048 * MIB,
                     budget_bytes: if i < 5 { 1100 * MIB } else { 1300 * MIB },
+                    minimums_bytes: 512 * MIB,
+                    budget_infeasible: false,
                     guests,
                 }
             })

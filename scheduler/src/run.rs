@@ -7,7 +7,7 @@ use crate::engine::Engine;
 use crate::sim::{self, Scenario};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -15,6 +15,8 @@ pub enum RunError {
     Config(#[from] crate::config::ConfigError),
     #[error("{0}")]
     Sim(#[from] sim::SimError),
+    #[error("{0}")]
+    Drivers(#[from] crate::drivers::pool::PoolError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -72,11 +74,11 @@ pub fn run(config_path: &Path, trace: Option<PathBuf>) -> Result<(), RunError> {
         .iter()
         .map(|g| Guest {
             spec: g.spec(),
-            driver: Mutex::new(connect_driver(&g.driver, g.memory.0)),
+            driver: connect_driver(&g.driver, g.memory.0),
         })
         .collect();
     let engine = Engine::new(config.policy.clone(), config.actuator.clone());
-    let shared = Shared::new(engine, guests);
+    let shared = Shared::new(engine, guests, config.driver_deadline())?;
     handle_signals(shared.clone())?;
     if let Some(path) = &config.api_socket {
         let listener =
@@ -101,10 +103,11 @@ pub fn run(config_path: &Path, trace: Option<PathBuf>) -> Result<(), RunError> {
         log::info!("metrics on http://{addr}/metrics");
     }
     log::info!(
-        "{} guests, policy {}, tick {} s",
+        "{} guests, policy {}, tick {} s, driver deadline {:?}",
         config.guests.len(),
         config.policy.kind,
-        config.tick_seconds
+        config.tick_seconds,
+        config.driver_deadline()
     );
     daemon::run_loop(
         shared.clone(),

@@ -21,6 +21,13 @@ pub fn table(s: &SchedulerStatus) -> String {
         mib(last.guests.iter().map(|g| g.allocation_bytes).sum()),
         s.ticks
     );
+    if last.budget_infeasible {
+        out.push_str(&format!(
+            "INFEASIBLE: the budget {} is below the guests' minimums {}: every guest is held at its minimum\n",
+            mib(last.budget_bytes),
+            mib(last.minimums_bytes)
+        ));
+    }
     out.push_str(&format!(
         "{:<16} {:>8} {:>8} {:>8} {:>10} {:>9}  {}\n",
         "GUEST", "MEMORY", "TARGET", "ACTUAL", "AVAILABLE", "PROGRESS", "STATE"
@@ -47,4 +54,56 @@ pub fn table(s: &SchedulerStatus) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::{TraceGuest, TraceRecord};
+
+    fn status(infeasible: bool) -> SchedulerStatus {
+        SchedulerStatus {
+            ticks: 7,
+            last: Some(TraceRecord {
+                time_s: 14.0,
+                policy: "shares".into(),
+                host_state: "high".into(),
+                host_total_bytes: 8 << 30,
+                host_available_bytes: 1 << 30,
+                budget_bytes: 2 << 30,
+                minimums_bytes: 2560 << 20,
+                budget_infeasible: infeasible,
+                guests: vec![TraceGuest {
+                    name: "a".into(),
+                    memory_bytes: 2 << 30,
+                    allocation_bytes: 1280 << 20,
+                    used_bytes: None,
+                    available_bytes: None,
+                    balloon_target_bytes: 768 << 20,
+                    balloon_actual_bytes: 768 << 20,
+                    decided_allocation_bytes: 1280 << 20,
+                    sent_balloon_bytes: None,
+                    state: "unreachable".into(),
+                }],
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_infeasible_budget_is_shown_in_the_header() {
+        let text = table(&status(true));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1],
+            "INFEASIBLE: the budget 2048M is below the guests' minimums 2560M: every guest is held at its minimum"
+        );
+        assert!(
+            lines[3].starts_with("a ") && lines[3].ends_with("done  unreachable"),
+            "{text}"
+        );
+        let feasible = table(&status(false));
+        assert!(!feasible.contains("INFEASIBLE"), "{feasible}");
+        assert!(feasible.lines().nth(1).unwrap().starts_with("GUEST"));
+    }
 }

@@ -31,5 +31,11 @@ pub struct TraceRecord {
     pub host_total_bytes: u64,
     pub host_available_bytes: u64,
     pub budget_bytes: u64,
+    /// The sum of the guests' minimums.
+    #[serde(default)]
+    pub minimums_bytes: u64,
+    /// The budget cannot hold the minimums: every guest is held at its minimum.
+    #[serde(default)]
+    pub budget_infeasible: bool,
     pub guests: Vec<TraceGuest>,
 }

@@ -2,9 +2,10 @@
 //! and writes share one deadline per request, bounded line reads, and a small HTTP/1.1 client
 //! (for cloud-hypervisor's REST API).
 //!
-//! The scheduler asks every guest's driver in turn, so one VMM that stops answering must not
-//! stall the others: every request here ends within its timeout, and nothing a peer sends can
-//! make the driver allocate without bound or panic.
+//! The scheduler asks every guest's driver at once, each on its own thread (drivers/pool.rs),
+//! and stops waiting at the tick's deadline; a request still ends within its timeout here, so a
+//! VMM that stops answering holds its driver's thread for that long at most, and nothing a peer
+//! sends can make the driver allocate without bound or panic.
 
 use super::DriverError;
 use std::io::{self, BufRead, BufReader, Read, Write};

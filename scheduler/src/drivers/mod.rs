@@ -52,8 +52,10 @@ pub trait BalloonDriver: Send {
 
 pub mod backend;
 pub mod cloud_hypervisor;
+pub mod fake_backend;
 pub mod fake_ch;
 pub mod http;
+pub mod pool;
 pub mod qmp;
 
 use crate::config::DriverConfig;

@@ -121,6 +121,8 @@ impl Scenario {
                 )));
             }
         }
+        let specs: Vec<GuestSpec> = s.guests.iter().map(SimGuest::spec).collect();
+        crate::config::check_minimums(s.budget.0, &specs).map_err(SimError::Invalid)?;
         Ok(s)
     }
 

@@ -183,6 +183,64 @@ fn a_guest_that_cannot_give_more_stalls_and_settles_without_oom() {
     assert!(alloc_of(last, "full") >= 700 * MIB);
 }
 
+/// Two guests of 2 GiB with a 1280 MiB minimum each; working sets well below it.
+const TWO_AT_1280M: &str = r#"
+    [[guest]]
+    name = "a"
+    memory = "2G"
+    min = "1280M"
+    working_set = [[0, "600M"]]
+    [[guest]]
+    name = "b"
+    memory = "2G"
+    min = "1280M"
+    working_set = [[0, "500M"], [300, "900M"]]
+"#;
+
+#[test]
+fn a_budget_below_the_minimums_is_refused() {
+    let text = format!("duration_s = 60\nhost_memory = \"8G\"\nbudget = \"2G\"\n{TWO_AT_1280M}");
+    let e = Scenario::parse(&text).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "scenario: budget: 2048 MiB cannot hold the guests' minimums, 2560 MiB together \
+         (a 1280 MiB, b 1280 MiB); lower the minimums or raise the budget"
+    );
+}
+
+#[test]
+fn an_infeasible_budget_holds_every_guest_at_its_minimum_without_oscillating() {
+    for policy in ["static", "shares", "pressure", "mom"] {
+        let mut s = scenario(policy, "4G", TWO_AT_1280M);
+        // As a budget from host MemAvailable can become at run time (the scenario file itself
+        // is refused).
+        s.budget = Size(2 << 30);
+        let out = run(&s);
+        // Within 10 s (256 MiB steps, 200 MiB/s balloons) both are at their minimum...
+        let settled: Vec<&TraceRecord> = out.trace.iter().filter(|r| r.time_s >= 10.0).collect();
+        assert!(settled.len() > 200, "{policy}");
+        for r in &settled {
+            assert!(r.budget_infeasible, "{policy} t={}", r.time_s);
+            assert_eq!(r.minimums_bytes, 2560 * MIB);
+            for g in &r.guests {
+                assert_eq!(
+                    g.allocation_bytes,
+                    1280 * MIB,
+                    "{policy} t={} {}",
+                    r.time_s,
+                    g.name
+                );
+                assert_eq!(g.decided_allocation_bytes, 1280 * MIB, "{policy}");
+                // ...and stay there: no target changes tick to tick, even when b's working
+                // set grows.
+                assert_eq!(g.sent_balloon_bytes, None, "{policy} t={}", r.time_s);
+                assert_eq!(g.state, "ok", "{policy}");
+            }
+        }
+        assert_eq!(out.oom_events, 0, "{policy}");
+    }
+}
+
 #[test]
 fn scenarios_parse_errors_are_clear() {
     assert!(Scenario::parse("duration_s = 1").is_err());
