@@ -1,44 +1,105 @@
-//! Serves the control API (api.rs) on a Unix socket: one JSON line per request, one per reply;
-//! `watch` streams a status line after every tick. Bad requests get an error reply and the
-//! daemon stays up.
+//! Serves the control API (api.rs) on a Unix socket through the project's one JSON-lines
+//! server (balloon_protocol::lines: bounded lines, idle timeouts, a connection cap, replies
+//! that never block the daemon): one JSON line per request, one per reply; `watch` streams a
+//! status line after every tick. Bad requests get an error reply and the daemon stays up.
 
 use crate::api::{ApiMessage, ApiReply, ApiRequest, API_VERSION};
 use crate::daemon::Shared;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
-use std::sync::atomic::Ordering;
+use balloon_protocol::lines::{Flow, Limits, LineServer, Outbox, Service, Session};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+/// The API's limits: operators and `balloonctl watch` (which streams and is never idle).
+fn limits() -> Limits {
+    Limits {
+        max_line_bytes: MAX_REQUEST_BYTES,
+        ..Limits::default()
     }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
 }
 
-pub fn serve(listener: UnixListener, shared: Arc<Shared>) {
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                let shared = shared.clone();
-                if let Err(e) = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || connection(stream, &shared))
-                {
-                    log::error!("api: cannot start a connection thread: {e}");
-                }
-            }
-            Err(e) => log::warn!("api: accept: {e}"),
+struct Api(Arc<Shared>);
+
+struct ApiSession {
+    shared: Arc<Shared>,
+    outbox: Outbox,
+    /// Set while a watch streams to this connection.
+    watching: Arc<AtomicBool>,
+}
+
+fn line(reply: &ApiReply) -> String {
+    let mut text = serde_json::to_string(reply)
+        .unwrap_or_else(|_| r#"{"ok":false,"error":"reply not serialisable"}"#.to_string());
+    text.push('\n');
+    text
+}
+
+impl Service for Api {
+    type Session = ApiSession;
+
+    fn open(&self, outbox: Outbox) -> ApiSession {
+        ApiSession {
+            shared: self.0.clone(),
+            outbox,
+            watching: Arc::new(AtomicBool::new(false)),
         }
     }
+
+    fn refusal(&self, reason: &str) -> String {
+        line(&ApiReply::error(reason))
+    }
+}
+
+impl Session for ApiSession {
+    fn line(&mut self, text: &str) -> Flow {
+        match parse(text) {
+            Ok(ApiRequest::Watch) => {
+                if !self.watching.swap(true, Ordering::Relaxed) {
+                    let (shared, outbox, watching) = (
+                        self.shared.clone(),
+                        self.outbox.clone(),
+                        self.watching.clone(),
+                    );
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("api-watch".into())
+                            .spawn(move || {
+                                watch(&shared, &outbox);
+                                watching.store(false, Ordering::Relaxed);
+                            });
+                    if spawned.is_err() {
+                        self.watching.store(false, Ordering::Relaxed);
+                        let _ = self
+                            .outbox
+                            .send(line(&ApiReply::error("cannot start the watch")));
+                    }
+                }
+                Flow::Continue
+            }
+            Ok(request) => self.reply(&self.shared.handle(request)),
+            Err(e) => self.reply(&ApiReply::error(e)),
+        }
+    }
+
+    fn streaming(&self) -> bool {
+        self.watching.load(Ordering::Relaxed)
+    }
+}
+
+impl ApiSession {
+    fn reply(&self, reply: &ApiReply) -> Flow {
+        match self.outbox.send(line(reply)) {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close,
+        }
+    }
+}
+
+/// Serves the API until the listener fails.
+pub fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    Arc::new(LineServer::new("api", Arc::new(Api(shared)), limits())).serve(listener);
 }
 
 fn parse(line: &str) -> Result<ApiRequest, String> {
@@ -58,72 +119,27 @@ fn parse(line: &str) -> Result<ApiRequest, String> {
         .map_err(|e| format!("bad request: {e}"))
 }
 
-fn send(w: &mut UnixStream, reply: &ApiReply) -> std::io::Result<()> {
-    let mut text = serde_json::to_string(reply).map_err(std::io::Error::from)?;
-    text.push('\n');
-    w.write_all(text.as_bytes())
-}
-
-fn connection(stream: UnixStream, shared: &Shared) {
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        match (&mut reader)
-            .take(MAX_REQUEST_BYTES + 1)
-            .read_line(&mut line)
-        {
-            Ok(0) => return,
-            Ok(n) if n as u64 > MAX_REQUEST_BYTES => {
-                let _ = send(&mut writer, &ApiReply::error("request too long"));
-                return;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let _ = send(&mut writer, &ApiReply::error(format!("unreadable: {e}")));
-                return;
-            }
-        }
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse(line.trim()) {
-            Ok(ApiRequest::Watch) => {
-                watch(&mut writer, shared);
-                return;
-            }
-            Ok(request) => {
-                if send(&mut writer, &shared.handle(request)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                if send(&mut writer, &ApiReply::error(e)).is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Sends the status now and after every tick until the client goes away.
-fn watch(writer: &mut UnixStream, shared: &Shared) {
+/// Sends the status now and after every tick until the connection ends (a watcher that does
+/// not read is dropped by its outbox, never waited on).
+fn watch(shared: &Shared, outbox: &Outbox) {
     let mut seen = u64::MAX;
-    loop {
+    while outbox.is_open() {
         let status = {
             let mut s = shared.status.lock().unwrap_or_else(|e| e.into_inner());
-            while s.ticks == seen && !shared.stop.load(Ordering::Relaxed) {
-                s = shared.ticked.wait(s).unwrap_or_else(|e| e.into_inner());
+            while s.ticks == seen && !shared.stop.load(Ordering::Relaxed) && outbox.is_open() {
+                s = shared
+                    .ticked
+                    .wait_timeout(s, std::time::Duration::from_secs(1))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
             s.clone()
         };
-        if shared.stop.load(Ordering::Relaxed) {
+        if shared.stop.load(Ordering::Relaxed) || status.ticks == seen {
             return;
         }
         seen = status.ticks;
-        if send(writer, &ApiReply::status(status)).is_err() {
+        if outbox.send(line(&ApiReply::status(status))).is_err() {
             return;
         }
     }
@@ -131,8 +147,53 @@ fn watch(writer: &mut UnixStream, shared: &Shared) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse;
-    use crate::api::ApiRequest;
+    use super::*;
+    use crate::actuator::ActuatorConfig;
+    use crate::daemon::{tick, Budget};
+    use crate::engine::Engine;
+    use crate::policy::PolicyConfig;
+    use balloon_protocol::lines::LineClient;
+    use std::time::{Duration, Instant};
+
+    fn reply(text: &str) -> ApiReply {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn serves_requests_streams_watch_and_refuses_long_lines() {
+        let dir = std::env::temp_dir().join(format!("api-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let engine = Engine::new(PolicyConfig::default(), ActuatorConfig::default());
+        let shared = Shared::new(engine, Vec::new(), Duration::from_millis(100)).unwrap();
+        let s = shared.clone();
+        std::thread::spawn(move || serve(listener, s));
+        let timeout = Duration::from_secs(5);
+        let mut c = LineClient::connect(&path, timeout).unwrap();
+        assert!(reply(&c.exchange("{\"version\":1,\"cmd\":\"status\"}\n").unwrap()).ok);
+        let bad = reply(&c.exchange("{\"version\":9,\"cmd\":\"status\"}\n").unwrap());
+        assert!(bad.error.unwrap().contains("version 9"));
+        // A watch gets the status now and after every tick.
+        let mut w = LineClient::connect(&path, timeout).unwrap();
+        let first = reply(&w.exchange("{\"version\":1,\"cmd\":\"watch\"}\n").unwrap());
+        let ticks = first.status.unwrap().ticks;
+        let budget = Budget {
+            fixed: Some(1 << 30),
+            reserve: 0,
+        };
+        tick(&shared, budget, Instant::now());
+        let next = reply(&w.read_line().unwrap());
+        assert_eq!(next.status.unwrap().ticks, ticks + 1);
+        // An endless line ends only its own connection.
+        let long = "x".repeat(MAX_REQUEST_BYTES + 10) + "\n";
+        let refused = reply(&c.exchange(&long).unwrap());
+        assert!(refused.error.unwrap().contains("longer than"));
+        let mut c2 = LineClient::connect(&path, timeout).unwrap();
+        assert!(reply(&c2.exchange("{\"version\":1,\"cmd\":\"status\"}\n").unwrap()).ok);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn requests_parse_and_bad_ones_say_why() {

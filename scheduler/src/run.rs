@@ -24,6 +24,8 @@ pub enum RunError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("API socket: {0}")]
+    Bind(#[from] balloon_protocol::socket::BindError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
@@ -37,9 +39,11 @@ pub fn connect_driver(config: &DriverConfig, memory_bytes: u64) -> Box<dyn Ballo
 }
 
 /// Blocks SIGTERM and SIGINT and turns them into `shared.stop`.
-fn handle_signals(shared: Arc<Shared>) -> Result<(), RunError> {
-    // SAFETY: signal-mask calls on a set we own, before other threads start.
-    let set = unsafe {
+/// Blocks SIGTERM and SIGINT in this thread and every thread started after it (call before
+/// any: a thread started earlier would take the signal and die with the process).
+fn block_signals() -> Result<libc::sigset_t, RunError> {
+    // SAFETY: signal-mask calls on a set we own.
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
@@ -50,13 +54,17 @@ fn handle_signals(shared: Arc<Shared>) -> Result<(), RunError> {
                 source: std::io::Error::last_os_error(),
             });
         }
-        set
-    };
+        Ok(set)
+    }
+}
+
+/// Waits for the blocked signals on a thread of its own and stops the tick loop.
+fn handle_signals(set: libc::sigset_t, shared: Arc<Shared>) -> Result<(), RunError> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut sig = 0;
-            // SAFETY: sigwait on the set blocked above.
+            // SAFETY: sigwait on the set blocked in block_signals.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
                 log::info!("signal {sig}: stopping after this tick");
                 shared.stop.store(true, Ordering::Relaxed);
@@ -69,6 +77,8 @@ fn handle_signals(shared: Arc<Shared>) -> Result<(), RunError> {
 
 pub fn run(config_path: &Path, trace: Option<PathBuf>) -> Result<(), RunError> {
     let config = Config::load(config_path)?;
+    // Before the drivers' threads start.
+    let signals = block_signals()?;
     let guests: Vec<Guest> = config
         .guests
         .iter()
@@ -79,10 +89,13 @@ pub fn run(config_path: &Path, trace: Option<PathBuf>) -> Result<(), RunError> {
         .collect();
     let engine = Engine::new(config.policy.clone(), config.actuator.clone());
     let shared = Shared::new(engine, guests, config.driver_deadline())?;
-    handle_signals(shared.clone())?;
+    handle_signals(signals, shared.clone())?;
+    let mut api_path = None;
     if let Some(path) = &config.api_socket {
-        let listener =
-            crate::api_server::bind(path).map_err(io(format!("API socket {}", path.display())))?;
+        // Never over a file or a live scheduler's socket; the owner's only from the start.
+        let (listener, socket) =
+            balloon_protocol::socket::bind(path, balloon_protocol::socket::Access::OWNER_ONLY)?;
+        api_path = Some(socket);
         let s = shared.clone();
         std::thread::Builder::new()
             .name("api".into())
@@ -115,8 +128,8 @@ pub fn run(config_path: &Path, trace: Option<PathBuf>) -> Result<(), RunError> {
         Budget::from_config(&config),
         trace,
     );
-    if let Some(path) = &config.api_socket {
-        let _ = std::fs::remove_file(path);
+    if let Some(socket) = api_path {
+        socket.remove();
     }
     log::info!("stopped");
     Ok(())

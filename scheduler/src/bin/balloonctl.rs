@@ -1,12 +1,13 @@
 //! balloonctl: the operator's CLI for balloon-scheduler.
 
+use balloon_protocol::lines::LineClient;
 use balloon_protocol::parse_size;
 use clap::{Parser, Subcommand};
 use scheduler::api::{ApiMessage, ApiReply, ApiRequest, API_VERSION};
 use scheduler::table::{mib, table};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -56,39 +57,39 @@ enum Command {
     },
 }
 
-fn connect(socket: &Path) -> Result<(BufReader<UnixStream>, UnixStream), String> {
-    let s = UnixStream::connect(socket).map_err(|e| {
+/// How long a request may take; a watch waits this long for each status line at most
+/// beyond its tick.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn connect(socket: &Path, timeout: Duration) -> Result<LineClient, String> {
+    LineClient::connect(socket, timeout).map_err(|e| {
         format!(
             "cannot reach balloon-scheduler at {}: {e} (is it running? --socket or BALLOON_SCHEDULER_SOCKET)",
             socket.display()
         )
-    })?;
-    let w = s.try_clone().map_err(|e| e.to_string())?;
-    Ok((BufReader::new(s), w))
+    })
 }
 
 fn request(socket: &Path, request: ApiRequest) -> Result<ApiReply, String> {
-    let (mut r, mut w) = connect(socket)?;
-    send(&mut w, request)?;
-    read_reply(&mut r)
+    let mut c = connect(socket, TIMEOUT)?;
+    let reply = c
+        .exchange(&request_line(request)?)
+        .map_err(|e| e.to_string())?;
+    parse_reply(&reply)
 }
 
-fn send(w: &mut UnixStream, request: ApiRequest) -> Result<(), String> {
+fn request_line(request: ApiRequest) -> Result<String, String> {
     let msg = ApiMessage {
         version: API_VERSION,
         request,
     };
     let mut text = serde_json::to_string(&msg).map_err(|e| e.to_string())?;
     text.push('\n');
-    w.write_all(text.as_bytes()).map_err(|e| e.to_string())
+    Ok(text)
 }
 
-fn read_reply(r: &mut BufReader<UnixStream>) -> Result<ApiReply, String> {
-    let mut line = String::new();
-    if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
-        return Err("the scheduler closed the connection".into());
-    }
-    let reply: ApiReply = serde_json::from_str(&line).map_err(|e| format!("bad reply: {e}"))?;
+fn parse_reply(line: &str) -> Result<ApiReply, String> {
+    let reply: ApiReply = serde_json::from_str(line).map_err(|e| format!("bad reply: {e}"))?;
     if reply.ok {
         Ok(reply)
     } else {
@@ -154,13 +155,17 @@ fn run(cli: Cli) -> Result<(), String> {
             _ => return Err("usage: balloonctl policy [show | set KIND]".into()),
         },
         Command::Watch => {
-            let (mut r, mut w) = connect(socket)?;
-            send(&mut w, ApiRequest::Watch)?;
+            // A status line comes every tick; a scheduler silent for a minute is gone.
+            let mut c = connect(socket, Duration::from_secs(60))?;
+            let first = c
+                .exchange(&request_line(ApiRequest::Watch)?)
+                .map_err(|e| e.to_string())?;
+            let mut reply = parse_reply(&first)?;
             loop {
-                let reply = read_reply(&mut r)?;
                 // Clear the screen and redraw, as top does.
                 print!("\x1b[2J\x1b[H{}", table(&reply.status.unwrap_or_default()));
                 std::io::stdout().flush().map_err(|e| e.to_string())?;
+                reply = parse_reply(&c.read_line().map_err(|e| e.to_string())?)?;
             }
         }
         Command::Plot { trace, output } => {
