@@ -16,6 +16,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 #[derive(Default)]
 struct Queue {
     pending: Vec<DiscardJob>,
+    /// The batch being worked through, one piece at a time (withdrawals cut it too).
+    taken: std::collections::VecDeque<DiscardJob>,
     /// Guest physical ranges [start, end) being discarded right now.
     in_flight: Vec<(u64, u64)>,
     shutdown: bool,
@@ -78,6 +80,11 @@ impl DiscardWorker {
             split_around(job, gpa_ranges, &mut kept);
         }
         q.pending = kept;
+        let mut kept = Vec::with_capacity(q.taken.len());
+        for job in q.taken.drain(..) {
+            split_around(job, gpa_ranges, &mut kept);
+        }
+        q.taken = kept.into();
         while q
             .in_flight
             .iter()
@@ -91,8 +98,9 @@ impl DiscardWorker {
     /// the pages' owner unknown). Returns whether any pending one was dropped.
     pub fn cancel_all(&self) -> bool {
         let mut q = self.lock();
-        let dropped = !q.pending.is_empty();
+        let dropped = !q.pending.is_empty() || !q.taken.is_empty();
         q.pending.clear();
+        q.taken.clear();
         while !q.in_flight.is_empty() {
             q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
         }
@@ -102,7 +110,7 @@ impl DiscardWorker {
     /// Waits until every submitted discard is done.
     pub fn flush(&self) {
         let mut q = self.lock();
-        while !q.pending.is_empty() || !q.in_flight.is_empty() {
+        while !q.pending.is_empty() || !q.taken.is_empty() || !q.in_flight.is_empty() {
             q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -119,7 +127,7 @@ impl DiscardWorker {
         // SAFETY: setpriority on this thread only.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
         loop {
-            let jobs = {
+            {
                 let mut q = self.lock();
                 while q.pending.is_empty() && !q.shutdown {
                     q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
@@ -127,27 +135,38 @@ impl DiscardWorker {
                 if q.shutdown {
                     return;
                 }
-                Self::take(&mut q)
-            };
-            self.execute(&jobs);
+                Self::take(&mut q);
+            }
+            self.execute();
         }
     }
 
     /// Runs whatever is pending now, on the caller's thread.
     pub fn process_pending(&self) {
-        let jobs = Self::take(&mut self.lock());
-        self.execute(&jobs);
+        Self::take(&mut self.lock());
+        self.execute();
     }
 
-    /// Moves the pending jobs, merged, to in-flight.
-    fn take(q: &mut Queue) -> Vec<DiscardJob> {
-        let jobs = merge(std::mem::take(&mut q.pending));
-        q.in_flight = jobs.iter().map(|j| (j.gpa, j.gpa + j.len)).collect();
-        jobs
+    /// Moves the pending jobs, merged, then cut into pieces of at most `MAX_JOB_BYTES`, to
+    /// the batch being worked through.
+    fn take(q: &mut Queue) {
+        let jobs = split(merge(std::mem::take(&mut q.pending)));
+        q.taken.extend(jobs);
     }
 
-    fn execute(&self, jobs: &[DiscardJob]) {
-        for job in jobs {
+    /// Runs the jobs one at a time, each in flight only while it runs: a deflate (which waits
+    /// for in-flight discards of its pages, under the device lock) waits for one bounded piece
+    /// at most, and pieces not started yet that it withdraws are dropped.
+    fn execute(&self) {
+        loop {
+            let job = {
+                let mut q = self.lock();
+                let Some(job) = q.taken.pop_front() else {
+                    break;
+                };
+                q.in_flight = vec![(job.gpa, job.gpa + job.len)];
+                job
+            };
             self.counters.discard_calls.fetch_add(1, Ordering::Relaxed);
             match job.run() {
                 Ok(()) => {
@@ -164,10 +183,34 @@ impl DiscardWorker {
                     );
                 }
             }
+            self.lock().in_flight.clear();
+            self.changed.notify_all();
         }
-        self.lock().in_flight.clear();
-        self.changed.notify_all();
     }
+}
+
+/// The largest single discard: what a deflate may have to wait for.
+const MAX_JOB_BYTES: u64 = 32 << 20;
+
+/// Cuts jobs into pieces of at most `MAX_JOB_BYTES`, at host page boundaries.
+fn split(jobs: Vec<DiscardJob>) -> Vec<DiscardJob> {
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let hp = job.host_page_size.max(1);
+        let piece = (MAX_JOB_BYTES / hp).max(1) * hp;
+        let mut done = 0;
+        while done < job.len {
+            let len = piece.min(job.len - done);
+            out.push(DiscardJob {
+                offset: job.offset + done,
+                gpa: job.gpa + done,
+                len,
+                ..job.clone()
+            });
+            done += len;
+        }
+    }
+    out
 }
 
 /// Sorts jobs by guest address and joins neighbours (or overlaps) in the same region.
@@ -285,7 +328,31 @@ mod tests {
     }
 
     #[test]
-    fn withdraw_waits_for_the_in_flight_discard() {
+    fn jobs_run_in_bounded_pieces() {
+        let job = DiscardJob {
+            backing: crate::memory::Backing {
+                host_addr: 0,
+                file: None,
+            },
+            offset: 4096,
+            len: 70 * MIB,
+            gpa: 1 << 30,
+            host_page_size: 2 * MIB,
+        };
+        let pieces = split(vec![job]);
+        let spans: Vec<(u64, u64, u64)> = pieces.iter().map(|j| (j.gpa, j.offset, j.len)).collect();
+        assert_eq!(
+            spans,
+            vec![
+                (1 << 30, 4096, 32 * MIB),
+                ((1 << 30) + 32 * MIB, 4096 + 32 * MIB, 32 * MIB),
+                ((1 << 30) + 64 * MIB, 4096 + 64 * MIB, 6 * MIB),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_withdrawn_page_is_never_discarded_once_taken() {
         let (ram, mut map, worker) = setup();
         let worker = Arc::new(worker);
         worker.submit(jobs_for(
@@ -296,7 +363,7 @@ mod tests {
             }],
         ));
         // The worker has taken the jobs but not run them yet.
-        let jobs = DiscardWorker::take(&mut worker.lock());
+        DiscardWorker::take(&mut worker.lock());
         let w = worker.clone();
         let deflate = std::thread::spawn(move || {
             w.withdraw(&[(0, PAGE_SIZE)]);
@@ -304,10 +371,10 @@ mod tests {
             unsafe { *(ram.addr as *mut u8) = 7 };
             ram
         });
-        // The deflate cannot finish before the discard does; run it, then the deflate's write
-        // must survive.
-        worker.execute(&jobs);
+        // The deflate cut its page out of the taken batch (or waited for it in flight): the
+        // guest's write survives the batch.
         let ram = deflate.join().unwrap();
+        worker.execute();
         assert_eq!(ram.byte(0), 7);
         assert_eq!(ram.allocated(), PAGE_SIZE);
     }
