@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bench;
 pub mod demo;
 pub mod error;
+pub mod flood;
 pub mod frontend;
 pub mod host;
 pub mod lab;
