@@ -30,10 +30,7 @@ struct ApiSession {
 }
 
 fn line(reply: &ApiReply) -> String {
-    let mut text = serde_json::to_string(reply)
-        .unwrap_or_else(|_| r#"{"ok":false,"error":"reply not serialisable"}"#.to_string());
-    text.push('\n');
-    text
+    balloon_protocol::lines::json_line(reply)
 }
 
 impl Service for Api {

@@ -212,29 +212,23 @@ impl Session for AppSession {
                     drop(balloon);
                     return self.refuse("another app connection replaced this one");
                 }
+                let inflate = matches!(msg, AppMessage::Inflated { .. });
                 match msg {
                     AppMessage::Hello { .. } => unreachable!("handled above"),
-                    AppMessage::Inflated { seq, ranges } => {
-                        let reply = match balloon.app_inflated(&ranges) {
+                    AppMessage::Inflated { seq, ranges } | AppMessage::Deflate { seq, ranges } => {
+                        let done = if inflate {
+                            balloon.app_inflated(&ranges)
+                        } else {
+                            balloon.app_deflate(&ranges)
+                        };
+                        drop(balloon);
+                        self.reply(match done {
                             Ok(()) => HostMessage::Ack { seq },
                             Err(e) => HostMessage::Nack {
                                 seq,
                                 reason: e.to_string(),
                             },
-                        };
-                        drop(balloon);
-                        self.reply(reply);
-                    }
-                    AppMessage::Deflate { seq, ranges } => {
-                        let reply = match balloon.app_deflate(&ranges) {
-                            Ok(()) => HostMessage::Ack { seq },
-                            Err(e) => HostMessage::Nack {
-                                seq,
-                                reason: e.to_string(),
-                            },
-                        };
-                        drop(balloon);
-                        self.reply(reply);
+                        });
                     }
                     AppMessage::State {
                         held_bytes,

@@ -63,6 +63,15 @@ impl Default for Limits {
     }
 }
 
+/// `value` as one JSON line (with its newline); a value that cannot be serialised becomes an
+/// error reply, so a peer always gets a line.
+pub fn json_line(value: &impl serde::Serialize) -> String {
+    let mut text = serde_json::to_string(value)
+        .unwrap_or_else(|_| r#"{"ok":false,"error":"reply not serialisable"}"#.to_string());
+    text.push('\n');
+    text
+}
+
 /// What a session tells the connection after a line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {

@@ -106,43 +106,20 @@ impl PageBitmap {
 
     /// How many bits in the range are set (word at a time).
     pub fn count_range(&self, start: u64, count: u64) -> u64 {
-        let end = start.saturating_add(count).min(self.pages);
         let words = self.words.as_slice();
-        let mut set = 0;
-        let mut page = start;
-        while page < end {
-            let first = page % 64;
-            let n = (64 - first).min(end - page);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << first
-            };
-            set += u64::from((words[(page / 64) as usize] & mask).count_ones());
-            page += n;
-        }
-        set
+        word_masks(self.pages, start, count)
+            .map(|(w, mask)| u64::from((words[w] & mask).count_ones()))
+            .sum()
     }
 
     fn update(&mut self, start: u64, count: u64, value: bool) -> u64 {
-        let end = start.saturating_add(count).min(self.pages);
+        let words = self.words.as_mut_slice();
         let mut changed = 0;
-        let mut page = start;
-        while page < end {
-            let word = (page / 64) as usize;
-            let first = page % 64;
-            let n = (64 - first).min(end - page);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << first
-            };
-            let words = self.words.as_mut_slice();
+        for (word, mask) in word_masks(self.pages, start, count) {
             let before = words[word];
             let after = if value { before | mask } else { before & !mask };
             changed += u64::from((before ^ after).count_ones());
             words[word] = after;
-            page += n;
         }
         if value {
             self.set += changed;
@@ -169,6 +146,28 @@ impl PageBitmap {
         }
         runs
     }
+}
+
+/// The words of a bitmap of `pages` bits that the pages `[start, start + count)` touch, with the
+/// mask of their bits in each.
+fn word_masks(pages: u64, start: u64, count: u64) -> impl Iterator<Item = (usize, u64)> {
+    let end = start.saturating_add(count).min(pages);
+    let mut page = start;
+    std::iter::from_fn(move || {
+        if page >= end {
+            return None;
+        }
+        let first = page % 64;
+        let n = (64 - first).min(end - page);
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << first
+        };
+        let word = (page / 64) as usize;
+        page += n;
+        Some((word, mask))
+    })
 }
 
 #[cfg(test)]
