@@ -3,11 +3,18 @@
 #   make test                every test: unit and VM
 #   make bench [BENCH=name]  benchmarks; results in target/bench/NAME.json
 #   make lint                rustfmt and clippy, as CI runs them
+#   make fuzz [FUZZ_CASES=n] the property fuzzers at n cases each (make test runs a few hundred)
 
 CARGO ?= cargo
 BENCH ?=
+FUZZ_CASES ?= 100000
+# The proptest targets: the app protocol, the backend's checks of app ranges, the control
+# protocol, the keeper's vhost-user message parser.
+FUZZ_TARGETS = -p balloon-protocol --test fuzz_app_protocol \
+	-p vhost-balloon-backend --test fuzz_app_ranges --test fuzz_control \
+	-p vhost-user-keeper --test fuzz_message
 
-.PHONY: demo test bench lint provision provision-debian clean-lab
+.PHONY: demo test bench fuzz lint provision provision-debian clean-lab
 
 provision:
 	scripts/lab.sh all
@@ -27,6 +34,9 @@ test: provision
 bench: provision
 	$(CARGO) build --release --workspace
 	$(CARGO) run --release -q -p balloon-tests --bin balloon-bench -- $(BENCH)
+
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release $(FUZZ_TARGETS)
 
 lint:
 	$(CARGO) fmt --all -- --check

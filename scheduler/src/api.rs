@@ -10,7 +10,7 @@ pub const API_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ApiRequest {
-    Status,
+    Status {},
     /// Give a guest this much memory (its allocation, as QEMU's `balloon` command counts) and
     /// pin it there, outside the policy.
     Set {
@@ -25,13 +25,13 @@ pub enum ApiRequest {
     Unpin {
         guest: String,
     },
-    PolicyShow,
+    PolicyShow {},
     /// Change the policy kind (static, shares, pressure, mom).
     PolicySet {
         kind: String,
     },
     /// Stream one status reply per tick on this connection until it closes.
-    Watch,
+    Watch {},
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,7 +5,9 @@
 
 use crate::api::{ApiMessage, ApiReply, ApiRequest, API_VERSION};
 use crate::daemon::Shared;
-use balloon_protocol::lines::{Flow, Limits, LineServer, Outbox, Service, Session};
+use balloon_protocol::lines::{
+    decode_versioned, DecodeError, Flow, Framing, Limits, LineServer, Outbox, Service, Session,
+};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,7 +54,7 @@ impl Service for Api {
 impl Session for ApiSession {
     fn line(&mut self, text: &str) -> Flow {
         match parse(text) {
-            Ok(ApiRequest::Watch) => {
+            Ok(ApiRequest::Watch {}) => {
                 if !self.watching.swap(true, Ordering::Relaxed) {
                     let (shared, outbox, watching) = (
                         self.shared.clone(),
@@ -100,20 +102,19 @@ pub fn serve(listener: UnixListener, shared: Arc<Shared>) {
 }
 
 fn parse(line: &str) -> Result<ApiRequest, String> {
-    let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
-    match value.get("version").and_then(|v| v.as_u64()) {
-        Some(v) if v == u64::from(API_VERSION) => {}
-        Some(v) => {
-            return Err(format!(
-                "unsupported API version {v} (this is {API_VERSION})"
-            ))
-        }
-        None => return Err("missing \"version\"".into()),
-    }
-    serde_json::from_value::<ApiMessage>(value)
+    let framing = Framing {
+        version_key: "version",
+        tag_key: "cmd",
+        version: API_VERSION,
+    };
+    decode_versioned::<ApiMessage>(line, framing)
         .map(|m| m.request)
-        .map_err(|e| format!("bad request: {e}"))
+        .map_err(|e| match e {
+            DecodeError::Version(v) => {
+                format!("unsupported API version {v} (this is {API_VERSION})")
+            }
+            other => other.to_string(),
+        })
 }
 
 /// Sends the status now and after every tick until the connection ends (a watcher that does
@@ -196,7 +197,7 @@ mod tests {
     fn requests_parse_and_bad_ones_say_why() {
         assert_eq!(
             parse(r#"{"version":1,"cmd":"status"}"#),
-            Ok(ApiRequest::Status)
+            Ok(ApiRequest::Status {})
         );
         assert_eq!(
             parse(r#"{"version":1,"cmd":"set","guest":"a","memory_bytes":5}"#),
@@ -211,6 +212,16 @@ mod tests {
             (r#"{"version":7,"cmd":"status"}"#, "version 7"),
             (r#"{"version":1,"cmd":"launch"}"#, "bad request"),
             (r#"{"version":1,"cmd":"set","guest":"a"}"#, "bad request"),
+            // Commands without fields refuse unknown ones too.
+            (
+                r#"{"version":1,"cmd":"status","guest":"a"}"#,
+                "unknown field",
+            ),
+            (r#"{"version":1,"cmd":"watch","x":1}"#, "unknown field"),
+            (
+                r#"{"version":1,"cmd":"policy_show","kind":"mom"}"#,
+                "unknown field",
+            ),
         ] {
             let err = parse(line).unwrap_err();
             assert!(err.contains(want), "{line}: {err}");

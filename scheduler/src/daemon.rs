@@ -90,7 +90,7 @@ impl Shared {
     /// Handles one API request (except `watch`, which the server streams).
     pub fn handle(&self, request: ApiRequest) -> ApiReply {
         let result = match request {
-            ApiRequest::Status | ApiRequest::Watch => Ok(()),
+            ApiRequest::Status {} | ApiRequest::Watch {} => Ok(()),
             ApiRequest::Set {
                 guest,
                 memory_bytes,
@@ -118,7 +118,9 @@ impl Shared {
             ApiRequest::Unpin { guest } => self.guest(&guest).map(|_| {
                 lock(&self.engine).pin(&guest, None);
             }),
-            ApiRequest::PolicyShow => return ApiReply::policy(lock(&self.engine).policy.clone()),
+            ApiRequest::PolicyShow {} => {
+                return ApiReply::policy(lock(&self.engine).policy.clone())
+            }
             ApiRequest::PolicySet { kind } => kind
                 .parse::<PolicyKind>()
                 .map(|k| lock(&self.engine).policy.kind = k),

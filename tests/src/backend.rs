@@ -177,7 +177,7 @@ impl Backend {
     }
 
     pub fn status(&self) -> Result<BackendStatus> {
-        let reply = self.request(ControlRequest::Status)?;
+        let reply = self.request(ControlRequest::Status {})?;
         reply
             .status
             .ok_or_else(|| LabError::Other(format!("status failed: {:?}", reply.error)))

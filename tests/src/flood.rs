@@ -301,7 +301,7 @@ pub fn ask_status(socket: &Path, timeout: Duration) -> Probe {
     let reply = ControlClient::connect_with_timeout(socket, timeout)
         .map_err(|e| format!("connect: {e}"))
         .and_then(|mut c| {
-            c.request(ControlRequest::Status)
+            c.request(ControlRequest::Status {})
                 .map_err(|e| format!("exchange: {e}"))
         });
     let took = t.elapsed();

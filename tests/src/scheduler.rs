@@ -58,7 +58,7 @@ impl SchedulerProcess {
             Duration::from_secs(20),
             Duration::from_millis(20),
             || {
-                Ok(match p.request(ApiRequest::Status) {
+                Ok(match p.request(ApiRequest::Status {}) {
                     Ok(_) => crate::wait::Poll::Ready(()),
                     Err(e) => crate::wait::Poll::Pending(e.to_string()),
                 })
@@ -86,7 +86,7 @@ impl SchedulerProcess {
     }
 
     pub fn status(&self) -> Result<SchedulerStatus> {
-        let reply = self.request(ApiRequest::Status)?;
+        let reply = self.request(ApiRequest::Status {})?;
         reply
             .status
             .ok_or_else(|| LabError::Other(format!("status failed: {:?}", reply.error)))

@@ -8,7 +8,7 @@ use crate::device::pfn::{parse_pfns, MAX_PFNS_PER_CHAIN};
 use crate::device::stats::{parse_stats, GuestStats};
 use crate::device::{BalloonConfig, QueueKind, QueueLayout};
 use crate::memory::worker::DiscardWorker;
-use crate::memory::{merge_pfns, pages_within, DiscardMode, GuestMemoryMap, PageOutcome};
+use crate::memory::{merge_pfns, pages_within, DiscardMode, GuestMemoryMap, PageOutcome, PfnRange};
 use crate::state::{PersistentState, SaveJob, StateStore};
 use balloon_protocol::{
     bytes_to_pages, pages_to_bytes, BackendStatus, GuestStatsSnapshot, RejectedInput,
@@ -533,7 +533,9 @@ impl Balloon {
         }
         let discard = std::mem::take(&mut self.discard_tracked_when_known);
         if inflate_next_avail == 0 {
-            let pages = self.memory.clear_tracking();
+            let ranges = self.memory.clear_tracking();
+            self.withdraw_discards(&ranges);
+            let pages: u64 = ranges.iter().map(|r| r.count).sum();
             if pages > 0 {
                 log::info!(
                     "a new driver instance (guest reboot or driver reload): the {} MiB tracked from before are the guest's again",
@@ -658,7 +660,10 @@ impl Balloon {
 
     /// The app's pages are the guest's again (it exited, or a new one said hello).
     pub fn app_gone(&mut self) {
-        let pages = self.app.memory.clear_tracking();
+        let ranges = self.app.memory.clear_tracking();
+        // The guest reuses these pages at once: no discard queued for them may land.
+        self.withdraw_discards(&ranges);
+        let pages: u64 = ranges.iter().map(|r| r.count).sum();
         if pages > 0 {
             log::info!(
                 "app balloon released: {} MiB back to the guest",
@@ -723,6 +728,15 @@ impl Balloon {
         ranges: &[balloon_protocol::app::PageRange],
     ) -> Result<(), AppRangeError> {
         let ranges = app_ranges(ranges)?;
+        self.withdraw_discards(&ranges);
+        let out = self.app.memory.deflate(&ranges);
+        self.count_discards(out);
+        Ok(())
+    }
+
+    /// The guest takes these pages back: forgets their queued discards and waits for any in
+    /// flight (one bounded piece at most).
+    fn withdraw_discards(&self, ranges: &[PfnRange]) {
         if let Some(worker) = &self.discard_worker {
             let gpa: Vec<(u64, u64)> = ranges
                 .iter()
@@ -730,9 +744,6 @@ impl Balloon {
                 .collect();
             worker.withdraw(&gpa);
         }
-        let out = self.app.memory.deflate(&ranges);
-        self.count_discards(out);
-        Ok(())
     }
 
     fn worker_count(

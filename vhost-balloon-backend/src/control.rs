@@ -3,7 +3,9 @@
 //! daemon stay up.
 
 use balloon_protocol::control::{ControlMessage, ControlReply, ControlRequest};
-use balloon_protocol::lines::{Flow, Limits, LineServer, Outbox, Service, Session};
+use balloon_protocol::lines::{
+    decode_versioned, DecodeError, Flow, Framing, Limits, LineServer, Outbox, Service, Session,
+};
 #[cfg(test)]
 use balloon_protocol::ControlClient;
 use balloon_protocol::CONTROL_PROTOCOL_VERSION;
@@ -75,22 +77,17 @@ pub fn serve(listener: UnixListener, handler: Arc<dyn ControlHandler>) {
 
 /// Parses one request line and runs it.
 pub fn reply_to_line(line: &str, handler: &dyn ControlHandler) -> ControlReply {
-    let value: serde_json::Value = match serde_json::from_str(line) {
-        Ok(v) => v,
-        Err(e) => return ControlReply::error(format!("not JSON: {e}")),
+    let framing = Framing {
+        version_key: "version",
+        tag_key: "cmd",
+        version: CONTROL_PROTOCOL_VERSION,
     };
-    match value.get("version").and_then(|v| v.as_u64()) {
-        Some(v) if v == u64::from(CONTROL_PROTOCOL_VERSION) => {}
-        Some(v) => {
-            return ControlReply::error(format!(
-                "unsupported protocol version {v} (this backend speaks {CONTROL_PROTOCOL_VERSION})"
-            ))
-        }
-        None => return ControlReply::error("missing \"version\""),
-    }
-    match serde_json::from_value::<ControlMessage>(value) {
+    match decode_versioned::<ControlMessage>(line, framing) {
         Ok(msg) => handler.handle(msg.request),
-        Err(e) => ControlReply::error(format!("bad request: {e}")),
+        Err(DecodeError::Version(v)) => ControlReply::error(format!(
+            "unsupported protocol version {v} (this backend speaks {CONTROL_PROTOCOL_VERSION})"
+        )),
+        Err(e) => ControlReply::error(e.to_string()),
     }
 }
 
@@ -140,7 +137,7 @@ mod tests {
             let reply = c.send_raw(bad).unwrap();
             assert!(!reply.ok && reply.error.is_some(), "{bad}: {reply:?}");
         }
-        let reply = c.request(ControlRequest::Status).unwrap();
+        let reply = c.request(ControlRequest::Status {}).unwrap();
         assert!(reply.ok);
         let reply = c
             .request(ControlRequest::SetTarget { target_bytes: 5 })
@@ -152,7 +149,7 @@ mod tests {
         let reply = c.send_raw(&long).unwrap();
         assert!(!reply.ok);
         let mut c2 = ControlClient::connect(&path).unwrap();
-        assert!(c2.request(ControlRequest::Status).unwrap().ok);
+        assert!(c2.request(ControlRequest::Status {}).unwrap().ok);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

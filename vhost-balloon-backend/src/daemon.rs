@@ -56,7 +56,7 @@ impl ControlHandler for Control {
     fn handle(&self, request: ControlRequest) -> ControlReply {
         let mut balloon = lock(&self.balloon);
         let result = match request {
-            ControlRequest::Status => Ok(()),
+            ControlRequest::Status {} => Ok(()),
             ControlRequest::SetTarget { target_bytes } => {
                 balloon.set_target(target_bytes).map_err(|e| e.to_string())
             }

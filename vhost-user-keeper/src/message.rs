@@ -84,6 +84,8 @@ pub enum MessageError {
     Truncated,
     #[error("a payload of {0} bytes (the limit is {MAX_PAYLOAD})")]
     TooLarge(u32),
+    #[error("more than {MAX_FDS} descriptors with one message")]
+    TooManyFds,
 }
 
 /// One message with its descriptors.
@@ -194,7 +196,11 @@ pub fn is_reply_to(reply: &Message, msg: &Message) -> bool {
 }
 
 /// One recvmsg into `buf`, keeping any descriptors that came with it.
-fn recv_some(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+fn recv_some(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<usize, MessageError> {
     // Room for MAX_FDS descriptors and more: a peer sending more gets MSG_CTRUNC, an error.
     const CMSG_SPACE: usize = 256;
     let mut cmsg = [0u64; CMSG_SPACE / 8];
@@ -216,7 +222,7 @@ fn recv_some(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+            return Err(e.into());
         }
     };
     // SAFETY: walking the control messages the kernel wrote, within msg_controllen.
@@ -235,10 +241,7 @@ fn recv_some(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
         }
     }
     if hdr.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "more descriptors than a vhost-user message may carry",
-        ));
+        return Err(MessageError::TooManyFds);
     }
     Ok(n)
 }
@@ -252,6 +255,11 @@ fn recv_exact(
     let mut done = 0;
     while done < buf.len() {
         let n = recv_some(stream, &mut buf[done..], fds)?;
+        // Checked at every read, not once the message is complete: a peer sending a few
+        // descriptors with every byte would otherwise have them all held here first.
+        if fds.len() > MAX_FDS {
+            return Err(MessageError::TooManyFds);
+        }
         if n == 0 {
             return if done == 0 {
                 Ok(false)
@@ -280,9 +288,6 @@ pub fn recv(stream: &UnixStream) -> Result<Option<Message>, MessageError> {
     let mut payload = vec![0u8; size as usize];
     if size > 0 && !recv_exact(stream, &mut payload, &mut fds)? {
         return Err(MessageError::Truncated);
-    }
-    if fds.len() > MAX_FDS {
-        return Err(too_many_fds(fds.len()).into());
     }
     Ok(Some(Message {
         request,
@@ -359,6 +364,24 @@ mod tests {
             unsafe { std::fs::File::from_raw_fd(libc::memfd_create(c"keeper-test".as_ptr(), 0)) };
         f.write_all(content).unwrap();
         f
+    }
+
+    #[test]
+    fn too_many_descriptors_are_refused_as_they_arrive() {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let header = Message::new(request::SET_CONFIG, FLAG_VERSION_1, vec![0; 64]).header();
+        let file = memfd(b"");
+        let fds = [file.as_raw_fd(); 20];
+        // The header in two writes with 20 descriptors each, then nothing: the peer keeps the
+        // connection open and the payload never comes. The error must not wait for it.
+        a.send_with_fds(&[&header[..6]], &fds).unwrap();
+        a.send_with_fds(&[&header[6..]], &fds).unwrap();
+        // (Waiting for the payload would end in the read timeout, an I/O error.)
+        assert!(matches!(recv(&b), Err(MessageError::TooManyFds)));
+        drop(a);
     }
 
     #[test]

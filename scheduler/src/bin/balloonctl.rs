@@ -101,7 +101,7 @@ fn run(cli: Cli) -> Result<(), String> {
     let socket = &cli.socket;
     match cli.command {
         Command::Status { json } => {
-            let reply = request(socket, ApiRequest::Status)?;
+            let reply = request(socket, ApiRequest::Status {})?;
             let status = reply.status.unwrap_or_default();
             if json {
                 println!(
@@ -143,7 +143,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Policy { action, kind } => match (action.as_str(), kind) {
             ("show", None) => {
-                let reply = request(socket, ApiRequest::PolicyShow)?;
+                let reply = request(socket, ApiRequest::PolicyShow {})?;
                 let policy = reply.policy.ok_or("the scheduler sent no policy")?;
                 let text = toml::to_string(&policy).map_err(|e| e.to_string())?;
                 print!("{text}");
@@ -158,7 +158,7 @@ fn run(cli: Cli) -> Result<(), String> {
             // A status line comes every tick; a scheduler silent for a minute is gone.
             let mut c = connect(socket, Duration::from_secs(60))?;
             let first = c
-                .exchange(&request_line(ApiRequest::Watch)?)
+                .exchange(&request_line(ApiRequest::Watch {})?)
                 .map_err(|e| e.to_string())?;
             let mut reply = parse_reply(&first)?;
             loop {

@@ -121,7 +121,7 @@ pub fn reading_from_status(status: &BackendStatus) -> DriverReading {
 
 impl BalloonDriver for BackendDriver {
     fn read(&mut self) -> Result<DriverReading, DriverError> {
-        let reply = self.request(ControlRequest::Status)?;
+        let reply = self.request(ControlRequest::Status {})?;
         let status = reply.status.ok_or_else(|| {
             DriverError::Protocol(format!(
                 "the backend at {} answered status without one",

@@ -191,7 +191,7 @@ fn serve(conn: UnixStream, inner: &Inner) {
         }
         let reply = match request {
             Ok(m) => match m.request {
-                ControlRequest::Status => ControlReply::status(status(&s)),
+                ControlRequest::Status {} => ControlReply::status(status(&s)),
                 ControlRequest::SetTarget { target_bytes } if target_bytes <= s.guest_ram => {
                     s.target = target_bytes;
                     s.targets.push(target_bytes);

@@ -98,19 +98,24 @@ pub fn encode<T: Serialize>(body: T) -> String {
 }
 
 pub fn decode<T: for<'de> Deserialize<'de>>(line: &str) -> Result<T, AppProtocolError> {
+    use crate::lines::{decode_versioned, DecodeError, Framing};
     if line.len() > MAX_LINE_BYTES {
         return Err(AppProtocolError::TooLong(line.len()));
     }
-    let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| AppProtocolError::Bad(e.to_string()))?;
-    match value.get("v").and_then(|v| v.as_u64()) {
-        Some(v) if v == u64::from(APP_PROTOCOL_VERSION) => {}
-        Some(v) => return Err(AppProtocolError::Version(v as u32)),
-        None => return Err(AppProtocolError::Bad("missing \"v\"".into())),
-    }
-    serde_json::from_value::<Envelope<T>>(value)
+    let framing = Framing {
+        version_key: "v",
+        tag_key: "type",
+        version: APP_PROTOCOL_VERSION,
+    };
+    decode_versioned::<Envelope<T>>(line, framing)
         .map(|e| e.body)
-        .map_err(|e| AppProtocolError::Bad(e.to_string()))
+        .map_err(|e| match e {
+            DecodeError::Version(v) => {
+                AppProtocolError::Version(u32::try_from(v).unwrap_or(u32::MAX))
+            }
+            DecodeError::Bad(why) => AppProtocolError::Bad(why),
+            other => AppProtocolError::Bad(other.to_string()),
+        })
 }
 
 #[cfg(test)]
@@ -144,6 +149,8 @@ mod tests {
             r#"{"v":1,"type":"inflated","seq":1}"#,
             r#"{"v":1,"type":"explode"}"#,
             r#"{"v":1,"type":"hello","pid":1,"extra":true}"#,
+            // A type is named, not numbered (serde alone would take 0 as hello).
+            r#"{"v":1,"type":0,"pid":1}"#,
         ] {
             assert!(decode::<AppMessage>(line).is_err(), "{line}");
         }

@@ -12,7 +12,7 @@ pub const CONTROL_PROTOCOL_VERSION: u32 = 1;
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlRequest {
     /// Report the backend's status.
-    Status,
+    Status {},
     /// Ask the guest to hold a balloon of this many bytes (rounded down to 4 KiB pages).
     SetTarget { target_bytes: u64 },
     /// How often the guest is asked for fresh statistics; 0 stops asking.
@@ -167,7 +167,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<ControlMessage>(&text).unwrap(), msg);
         let status: ControlMessage =
             serde_json::from_str(r#"{"version":1,"cmd":"status"}"#).unwrap();
-        assert_eq!(status.request, ControlRequest::Status);
+        assert_eq!(status.request, ControlRequest::Status {});
     }
 
     #[test]
@@ -177,6 +177,10 @@ mod tests {
             r#"{"version":1,"cmd":"set_target"}"#,
             r#"{"version":1,"cmd":"set_target","target_bytes":-5}"#,
             r#"{"cmd":"status"}"#,
+            // Unknown fields are refused by every command, status too (a unit variant would
+            // take any).
+            r#"{"version":1,"cmd":"status","target_bytes":5}"#,
+            r#"{"version":1,"cmd":"set_target","target_bytes":5,"seconds":1}"#,
             "not json",
         ] {
             assert!(

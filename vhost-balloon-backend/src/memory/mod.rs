@@ -256,16 +256,27 @@ impl GuestMemoryMap {
     }
 
     /// Forgets every ballooned page (their owner went away and the guest has them back).
-    /// Returns how many pages were tracked.
-    pub fn clear_tracking(&mut self) -> u64 {
+    /// Returns the pages that were tracked.
+    pub fn clear_tracking(&mut self) -> Vec<PfnRange> {
+        let ranges = self.tracked_ranges();
+        for r in self.regions.iter_mut() {
+            r.ballooned.clear_all();
+        }
+        ranges
+    }
+
+    /// The ballooned pages, as runs.
+    fn tracked_ranges(&self) -> Vec<PfnRange> {
         self.regions
-            .iter_mut()
-            .map(|r| {
-                let n = r.ballooned.count();
-                r.ballooned.clear_all();
-                n
+            .iter()
+            .flat_map(|r| {
+                let base = r.pages().start;
+                r.ballooned.runs().into_iter().map(move |(s, c)| PfnRange {
+                    start: base + s,
+                    count: c,
+                })
             })
-            .sum()
+            .collect()
     }
 
     /// Keeps the tracking in the file at `path` from now on (see persist.rs). Only the first
@@ -294,17 +305,7 @@ impl GuestMemoryMap {
     /// Discards every ballooned page again (after discarding was switched back on, or to
     /// complete discards a restart or a stop interrupted), now or handed over as jobs.
     pub fn discard_all_ballooned(&mut self, mode: DiscardMode) -> PageOutcome {
-        let ranges: Vec<PfnRange> = self
-            .regions
-            .iter()
-            .flat_map(|r| {
-                let base = r.pages().start;
-                r.ballooned.runs().into_iter().map(move |(s, c)| PfnRange {
-                    start: base + s,
-                    count: c,
-                })
-            })
-            .collect();
+        let ranges = self.tracked_ranges();
         let mut out = self.apply(&ranges, Op::Inflate(mode));
         out.changed_pages = 0;
         out

@@ -241,3 +241,53 @@ fn the_rate_limited_log_counts_what_it_suppressed() {
     assert_eq!(built, 1);
     assert_eq!(log.suppressed, 999);
 }
+
+#[test]
+fn versioned_lines_are_checked_in_order() {
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+    enum Request {
+        Ping { n: u32 },
+        Stop {},
+    }
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Message {
+        #[allow(dead_code)]
+        version: u32,
+        #[serde(flatten)]
+        request: Request,
+    }
+    let framing = Framing {
+        version_key: "version",
+        tag_key: "cmd",
+        version: 3,
+    };
+    let decode = |line: &str| decode_versioned::<Message>(line, framing).map(|m| m.request);
+    assert_eq!(
+        decode(r#"{"version":3,"cmd":"ping","n":7}"#),
+        Ok(Request::Ping { n: 7 })
+    );
+    assert_eq!(
+        decode(r#"{"version":3,"cmd":"stop"}"#),
+        Ok(Request::Stop {})
+    );
+    assert!(matches!(decode("{"), Err(DecodeError::NotJson(_))));
+    assert_eq!(
+        decode(r#"{"cmd":"stop"}"#),
+        Err(DecodeError::MissingVersion("version"))
+    );
+    // Another version is told so, whatever else is wrong with the line.
+    assert_eq!(
+        decode(r#"{"version":4,"cmd":"launch"}"#),
+        Err(DecodeError::Version(4))
+    );
+    // serde alone would read variant index 1 as `stop`.
+    assert_eq!(
+        decode(r#"{"version":3,"cmd":1}"#),
+        Err(DecodeError::TagNotString("cmd"))
+    );
+    assert!(matches!(
+        decode(r#"{"version":3,"cmd":"stop","n":1}"#),
+        Err(DecodeError::Bad(_))
+    ));
+}
