@@ -237,7 +237,7 @@ impl Session for AppSession {
                         ..
                     } => {
                         balloon.app.held_bytes = held_bytes;
-                        balloon.app.psi_some_avg10 = psi_some_avg10.filter(|p| p.is_finite());
+                        balloon.app.psi_some_avg10 = psi_some_avg10.filter(is_pressure);
                         balloon.app.stalled = stalled;
                     }
                 }
@@ -263,9 +263,32 @@ pub fn serve(listener: UnixListener, balloon: Arc<Mutex<Balloon>>, secret: Optio
     server.serve(listener);
 }
 
+/// Whether `psi` can be a PSI average (a percentage of time stalled); anything else the app
+/// says is dropped rather than handed to the scheduler's policy.
+fn is_pressure(psi: &f64) -> bool {
+    (0.0..=100.0).contains(psi)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_percentages_are_pressure() {
+        for p in [0.0, 0.5, 12.25, 100.0] {
+            assert!(is_pressure(&p), "{p}");
+        }
+        for p in [
+            -0.5,
+            100.01,
+            1.4e19,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            assert!(!is_pressure(&p), "{p}");
+        }
+    }
 
     #[test]
     fn secrets_match_exactly() {

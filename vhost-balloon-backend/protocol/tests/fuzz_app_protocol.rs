@@ -149,15 +149,16 @@ fn message_like() -> impl Strategy<Value = Value> {
         })
 }
 
-/// Short decimals, as /proc/pressure/memory gives them (and out-of-range ones). Not any f64:
-/// serde_json's default float parsing is best-effort and may come back one ULP off for long
-/// mantissas (e.g. -1.6729859164959103e-29 reads back as ...106e-29) without its
-/// `float_roundtrip` feature.
+/// Short decimals, as /proc/pressure/memory gives them, and any finite float (exact both ways:
+/// the workspace enables serde_json's `float_roundtrip`; NaN and infinities are not JSON).
 fn psi() -> impl Strategy<Value = Option<f64>> {
     prop_oneof![
         Just(None),
         (0u32..=10_000).prop_map(|c| Some(f64::from(c) / 100.0)),
         (any::<i32>(), 0i32..4).prop_map(|(m, e)| Some(f64::from(m) / 10f64.powi(e))),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Some),
     ]
 }
 
