@@ -1,0 +1,183 @@
+//! The guest app's balloon (the user-level alternative to the driver): its pages, tracked
+//! apart from the driver's, and what the backend does with the app's messages (see
+//! app_channel.rs for the connection). The app is trusted no further than its target.
+
+use super::{Balloon, BalloonError};
+use crate::memory::{merge_ranges, GuestMemoryMap, PfnRange};
+use balloon_protocol::app::{encode, HostMessage, PageRange, MAX_RANGES_PER_MESSAGE};
+use balloon_protocol::lines::Outbox;
+use balloon_protocol::{bytes_to_pages, pages_to_bytes};
+
+/// The guest app's side of the device (see app_channel.rs).
+#[derive(Default)]
+pub struct AppBalloon {
+    pub memory: GuestMemoryMap,
+    /// The app connection that said hello (and passed authentication), if any.
+    pub peer: Option<AppPeer>,
+    pub target_bytes: u64,
+    pub held_bytes: u64,
+    pub stalled: bool,
+    pub psi_some_avg10: Option<f64>,
+}
+
+/// The authenticated app connection.
+pub struct AppPeer {
+    /// Which connection (a later one replaces it).
+    pub session: u64,
+    pub pid: u32,
+    /// Where targets go; never blocks (a peer that does not read is dropped).
+    pub outbox: Outbox,
+}
+
+/// Why the app's pages were refused; nothing changed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AppRangeError {
+    #[error("no memory table: the guest has not started the balloon device")]
+    NoMemoryTable,
+    #[error("{0} ranges in one message (at most {max})", max = MAX_RANGES_PER_MESSAGE)]
+    TooManyRanges(usize),
+    #[error("a range is empty or beyond 64-bit guest addresses (start {start}, count {count})")]
+    BadRange { start: u64, count: u64 },
+    #[error("{0} pages outside guest RAM")]
+    OutsideRam(u64),
+    #[error("{0} pages are in the driver's balloon")]
+    DriverPages(u64),
+    #[error("{new} more pages exceed the app target ({room} pages left under it)")]
+    OverTarget { new: u64, room: u64 },
+}
+
+/// Checks ranges from the app (untrusted) and merges them: no page twice.
+pub fn app_ranges(ranges: &[PageRange]) -> Result<Vec<PfnRange>, AppRangeError> {
+    if ranges.len() > MAX_RANGES_PER_MESSAGE {
+        return Err(AppRangeError::TooManyRanges(ranges.len()));
+    }
+    let checked = ranges
+        .iter()
+        .map(|r| {
+            PfnRange::checked(r.start, r.count).ok_or(AppRangeError::BadRange {
+                start: r.start,
+                count: r.count,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(merge_ranges(checked))
+}
+
+impl Balloon {
+    /// Sends the app its target, if one is connected. Never blocks: a peer whose queue is
+    /// full does not read, and is dropped (its pages are the guest's again).
+    pub fn send_app_target(&mut self) {
+        let line = encode(HostMessage::Target {
+            bytes: self.app.target_bytes,
+        });
+        let Some(peer) = &self.app.peer else { return };
+        if let Err(e) = peer.outbox.send(line) {
+            log::warn!("guest app (pid {}): {e}", peer.pid);
+            self.app.peer = None;
+            self.app_gone();
+        }
+    }
+
+    pub fn set_app_target(&mut self, target_bytes: u64) -> Result<(), BalloonError> {
+        self.check_target(target_bytes)?;
+        self.app.target_bytes = target_bytes;
+        self.changed();
+        self.send_app_target();
+        Ok(())
+    }
+
+    /// An authenticated app said hello on connection `session`: it replaces any earlier one
+    /// (whatever an earlier app held, the guest kernel freed when it exited).
+    pub fn app_hello(&mut self, session: u64, pid: u32, outbox: Outbox) {
+        if let Some(old) = self.app.peer.take() {
+            if old.session != session {
+                old.outbox.close();
+            }
+        }
+        self.app_gone();
+        log::info!("guest app (pid {pid}) connected");
+        self.app.peer = Some(AppPeer {
+            session,
+            pid,
+            outbox,
+        });
+        self.send_app_target();
+    }
+
+    /// Whether `session` is the app's current connection.
+    pub fn is_app_session(&self, session: u64) -> bool {
+        self.app.peer.as_ref().is_some_and(|p| p.session == session)
+    }
+
+    /// Connection `session` ended; if it was the app's, its pages are the guest's again.
+    pub fn app_closed(&mut self, session: u64) {
+        if self.is_app_session(session) {
+            log::info!("guest app channel closed: its pages are the guest's again");
+            self.app.peer = None;
+            self.app_gone();
+        }
+    }
+
+    /// The app's pages are the guest's again (it exited, or a new one said hello).
+    pub fn app_gone(&mut self) {
+        let ranges = self.app.memory.clear_tracking();
+        // The guest reuses these pages at once: no discard queued for them may land.
+        self.withdraw_discards(&ranges);
+        let pages: u64 = ranges.iter().map(|r| r.count).sum();
+        if pages > 0 {
+            log::info!(
+                "app balloon released: {} MiB back to the guest",
+                pages_to_bytes(pages) >> 20
+            );
+        }
+        self.app.held_bytes = 0;
+        self.app.stalled = false;
+    }
+
+    /// The app holds these pinned pages. Trusted no further than its target: every page must
+    /// be guest RAM, none may be in the driver's balloon, and the new ones must fit under the
+    /// app target; otherwise the whole message is refused and nothing changes. The discards
+    /// go to the worker, off this lock (the app asks before reusing a page, and `app_deflate`
+    /// withdraws them first).
+    pub fn app_inflated(&mut self, ranges: &[PageRange]) -> Result<(), AppRangeError> {
+        if self.memory.is_empty() {
+            return Err(AppRangeError::NoMemoryTable);
+        }
+        let ranges = app_ranges(ranges)?;
+        let outside = self.app.memory.pages_outside(&ranges);
+        if outside > 0 {
+            self.counters.rejected.pages_outside_ram += outside;
+            return Err(AppRangeError::OutsideRam(outside));
+        }
+        let driver = self.memory.tracked_pages(&ranges);
+        if driver > 0 {
+            return Err(AppRangeError::DriverPages(driver));
+        }
+        let total: u64 = ranges.iter().map(|r| r.count).sum();
+        let new = total - self.app.memory.tracked_pages(&ranges);
+        let room =
+            bytes_to_pages(self.app.target_bytes).saturating_sub(self.app.memory.ballooned_pages());
+        if new > room {
+            return Err(AppRangeError::OverTarget { new, room });
+        }
+        // The app asks before reusing a page (and `app_deflate` withdraws its discards), so
+        // they may always be deferred.
+        let worker = self.discard_worker.clone();
+        let memory = &mut self.app.memory;
+        let out = super::discard_with(self.discard_enabled, worker.as_deref(), |mode| {
+            memory.inflate(&ranges, mode)
+        });
+        self.count_discards(out);
+        self.counters.reclaimed_bytes += out.discarded_bytes;
+        Ok(())
+    }
+
+    /// The app wants these pages back: after this returns no discard touches them.
+    pub fn app_deflate(&mut self, ranges: &[PageRange]) -> Result<(), AppRangeError> {
+        let ranges = app_ranges(ranges)?;
+        self.withdraw_discards(&ranges);
+        let out = self.app.memory.deflate(&ranges);
+        self.count_discards(out);
+        Ok(())
+    }
+}
