@@ -20,11 +20,21 @@
 //! and a connection's blocking there must not hold up the others. The cap bounds the threads
 //! (two per connection).
 
-use std::io::{self, BufRead, BufReader, Write};
+mod client;
+mod codec;
+mod line_io;
+mod outbox;
+
+pub use client::LineClient;
+pub use codec::{decode_versioned, json_line, DecodeError, Framing};
+use line_io::{read_line_by, LineRead};
+use outbox::writer_thread;
+pub use outbox::{Outbox, SendError};
+
+use std::io::{self, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -63,62 +73,6 @@ impl Default for Limits {
     }
 }
 
-/// `value` as one JSON line (with its newline); a value that cannot be serialised becomes an
-/// error reply, so a peer always gets a line.
-pub fn json_line(value: &impl serde::Serialize) -> String {
-    let mut text = serde_json::to_string(value)
-        .unwrap_or_else(|_| r#"{"ok":false,"error":"reply not serialisable"}"#.to_string());
-    text.push('\n');
-    text
-}
-
-/// Why a line is not a request of a versioned JSON-lines protocol.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("not JSON: {0}")]
-    NotJson(String),
-    #[error("missing \"{0}\"")]
-    MissingVersion(&'static str),
-    #[error("unsupported protocol version {0}")]
-    Version(u64),
-    #[error("\"{0}\" must be a string")]
-    TagNotString(&'static str),
-    #[error("bad request: {0}")]
-    Bad(String),
-}
-
-/// How the protocols frame a line: a JSON object whose `version_key` is `version` and whose
-/// `tag_key` names the command (or message type).
-#[derive(Debug, Clone, Copy)]
-pub struct Framing {
-    pub version_key: &'static str,
-    pub tag_key: &'static str,
-    pub version: u32,
-}
-
-/// Decodes one line of a protocol framed as `framing` says. The version is checked first, so
-/// a peer of another version is told so rather than what it got wrong; the tag must be a
-/// string (serde alone would also take a variant's index).
-pub fn decode_versioned<T: serde::de::DeserializeOwned>(
-    line: &str,
-    framing: Framing,
-) -> Result<T, DecodeError> {
-    let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-    match value.get(framing.version_key).and_then(|v| v.as_u64()) {
-        Some(v) if v == u64::from(framing.version) => {}
-        Some(v) => return Err(DecodeError::Version(v)),
-        None => return Err(DecodeError::MissingVersion(framing.version_key)),
-    }
-    if value
-        .get(framing.tag_key)
-        .is_some_and(|tag| !tag.is_string())
-    {
-        return Err(DecodeError::TagNotString(framing.tag_key));
-    }
-    serde_json::from_value(value).map_err(|e| DecodeError::Bad(e.to_string()))
-}
-
 /// What a session tells the connection after a line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -146,168 +100,6 @@ pub trait Service: Send + Sync + 'static {
     fn open(&self, outbox: Outbox) -> Self::Session;
     /// The line (with its newline) that tells a peer why the server ends its connection.
     fn refusal(&self, reason: &str) -> String;
-}
-
-/// Where a connection's replies go. Cheap to clone; `send` never blocks.
-#[derive(Clone)]
-pub struct Outbox {
-    queue: SyncSender<String>,
-    stream: Arc<UnixStream>,
-    dead: Arc<AtomicBool>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SendError {
-    #[error("the peer is gone")]
-    Gone,
-    #[error("the peer does not read its replies: connection dropped")]
-    NotReading,
-}
-
-impl Outbox {
-    /// Queues a line (with its newline) for the peer. A full queue means the peer stopped
-    /// reading: the connection is dropped.
-    pub fn send(&self, line: String) -> Result<(), SendError> {
-        if self.dead.load(Ordering::Relaxed) {
-            return Err(SendError::Gone);
-        }
-        match self.queue.try_send(line) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
-                self.kill();
-                Err(SendError::NotReading)
-            }
-            Err(TrySendError::Disconnected(_)) => Err(SendError::Gone),
-        }
-    }
-
-    pub fn is_open(&self) -> bool {
-        !self.dead.load(Ordering::Relaxed)
-    }
-
-    /// Ends the connection (both directions) at once.
-    pub fn kill(&self) {
-        self.dead.store(true, Ordering::Relaxed);
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
-    }
-
-    /// Ends the connection after what is queued went out (or the write deadline passed): no
-    /// more lines are taken, and the reader sees the end at once.
-    pub fn close(&self) {
-        self.dead.store(true, Ordering::Relaxed);
-        // An empty line after the queued ones wakes the writer to end at once (a full queue
-        // means it is busy writing anyway).
-        let _ = self.queue.try_send(String::new());
-        let _ = self.stream.shutdown(std::net::Shutdown::Read);
-    }
-}
-
-/// Writes `line` within `deadline`, however the peer takes it (a byte at a time included).
-fn write_by(stream: &UnixStream, line: &[u8], deadline: Instant) -> io::Result<()> {
-    let mut rest = line;
-    let mut w = stream;
-    while !rest.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        w.set_write_timeout(Some(left))?;
-        match w.write(rest) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => rest = &rest[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Writes the queued lines, each within `timeout`, until the connection is closed and its
-/// queue empty; then ends the connection.
-fn writer_thread(
-    stream: Arc<UnixStream>,
-    lines: Receiver<String>,
-    dead: Arc<AtomicBool>,
-    timeout: Duration,
-) {
-    use std::sync::mpsc::RecvTimeoutError;
-    loop {
-        match lines.recv_timeout(Duration::from_millis(250)) {
-            Ok(line) if line.is_empty() => {
-                if dead.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-            Ok(line) => {
-                if write_by(&stream, line.as_bytes(), Instant::now() + timeout).is_err() {
-                    break;
-                }
-            }
-            Err(RecvTimeoutError::Timeout) if dead.load(Ordering::Relaxed) => break,
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    dead.store(true, Ordering::Relaxed);
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-}
-
-/// How reading a line ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LineRead {
-    /// `buf` ends with a newline.
-    Line,
-    /// The peer closed (a partial line is left in `buf`).
-    End,
-    /// More than `max` bytes without a newline.
-    TooLong,
-    /// `deadline` passed (a partial line stays in `buf`, to be continued).
-    TimedOut,
-}
-
-/// Reads into `buf` until a newline, the end, `max` bytes, or `deadline`, whichever comes
-/// first. One read at a time, each bounded by what is left of the deadline: a peer sending a
-/// byte now and then cannot stretch it.
-fn read_line_by(
-    reader: &mut BufReader<UnixStream>,
-    buf: &mut Vec<u8>,
-    max: usize,
-    deadline: Instant,
-) -> io::Result<LineRead> {
-    loop {
-        if buf.len() > max {
-            return Ok(LineRead::TooLong);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(LineRead::TimedOut);
-        }
-        reader.get_ref().set_read_timeout(Some(left))?;
-        let available = match reader.fill_buf() {
-            Ok(b) => b,
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::TimedOut
-                    || e.kind() == io::ErrorKind::Interrupted =>
-            {
-                continue
-            }
-            Err(e) => return Err(e),
-        };
-        if available.is_empty() {
-            return Ok(LineRead::End);
-        }
-        let (n, done) = match available.iter().position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (available.len(), false),
-        };
-        let n = n.min(max + 1 - buf.len());
-        buf.extend_from_slice(&available[..n]);
-        reader.consume(n);
-        if done && buf.last() == Some(&b'\n') {
-            return Ok(LineRead::Line);
-        }
-    }
 }
 
 /// A connection as the accept loop sees it (for the cap and eviction).
@@ -645,72 +437,6 @@ struct Connection {
     last_line_ms: Arc<AtomicU64>,
     silent: Arc<AtomicBool>,
     streaming: Arc<AtomicBool>,
-}
-
-/// A client for a JSON-lines socket with a deadline on every exchange and a bound on replies.
-pub struct LineClient {
-    reader: BufReader<UnixStream>,
-    timeout: Duration,
-    max_reply_bytes: usize,
-}
-
-impl LineClient {
-    /// Connects within `timeout` (a server whose backlog is full does not hold it up).
-    pub fn connect(path: &Path, timeout: Duration) -> io::Result<Self> {
-        use socket2::{Domain, SockAddr, Socket, Type};
-        let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
-        socket.connect_timeout(&SockAddr::unix(path)?, timeout)?;
-        let stream: UnixStream = socket.into();
-        Ok(LineClient {
-            reader: BufReader::new(stream),
-            timeout,
-            max_reply_bytes: 16 << 20,
-        })
-    }
-
-    pub fn with_max_reply_bytes(mut self, bytes: usize) -> Self {
-        self.max_reply_bytes = bytes;
-        self
-    }
-
-    /// Sends `line` (with its newline) and reads one reply line, all within the timeout.
-    pub fn exchange(&mut self, line: &str) -> io::Result<String> {
-        let deadline = Instant::now() + self.timeout;
-        write_by(self.reader.get_ref(), line.as_bytes(), deadline)?;
-        self.read_line_by(deadline)
-    }
-
-    /// Sends `line` (with its newline) within the timeout, reading nothing.
-    pub fn send(&mut self, line: &str) -> io::Result<()> {
-        write_by(
-            self.reader.get_ref(),
-            line.as_bytes(),
-            Instant::now() + self.timeout,
-        )
-    }
-
-    /// Reads one line within the timeout (for servers that push lines).
-    pub fn read_line(&mut self) -> io::Result<String> {
-        self.read_line_by(Instant::now() + self.timeout)
-    }
-
-    fn read_line_by(&mut self, deadline: Instant) -> io::Result<String> {
-        let mut buf = Vec::new();
-        match read_line_by(&mut self.reader, &mut buf, self.max_reply_bytes, deadline)? {
-            LineRead::Line => {}
-            LineRead::End => return Err(io::ErrorKind::UnexpectedEof.into()),
-            LineRead::TooLong => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("reply longer than {} bytes", self.max_reply_bytes),
-                ))
-            }
-            LineRead::TimedOut => {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "no reply in time"))
-            }
-        }
-        String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-    }
 }
 
 #[cfg(test)]
