@@ -16,7 +16,7 @@
 //! `balloon_protocol::ControlClient`: that client has no timeouts and reads reply lines without
 //! a length limit, and one backend that stops answering must not stall the scheduler's tick.
 
-use super::http::{read_line_bounded, TimedStream};
+use super::unix::{read_line_bounded, TimedStream};
 use super::{BalloonDriver, DriverError, DriverReading, RawGuestStats};
 use balloon_protocol::control::{BackendStatus, ControlMessage};
 use balloon_protocol::{ControlReply, ControlRequest};

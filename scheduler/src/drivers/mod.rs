@@ -57,6 +57,7 @@ pub mod fake_ch;
 pub mod http;
 pub mod pool;
 pub mod qmp;
+pub mod unix;
 
 use crate::config::DriverConfig;
 

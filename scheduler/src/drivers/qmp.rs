@@ -20,7 +20,7 @@
 //! The device path is the QOM path of the balloon device: `/machine/peripheral/ID` for
 //! `-device virtio-balloon-pci,id=ID`.
 
-use super::http::{read_line_bounded, TimedStream};
+use super::unix::{read_line_bounded, TimedStream};
 use super::{BalloonDriver, DriverError, DriverReading, RawGuestStats};
 use serde_json::{json, Value};
 use std::io::{BufReader, Write};

@@ -11,12 +11,14 @@
 //!   the group bits.
 //! - On shutdown, [`SocketPath::remove`] removes the path only if it is still the socket this
 //!   process bound (another process may have replaced it meanwhile).
+//!
+//! And connecting to one ([`connect`]) without ever hanging.
 
 use socket2::{Domain, SockAddr, Socket, Type};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +145,35 @@ pub fn bind(path: &Path, access: Access) -> Result<(UnixListener, SocketPath), B
     ))
 }
 
+/// Connects to the Unix stream socket at `path` without ever waiting: the one connect of every
+/// client in the project. `UnixStream::connect` blocks without limit while the listener's
+/// queue is full (a VMM that stopped accepting, a QMP monitor serving another client), and
+/// socket2's `connect_timeout` takes a full queue (EAGAIN) for a connect in progress and
+/// reports a puzzling POLLHUP. A Unix connect either completes at once or fails, so a
+/// non-blocking one says which: a full queue is a clear error at once, since waiting for room
+/// would only hold the caller's thread on a peer that is not accepting.
+pub fn connect(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    if bytes.is_empty() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a usable socket path (empty, or a NUL byte)",
+        ));
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
+    match socket.connect(&SockAddr::unix(path)?) {
+        Ok(()) => {
+            socket.set_nonblocking(false)?;
+            Ok(socket.into())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{}: the listener's queue is full", path.display()),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 /// Resolves a group name (or a number) to its id.
 pub fn group_id(name: &str) -> io::Result<u32> {
     if let Ok(gid) = name.parse::<u32>() {
@@ -169,6 +200,34 @@ pub fn group_id(name: &str) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connecting_never_hangs() {
+        let long = Path::new("/tmp").join("x".repeat(200));
+        assert_eq!(
+            connect(&long).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            connect(Path::new("")).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        // A listener that accepts nothing, its queue full: an error at once, not a wait.
+        let path = dir("connect").join("full.sock");
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        listener.listen(0).unwrap();
+        let mut queued = Vec::new();
+        let refused = loop {
+            match connect(&path) {
+                Ok(s) => queued.push(s),
+                Err(e) => break e,
+            }
+            assert!(queued.len() < 64, "the queue never filled");
+        };
+        assert_eq!(refused.kind(), io::ErrorKind::TimedOut, "{refused:?}");
+        assert!(refused.to_string().contains("queue is full"), "{refused}");
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn dir(name: &str) -> PathBuf {

@@ -14,12 +14,10 @@ pub struct LineClient {
 }
 
 impl LineClient {
-    /// Connects within `timeout` (a server whose backlog is full does not hold it up).
+    /// Connects at once (a server whose queue is full is an error, never a wait); every
+    /// exchange then has `timeout`.
     pub fn connect(path: &Path, timeout: Duration) -> io::Result<Self> {
-        use socket2::{Domain, SockAddr, Socket, Type};
-        let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
-        socket.connect_timeout(&SockAddr::unix(path)?, timeout)?;
-        let stream: UnixStream = socket.into();
+        let stream = crate::socket::connect(path)?;
         Ok(LineClient {
             reader: BufReader::new(stream),
             timeout,
