@@ -1,7 +1,8 @@
 use balloon_protocol::parse_size;
 use clap::Parser;
 use guest_app::app::{App, Settings};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -75,7 +76,8 @@ fn main() {
             }
         }
     }
-    if let Err(e) = install_signal_handlers() {
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Err(e) = install_signal_handlers(&stop) {
         eprintln!("balloon-guest: signal setup: {e}");
         std::process::exit(1);
     }
@@ -106,7 +108,7 @@ fn main() {
     let result = guest_app::transport::connect(&cli.connect)
         .map_err(guest_app::app::AppError::Setup)
         .and_then(|stream| App::new(settings, stream))
-        .and_then(|mut app| app.run(&STOP));
+        .and_then(|mut app| app.run(&stop));
     if let Some(old) = old_compact {
         let _ = std::fs::write(guest_app::caps::COMPACT_UNEVICTABLE, old.trim());
     }
@@ -130,21 +132,10 @@ fn read_secret(path: Option<&std::path::Path>) -> Result<Option<String>, String>
     Ok(Some(text.trim().to_string()))
 }
 
-/// Set by SIGTERM/SIGINT; the loop sees it within a tick.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-fn install_signal_handlers() -> std::io::Result<()> {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        let handler: extern "C" fn(libc::c_int) = on_signal;
-        // SAFETY: the handler only stores to an atomic.
-        let prev = unsafe { libc::signal(sig, handler as *const () as libc::sighandler_t) };
-        if prev == libc::SIG_ERR {
-            return Err(std::io::Error::last_os_error());
-        }
+/// SIGTERM and SIGINT set `stop`; the loop sees it within a tick.
+fn install_signal_handlers(stop: &Arc<AtomicBool>) -> std::io::Result<()> {
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use crate::daemon::{self, Budget, Guest, Shared};
 use crate::drivers::BalloonDriver;
 use crate::engine::Engine;
 use crate::sim::{self, Scenario};
+use signal_hook::iterator::Signals;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,34 +39,20 @@ pub fn connect_driver(config: &DriverConfig, memory_bytes: u64) -> Box<dyn Ballo
     crate::drivers::from_config(config, memory_bytes)
 }
 
-/// Blocks SIGTERM and SIGINT and turns them into `shared.stop`.
-/// Blocks SIGTERM and SIGINT in this thread and every thread started after it (call before
-/// any: a thread started earlier would take the signal and die with the process).
-fn block_signals() -> Result<libc::sigset_t, RunError> {
-    // SAFETY: signal-mask calls on a set we own.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(RunError::Io {
-                what: "blocking signals".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(set)
-    }
+/// Takes SIGTERM and SIGINT from their default action (ending the process without its clean
+/// shutdown) as early as possible; `handle_signals` then acts on them.
+fn register_signals() -> Result<Signals, RunError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    Signals::new([SIGTERM, SIGINT]).map_err(io("registering signal handlers"))
 }
 
-/// Waits for the blocked signals on a thread of its own and stops the tick loop.
-fn handle_signals(set: libc::sigset_t, shared: Arc<Shared>) -> Result<(), RunError> {
+/// SIGTERM and SIGINT stop the tick loop: a thread of its own waits for them (signal-hook's
+/// self-pipe).
+fn handle_signals(mut signals: Signals, shared: Arc<Shared>) -> Result<(), RunError> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut sig = 0;
-            // SAFETY: sigwait on the set blocked in block_signals.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            if let Some(sig) = signals.forever().next() {
                 log::info!("signal {sig}: stopping after this tick");
                 shared.stop.store(true, Ordering::Relaxed);
                 shared.ticked.notify_all();
@@ -77,8 +64,7 @@ fn handle_signals(set: libc::sigset_t, shared: Arc<Shared>) -> Result<(), RunErr
 
 pub fn run(config_path: &Path, trace: Option<PathBuf>) -> Result<(), RunError> {
     let config = Config::load(config_path)?;
-    // Before the drivers' threads start.
-    let signals = block_signals()?;
+    let signals = register_signals()?;
     let guests: Vec<Guest> = config
         .guests
         .iter()

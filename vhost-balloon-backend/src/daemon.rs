@@ -91,27 +91,16 @@ impl ControlHandler for Control {
     }
 }
 
-/// Blocks SIGTERM, SIGINT and SIGHUP in every thread (call before starting any) and returns
-/// a thread that waits for them and exits the process cleanly.
+/// SIGTERM, SIGINT and SIGHUP end the backend cleanly: a thread of its own waits for them
+/// (signal-hook's self-pipe) and exits the process after removing the sockets still ours.
 fn handle_signals(cleanup: Arc<Mutex<Vec<SocketPath>>>) -> Result<(), DaemonError> {
-    // SAFETY: plain signal-mask calls on a set we own.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(DaemonError::Signals(std::io::Error::last_os_error()));
-        }
-        set
-    };
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(DaemonError::Signals)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: sigwait on the set blocked above.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            if let Some(sig) = signals.forever().next() {
                 log::info!("signal {sig}: shutting down");
                 // The state file is written on every change, so nothing is left to save;
                 // removing the sockets (those still ours) tells clients the backend is gone.

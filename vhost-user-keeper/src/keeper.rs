@@ -27,10 +27,11 @@ use crate::message::{
 };
 use balloon_protocol::socket::{Access, SocketPath};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a backend may take to answer before it counts as gone.
@@ -38,43 +39,18 @@ const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many backends one request may be sent to before it is given up.
 const MAX_ATTEMPTS: u32 = 3;
 
-/// Set by SIGTERM or SIGINT: the loop ends and the sockets are removed.
-static TERMINATE: AtomicBool = AtomicBool::new(false);
-/// The write end of the pipe that wakes the loop when a signal arrives.
-static WAKE_WRITE: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_terminate(_: libc::c_int) {
-    TERMINATE.store(true, Ordering::SeqCst);
-    let fd = WAKE_WRITE.load(Ordering::SeqCst);
-    if fd >= 0 {
-        // SAFETY: write(2) is async-signal-safe; a full pipe only means a wake-up is pending.
-        unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+/// SIGTERM and SIGINT end `Keeper::run` cleanly, wherever it waits: signal-hook sets
+/// `terminate` and then writes to a socket pair whose read end every wait polls. Returns that
+/// read end.
+fn handle_termination(terminate: &Arc<AtomicBool>) -> io::Result<OwnedFd> {
+    let (read, write) = UnixStream::pair()?;
+    read.set_nonblocking(true)?;
+    write.set_nonblocking(true)?;
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, terminate.clone())?;
+        signal_hook::low_level::pipe::register(sig, write.try_clone()?)?;
     }
-}
-
-/// SIGTERM and SIGINT end `Keeper::run` cleanly, wherever it waits: the handler writes to a
-/// pipe that every wait polls. Returns the pipe's read end.
-fn handle_termination() -> io::Result<OwnedFd> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 into an array of two; both descriptors are owned below.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptors from pipe2. The write end lives as long as the process.
-    let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    WAKE_WRITE.store(fds[1], Ordering::SeqCst);
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: sigaction with a handler that only stores to atomics and writes to a pipe.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_terminate as *const () as usize;
-            libc::sigemptyset(&mut action.sa_mask);
-            if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-    }
-    Ok(read)
+    Ok(read.into())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +103,8 @@ pub struct Keeper {
     backend: Option<UnixStream>,
     journal: Journal,
     wake: Option<OwnedFd>,
+    /// Set by SIGTERM or SIGINT: the loop ends and the sockets are removed.
+    terminate: Arc<AtomicBool>,
 }
 
 /// Binds a Unix socket as every daemon of the project does (balloon_protocol::socket: never
@@ -219,6 +197,7 @@ impl Keeper {
             backend: None,
             journal: Journal::default(),
             wake: None,
+            terminate: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -231,8 +210,8 @@ impl Keeper {
 
     /// Serves until SIGTERM or SIGINT (`Ok`) or an error on the keeper's own sockets.
     pub fn run(&mut self) -> Result<(), KeeperError> {
-        self.wake = Some(handle_termination().map_err(KeeperError::Signals)?);
-        while !TERMINATE.load(Ordering::SeqCst) {
+        self.wake = Some(handle_termination(&self.terminate).map_err(KeeperError::Signals)?);
+        while !self.terminate.load(Ordering::SeqCst) {
             self.step()?;
         }
         log::info!("signal: shutting down");
@@ -257,7 +236,7 @@ impl Keeper {
             (self.backend.as_ref().map(|s| s.as_fd()), libc::POLLIN),
             (self.wake_fd(), libc::POLLIN),
         ])?;
-        if TERMINATE.load(Ordering::SeqCst) {
+        if self.terminate.load(Ordering::SeqCst) {
             return Ok(());
         }
         // A backend that went away first, so that a new one can take its place at once.
@@ -394,7 +373,7 @@ impl Keeper {
                 (self.wake_fd(), libc::POLLIN),
             ])
             .map_err(|e| CarryError::Frontend(e.to_string()))?;
-            if TERMINATE.load(Ordering::SeqCst) {
+            if self.terminate.load(Ordering::SeqCst) {
                 return Err(CarryError::Terminated);
             }
             if revents[1] & HANGUP != 0 {
