@@ -3,6 +3,7 @@
 use crate::actuator::ActuatorConfig;
 use crate::model::GuestSpec;
 use crate::policy::PolicyConfig;
+use balloon_protocol::config_file::{self, ConfigFileError};
 use balloon_protocol::parse_size;
 use serde::{Deserialize, Deserializer};
 use std::path::{Path, PathBuf};
@@ -100,16 +101,10 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
+    #[error("{0}")]
+    File(#[from] ConfigFileError),
+    #[error("{0}")]
+    Parse(Box<toml::de::Error>),
     #[error("{0}")]
     Invalid(String),
 }
@@ -129,24 +124,13 @@ impl GuestConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
-                path: path.into(),
-                source,
-            },
-            other => other,
-        })
+        let config: Config = config_file::read(path)?;
+        config.validate()?;
+        Ok(config)
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: PathBuf::new(),
-            source: Box::new(source),
-        })?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(Box::new(e)))?;
         config.validate()?;
         Ok(config)
     }

@@ -1,5 +1,6 @@
 //! Command line and TOML config. Every option can be given in either; the command line wins.
 
+use balloon_protocol::config_file::{self, ConfigFileError};
 use balloon_protocol::parse_size;
 use clap::Parser;
 use serde::Deserialize;
@@ -93,16 +94,8 @@ pub struct FileConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptionsError {
-    #[error("reading config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
+    #[error("config {0}")]
+    File(#[from] ConfigFileError),
     #[error("config: {0}")]
     Size(#[from] balloon_protocol::units::SizeError),
     #[error("--socket is required (or `socket` in the config file)")]
@@ -132,17 +125,8 @@ pub const DEFAULT_STATS_INTERVAL: u64 = 5;
 
 impl Cli {
     pub fn resolve(self) -> Result<Options, OptionsError> {
-        let file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| OptionsError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str::<FileConfig>(&text).map_err(|source| OptionsError::Parse {
-                    path: path.clone(),
-                    source: Box::new(source),
-                })?
-            }
+        let file: FileConfig = match &self.config {
+            Some(path) => config_file::read(path)?,
             None => FileConfig::default(),
         };
         let file_target = file.target.as_deref().map(parse_size).transpose()?;
@@ -200,7 +184,10 @@ mod tests {
         assert!(!o.discard && o.stats && o.deflate_on_oom);
         std::fs::write(&cfg, "sockett = \"/x\"\n").unwrap();
         let cli = Cli::parse_from(["x", "--config", cfg.to_str().unwrap()]);
-        assert!(matches!(cli.resolve(), Err(OptionsError::Parse { .. })));
+        assert!(matches!(
+            cli.resolve(),
+            Err(OptionsError::File(ConfigFileError::Parse { .. }))
+        ));
         assert!(matches!(
             Cli::parse_from(["x"]).resolve(),
             Err(OptionsError::NoSocket)

@@ -1,5 +1,6 @@
 //! Command line and TOML config; the command line wins.
 
+use balloon_protocol::config_file::{self, ConfigFileError};
 use clap::Parser;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -42,33 +43,16 @@ pub struct Options {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptionsError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    #[error("config {0}")]
+    File(#[from] ConfigFileError),
     #[error("--{0} is required (on the command line or in --config)")]
     Missing(&'static str),
 }
 
 impl Cli {
     pub fn resolve(self) -> Result<Options, OptionsError> {
-        let file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| OptionsError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| OptionsError::Parse {
-                    path: path.clone(),
-                    source,
-                })?
-            }
+        let file: FileConfig = match &self.config {
+            Some(path) => config_file::read(path)?,
             None => FileConfig::default(),
         };
         Ok(Options {
@@ -116,7 +100,7 @@ mod tests {
         std::fs::write(&file, "sockets = 1\n").unwrap();
         assert!(matches!(
             Cli::parse_from(["k", "--config", file.to_str().unwrap()]).resolve(),
-            Err(OptionsError::Parse { .. })
+            Err(OptionsError::File(ConfigFileError::Parse { .. }))
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }

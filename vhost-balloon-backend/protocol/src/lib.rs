@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod client;
+pub mod config_file;
 pub mod control;
 pub mod lines;
 pub mod socket;

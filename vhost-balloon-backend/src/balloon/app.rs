@@ -6,7 +6,7 @@ use super::{Balloon, BalloonError};
 use crate::memory::{merge_ranges, GuestMemoryMap, PfnRange};
 use balloon_protocol::app::{encode, HostMessage, PageRange, MAX_RANGES_PER_MESSAGE};
 use balloon_protocol::lines::Outbox;
-use balloon_protocol::{bytes_to_pages, pages_to_bytes};
+use balloon_protocol::bytes_to_pages;
 
 /// The guest app's side of the device (see app_channel.rs).
 #[derive(Default)]
@@ -121,15 +121,7 @@ impl Balloon {
     /// The app's pages are the guest's again (it exited, or a new one said hello).
     pub fn app_gone(&mut self) {
         let ranges = self.app.memory.clear_tracking();
-        // The guest reuses these pages at once: no discard queued for them may land.
-        self.withdraw_discards(&ranges);
-        let pages: u64 = ranges.iter().map(|r| r.count).sum();
-        if pages > 0 {
-            log::info!(
-                "app balloon released: {} MiB back to the guest",
-                pages_to_bytes(pages) >> 20
-            );
-        }
+        self.give_back(&ranges, "app balloon released");
         self.app.held_bytes = 0;
         self.app.stalled = false;
     }

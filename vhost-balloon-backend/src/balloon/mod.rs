@@ -434,11 +434,20 @@ impl Balloon {
     /// for one may land.
     fn forget_tracked(&mut self) {
         let ranges = self.memory.clear_tracking();
-        self.withdraw_discards(&ranges);
+        self.give_back(
+            &ranges,
+            "a new driver instance (guest reboot or driver reload)",
+        );
+    }
+
+    /// The guest has the pages in `ranges` back (their tracking is cleared) and reuses them at
+    /// once: no discard queued for them may land. Logs `why` with how much.
+    fn give_back(&self, ranges: &[PfnRange], why: &str) {
+        self.withdraw_discards(ranges);
         let pages: u64 = ranges.iter().map(|r| r.count).sum();
         if pages > 0 {
             log::info!(
-                "a new driver instance (guest reboot or driver reload): the {} MiB tracked from before are the guest's again",
+                "{why}: {} MiB back to the guest",
                 pages_to_bytes(pages) >> 20
             );
         }
