@@ -5,8 +5,8 @@
 use super::{Balloon, BalloonError};
 use crate::memory::{merge_ranges, GuestMemoryMap, PfnRange};
 use balloon_protocol::app::{encode, HostMessage, PageRange, MAX_RANGES_PER_MESSAGE};
-use balloon_protocol::lines::Outbox;
 use balloon_protocol::bytes_to_pages;
+use balloon_protocol::lines::Outbox;
 
 /// The guest app's side of the device (see app_channel.rs).
 #[derive(Default)]

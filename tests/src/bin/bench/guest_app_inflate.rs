@@ -1,0 +1,106 @@
+use super::*;
+
+/// The user-level balloon inflating 512 MiB of a 1 GiB guest: adaptive rate against a fixed
+/// rate, and the kernel driver inflating the same amount on the same guest; plus how fast the
+/// app resolves physical page numbers.
+pub(super) fn guest_app_inflate() -> Result<()> {
+    use balloon_protocol::ControlRequest;
+    const APP_RUNS: usize = 3;
+    let amount = 512 * MIB;
+    let backend = Backend::start("bench-app", &["--no-free-page-reporting"])?;
+    let mut config = VmConfig::new("bench-app");
+    config.vhost_user_balloon = Some(backend.device());
+    config.serial_ports = vec![("org.balloon.app".into(), backend.app_socket.clone())];
+    let mut vm = Vm::start(config)?;
+    let wait = |what: &str, cond: &dyn Fn(&balloon_protocol::BackendStatus) -> bool| {
+        wait_for(what, Duration::from_secs(300), POLL, || {
+            let s = backend.status()?;
+            Ok(if cond(&s) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("{:?}", s.app))
+            })
+        })
+    };
+    let app_target = |bytes: u64| -> Result<()> {
+        let r = backend.request(ControlRequest::SetAppTarget {
+            target_bytes: bytes,
+        })?;
+        if r.ok {
+            Ok(())
+        } else {
+            Err(balloon_lab::LabError::Other(format!("{:?}", r.error)))
+        }
+    };
+    let time_app = |vm: &mut Vm, args: &str| -> Result<f64> {
+        vm.agent
+            .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=700 2>/dev/null && rm /tmp/fill")?;
+        vm.agent.spawn(&format!(
+            "balloon-guest --connect serial:/dev/virtio-ports/org.balloon.app {args} > /tmp/app.log 2>&1"
+        ))?;
+        wait("the app to connect", &|s| s.app.connected)?;
+        let t = Instant::now();
+        app_target(amount)?;
+        wait("the app to hold 512 MiB", &|s| {
+            s.app.ballooned_bytes == amount
+        })?;
+        let took = t.elapsed().as_secs_f64();
+        app_target(0)?;
+        wait("the app to give it back", &|s| s.app.ballooned_bytes == 0)?;
+        vm.agent.sh(
+            "kill $(pidof balloon-guest); while pidof balloon-guest >/dev/null; do sleep 0.1; done",
+        )?;
+        wait("the app to be gone", &|s| !s.app.connected)?;
+        Ok(took)
+    };
+    let (mut adaptive, mut fixed, mut driver) = (vec![], vec![], vec![]);
+    for run in 0..APP_RUNS {
+        adaptive.push(time_app(&mut vm, "")?);
+        // Fixed: the rate pinned at the adaptive controller's starting point.
+        fixed.push(time_app(&mut vm, "--min-rate 64M --max-rate 64M")?);
+        vm.agent
+            .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=700 2>/dev/null && rm /tmp/fill")?;
+        let t = Instant::now();
+        backend.set_target(amount)?;
+        backend.wait_actual(amount, Duration::from_secs(300))?;
+        driver.push(t.elapsed().as_secs_f64());
+        backend.set_target(0)?;
+        backend.wait_actual(0, Duration::from_secs(300))?;
+        eprintln!(
+            "run {run}: app adaptive {:.3} s, app fixed 64 MiB/s {:.3} s, kernel driver {:.3} s",
+            adaptive[run], fixed[run], driver[run]
+        );
+    }
+    let pagemap_rate: Vec<f64> = (0..3)
+        .map(|_| {
+            vm.agent
+                .sh("balloon-guest --measure-pagemap 256M")
+                .ok()
+                .and_then(|o| o.trim().parse().ok())
+                .unwrap_or(f64::NAN)
+        })
+        .collect();
+    let ooms = vm.agent.oom_kills()?;
+    let (a, f, d) = (median(&adaptive), median(&fixed), median(&driver));
+    BenchResult {
+        name: "guest_app_inflate".into(),
+        metric: "user-level balloon inflating 512 MiB, adaptive rate".into(),
+        unit: "s".into(),
+        value: a,
+        baseline: d,
+        baseline_name: "kernel virtio_balloon driver, same guest and amount".into(),
+        ratio: a / d,
+        runs: APP_RUNS,
+        goal: "PFN resolution >= 1 GiB/s; record app vs driver".into(),
+        goal_met: Some(median(&pagemap_rate) >= 1.0 && ooms == 0),
+        samples: json!({
+            "adaptive_s": adaptive,
+            "fixed_64mib_s": fixed,
+            "fixed_median_s": f,
+            "driver_s": driver,
+            "pagemap_gib_s": pagemap_rate,
+            "oom_kills": ooms,
+        }),
+    }
+    .publish()
+}
