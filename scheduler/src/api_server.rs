@@ -181,7 +181,7 @@ mod tests {
             fixed: Some(1 << 30),
             reserve: 0,
         };
-        tick(&shared, budget, Instant::now());
+        tick(&shared, budget, Instant::now()).expect("a tick");
         let next = reply(&w.read_line().unwrap());
         assert_eq!(next.status.unwrap().ticks, ticks + 1);
         // An endless line ends only its own connection.

@@ -14,6 +14,7 @@ use crate::drivers::{BalloonDriver, DriverReading};
 use crate::engine::Engine;
 use crate::model::GuestSpec;
 use crate::policy::PolicyKind;
+use crate::trace::TraceRecord;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -161,10 +162,10 @@ impl Budget {
     }
 }
 
-/// Runs one tick: returns the trace record's JSON line. The drivers are asked at once and
-/// waited for until the tick's driver deadline at most: reads for its first half, balloon writes
-/// until its end.
-pub fn tick(shared: &Shared, budget: Budget, started: Instant) -> String {
+/// Runs one tick: returns its trace record. The drivers are asked at once and waited for until
+/// the tick's driver deadline at most: reads for its first half, balloon writes until its end.
+/// Without the host's figures there is no tick.
+pub fn tick(shared: &Shared, budget: Budget, started: Instant) -> std::io::Result<TraceRecord> {
     let begun = Instant::now();
     let now = started.elapsed().as_secs_f64();
     let mut drivers = lock(&shared.drivers);
@@ -192,13 +193,7 @@ pub fn tick(shared: &Shared, budget: Budget, started: Instant) -> String {
             Some(g.memory_bytes.saturating_sub(actual))
         })
         .sum();
-    let host = match crate::host::read_host(budget.fixed, budget.reserve, allocated) {
-        Ok(h) => h,
-        Err(e) => {
-            log::error!("reading the host's memory: {e}");
-            return String::new();
-        }
-    };
+    let host = crate::host::read_host(budget.fixed, budget.reserve, allocated)?;
     let outcome = lock(&shared.engine).tick(now, host, &readings);
     let writes = drivers.write(&outcome.send, begun + shared.driver_deadline);
     drop(drivers);
@@ -212,7 +207,7 @@ pub fn tick(shared: &Shared, budget: Budget, started: Instant) -> String {
         }
     }
     errors.extend(writes.errors.iter().filter_map(|&i| name(i)));
-    let line = serde_json::to_string(&outcome.trace).unwrap_or_default();
+    let record = outcome.trace.clone();
     {
         let mut status = lock(&shared.status);
         status.ticks += 1;
@@ -224,7 +219,7 @@ pub fn tick(shared: &Shared, budget: Budget, started: Instant) -> String {
     }
     shared.refresh_pins();
     shared.ticked.notify_all();
-    line
+    Ok(record)
 }
 
 /// The tick loop, until `shared.stop`.
@@ -241,11 +236,19 @@ pub fn run_loop(shared: Arc<Shared>, tick_seconds: f64, budget: Budget, trace: O
     let period = Duration::from_secs_f64(tick_seconds);
     let mut next = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
-        let line = tick(&shared, budget, started);
-        if let (Some(f), false) = (trace_file.as_mut(), line.is_empty()) {
-            if let Err(e) = writeln!(f, "{line}") {
-                log::error!("writing the trace: {e}");
+        match tick(&shared, budget, started) {
+            Ok(record) => {
+                if let Some(f) = trace_file.as_mut() {
+                    if let Err(e) = writeln!(
+                        f,
+                        "{}",
+                        balloon_protocol::lines::json_line(&record).trim_end()
+                    ) {
+                        log::error!("writing the trace: {e}");
+                    }
+                }
             }
+            Err(e) => log::error!("reading the host's memory: {e}"),
         }
         next += period;
         // Sleep until the next tick, waking at once on shutdown.
@@ -271,6 +274,7 @@ mod tests {
     use crate::drivers::backend::BackendDriver;
     use crate::drivers::fake_backend::FakeBackend;
     use crate::policy::PolicyConfig;
+    use crate::trace::GuestCondition;
 
     const MIB: u64 = 1 << 20;
     const DEADLINE: Duration = Duration::from_secs(1);
@@ -320,18 +324,18 @@ mod tests {
         reserve: 0,
     };
 
-    fn state(shared: &Shared, guest: &str) -> String {
+    fn state(shared: &Shared, guest: &str) -> GuestCondition {
         let last = shared.status().last.unwrap();
         last.guests
             .iter()
             .find(|g| g.name == guest)
-            .map(|g| g.state.clone())
+            .map(|g| g.state)
             .unwrap()
     }
 
     fn timed_tick(shared: &Shared, started: Instant) -> Duration {
         let t = Instant::now();
-        assert!(!tick(shared, BUDGET, started).is_empty());
+        tick(shared, BUDGET, started).expect("a tick");
         t.elapsed()
     }
 
@@ -362,7 +366,7 @@ mod tests {
             "the tick took {took:?}"
         );
         for (name, b) in names.iter().zip(&healthy) {
-            assert_eq!(state(&s, name), "ok", "{name}");
+            assert_eq!(state(&s, name), GuestCondition::Ok, "{name}");
             // The reading was used (the fake's statistics) and the first step was sent.
             let last = s.status().last.unwrap();
             let g = last.guests.iter().find(|g| g.name == *name).unwrap();
@@ -370,7 +374,7 @@ mod tests {
             assert_eq!(b.targets(), vec![256 * MIB], "{name}");
         }
         for (name, b) in names[3..].iter().zip(&hung) {
-            assert_eq!(state(&s, name), "unreachable", "{name}");
+            assert_eq!(state(&s, name), GuestCondition::Unreachable, "{name}");
             assert_eq!(b.ignored(), 1);
             assert!(b.targets().is_empty());
         }
@@ -386,7 +390,7 @@ mod tests {
                 assert_eq!(b.target(), step * 256 * MIB);
             }
             for (name, b) in names[3..].iter().zip(&hung) {
-                assert_eq!(state(&s, name), "unreachable");
+                assert_eq!(state(&s, name), GuestCondition::Unreachable);
                 assert_eq!(b.ignored(), 1, "{name} was asked again");
             }
         }
@@ -410,12 +414,12 @@ mod tests {
         let took = timed_tick(&s, started);
         assert!(took < DEADLINE + Duration::from_millis(500), "{took:?}");
         assert_eq!(backends[0].targets(), vec![256 * MIB]);
-        assert_eq!(state(&s, "w"), "ok", "it answered its read");
+        assert_eq!(state(&s, "w"), GuestCondition::Ok, "it answered its read");
         assert_eq!(s.status().driver_errors.get("w"), Some(&1));
         // Its driver is stuck in the write: w is unreachable and the tick does not wait.
         let took = timed_tick(&s, started);
         assert!(took < DEADLINE / 2, "{took:?}");
-        assert_eq!(state(&s, "w"), "unreachable");
+        assert_eq!(state(&s, "w"), GuestCondition::Unreachable);
         assert_eq!(backends[0].targets(), vec![256 * MIB, 512 * MIB]);
         assert_eq!(backends[1].ignored(), 1);
         // w's backend recovers; its driver gives up on the hung write (its own timeout) and w
@@ -423,7 +427,7 @@ mod tests {
         // (the write that hung never took effect, so the engine still has w at 0).
         backends[1].set_hang_writes(false);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while state(&s, "w") != "ok" {
+        while state(&s, "w") != GuestCondition::Ok {
             assert!(Instant::now() < deadline, "w never came back");
             std::thread::sleep(Duration::from_millis(100));
             let took = timed_tick(&s, started);

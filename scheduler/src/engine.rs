@@ -5,7 +5,7 @@ use crate::actuator::{ActuatorConfig, GuestActuator};
 use crate::drivers::DriverReading;
 use crate::model::{GuestMemoryStats, GuestSpec, GuestState, HostState, Snapshot};
 use crate::policy::{self, PolicyConfig, PolicyState};
-use crate::trace::{TraceGuest, TraceRecord};
+use crate::trace::{GuestCondition, TraceGuest, TraceRecord};
 use std::collections::HashMap;
 
 /// What the engine remembers about one guest between ticks.
@@ -178,15 +178,15 @@ impl Engine {
                 None => decided,
             };
             let (plan, state) = if !g.reachable {
-                (None, "unreachable")
+                (None, GuestCondition::Unreachable)
             } else {
                 let a = mem.actuator.plan(&self.actuator, g, decided, time_s);
                 let state = if a.stalled {
-                    "stalled"
+                    GuestCondition::Stalled
                 } else if g.pinned {
-                    "pinned"
+                    GuestCondition::Pinned
                 } else {
-                    "ok"
+                    GuestCondition::Ok
                 };
                 (a.send_bytes, state)
             };
@@ -212,13 +212,13 @@ impl Engine {
                 balloon_actual_bytes: g.balloon_actual_bytes,
                 decided_allocation_bytes: *decided,
                 sent_balloon_bytes: *plan,
-                state: state.to_string(),
+                state: *state,
             })
             .collect();
         let trace = TraceRecord {
             time_s,
-            policy: self.policy.kind.to_string(),
-            host_state: self.policy_state.host_level.level.to_string(),
+            policy: self.policy.kind,
+            host_state: self.policy_state.host_level.level,
             host_total_bytes: host.total_bytes,
             host_available_bytes: host.available_bytes,
             budget_bytes: host.budget_bytes,
@@ -315,7 +315,7 @@ mod tests {
         let mut e = Engine::new(PolicyConfig::default(), ActuatorConfig::default());
         let out = e.tick(0.0, host(), &[(spec("a"), None)]);
         assert_eq!(out.send, vec![None]);
-        assert_eq!(out.trace.guests[0].state, "unreachable");
+        assert_eq!(out.trace.guests[0].state, GuestCondition::Unreachable);
     }
 
     #[test]
@@ -329,7 +329,7 @@ mod tests {
         };
         let out = e.tick(0.0, host(), &[(spec("a"), Some(reading))]);
         assert_eq!(out.send, vec![Some(124 * MIB)]);
-        assert_eq!(out.trace.guests[0].state, "pinned");
+        assert_eq!(out.trace.guests[0].state, GuestCondition::Pinned);
     }
 
     #[test]

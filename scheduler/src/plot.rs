@@ -209,7 +209,9 @@ pub fn plot_trace(records: &[TraceRecord], out: &Path) -> Result<(), PlotError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::TraceGuest;
+    use crate::policy::host_level::HostLevel;
+    use crate::policy::PolicyKind;
+    use crate::trace::{GuestCondition, TraceGuest};
     use std::path::PathBuf;
 
     const MIB: u64 = 1 << 20;
@@ -243,7 +245,7 @@ mod tests {
             balloon_actual_bytes: (1024 - allocation_mib) * MIB,
             decided_allocation_bytes: allocation_mib * MIB,
             sent_balloon_bytes: None,
-            state: "ok".into(),
+            state: GuestCondition::Ok,
         }
     }
 
@@ -261,8 +263,8 @@ mod tests {
                 }
                 TraceRecord {
                     time_s: 2.0 * i as f64,
-                    policy: "shares".into(),
-                    host_state: "high".into(),
+                    policy: PolicyKind::Shares,
+                    host_state: HostLevel::High,
                     host_total_bytes: 4096 * MIB,
                     host_available_bytes: 2048 * MIB,
                     budget_bytes: if i < 5 { 1100 * MIB } else { 1300 * MIB },

@@ -59,15 +59,17 @@ pub fn table(s: &SchedulerStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::{TraceGuest, TraceRecord};
+    use crate::policy::host_level::HostLevel;
+    use crate::policy::PolicyKind;
+    use crate::trace::{GuestCondition, TraceGuest, TraceRecord};
 
     fn status(infeasible: bool) -> SchedulerStatus {
         SchedulerStatus {
             ticks: 7,
             last: Some(TraceRecord {
                 time_s: 14.0,
-                policy: "shares".into(),
-                host_state: "high".into(),
+                policy: PolicyKind::Shares,
+                host_state: HostLevel::High,
                 host_total_bytes: 8 << 30,
                 host_available_bytes: 1 << 30,
                 budget_bytes: 2 << 30,
@@ -83,7 +85,7 @@ mod tests {
                     balloon_actual_bytes: 768 << 20,
                     decided_allocation_bytes: 1280 << 20,
                     sent_balloon_bytes: None,
-                    state: "unreachable".into(),
+                    state: GuestCondition::Unreachable,
                 }],
             }),
             ..Default::default()

@@ -1,7 +1,35 @@
 //! `--trace FILE`: one JSON line per tick with its inputs and decisions, for `balloonctl plot`
 //! and for checking a run after the fact.
 
+use crate::policy::host_level::HostLevel;
+use crate::policy::PolicyKind;
 use serde::{Deserialize, Serialize};
+
+/// How a guest stands in a tick, as the trace, the table and the metrics show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestCondition {
+    /// Reachable and following the policy.
+    #[default]
+    Ok,
+    /// An operator pinned its allocation.
+    Pinned,
+    /// Its balloon stopped moving toward the target.
+    Stalled,
+    /// Its driver did not answer this tick.
+    Unreachable,
+}
+
+impl std::fmt::Display for GuestCondition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GuestCondition::Ok => "ok",
+            GuestCondition::Pinned => "pinned",
+            GuestCondition::Stalled => "stalled",
+            GuestCondition::Unreachable => "unreachable",
+        })
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TraceGuest {
@@ -18,16 +46,14 @@ pub struct TraceGuest {
     pub decided_allocation_bytes: u64,
     /// The balloon target sent this tick, if any was sent.
     pub sent_balloon_bytes: Option<u64>,
-    /// ok, pinned, stalled, unreachable.
-    pub state: String,
+    pub state: GuestCondition,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TraceRecord {
     pub time_s: f64,
-    pub policy: String,
-    /// high, soft, hard, low.
-    pub host_state: String,
+    pub policy: PolicyKind,
+    pub host_state: HostLevel,
     pub host_total_bytes: u64,
     pub host_available_bytes: u64,
     pub budget_bytes: u64,

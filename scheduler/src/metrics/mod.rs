@@ -8,7 +8,8 @@ mod tests;
 pub use http::serve;
 
 use crate::api::SchedulerStatus;
-use crate::trace::TraceGuest;
+use crate::policy::host_level::HostLevel;
+use crate::trace::{GuestCondition, TraceGuest};
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
@@ -109,7 +110,7 @@ pub fn render(status: &SchedulerStatus) -> String {
     ] {
         family(&mut out, name, "gauge", help, &[(String::new(), value)]);
     }
-    let levels: Vec<(String, u64)> = ["high", "soft", "hard", "low"]
+    let levels: Vec<(String, u64)> = HostLevel::ALL
         .iter()
         .map(|l| {
             (
@@ -127,7 +128,8 @@ pub fn render(status: &SchedulerStatus) -> String {
     );
     // A guest pinned by an operator may also be stalled or unreachable, which its state shows
     // instead; the pinned set says it either way.
-    let pinned = |g: &TraceGuest| status.pinned.contains_key(&g.name) || g.state == "pinned";
+    let pinned =
+        |g: &TraceGuest| status.pinned.contains_key(&g.name) || g.state == GuestCondition::Pinned;
     type Field<'a> = Box<dyn Fn(&TraceGuest) -> Option<u64> + 'a>;
     let per_guest: [(&str, &str, Field); 8] = [
         (
@@ -163,12 +165,12 @@ pub fn render(status: &SchedulerStatus) -> String {
         (
             "stalled",
             "1 if the guest's balloon stalled.",
-            Box::new(|g| Some(u64::from(g.state == "stalled"))),
+            Box::new(|g| Some(u64::from(g.state == GuestCondition::Stalled))),
         ),
         (
             "reachable",
             "1 if the guest's driver answered.",
-            Box::new(|g| Some(u64::from(g.state != "unreachable"))),
+            Box::new(|g| Some(u64::from(g.state != GuestCondition::Unreachable))),
         ),
     ];
     for (suffix, help, field) in per_guest {

@@ -1,10 +1,11 @@
 use super::*;
+use crate::policy::PolicyKind;
 use crate::trace::TraceRecord;
 use std::collections::{BTreeMap, HashSet};
 
 const WEIRD: &str = "we\"ird\\na\nme";
 
-fn guest(name: &str, state: &str, available: Option<u64>) -> TraceGuest {
+fn guest(name: &str, state: GuestCondition, available: Option<u64>) -> TraceGuest {
     TraceGuest {
         name: name.into(),
         memory_bytes: 1 << 30,
@@ -15,7 +16,7 @@ fn guest(name: &str, state: &str, available: Option<u64>) -> TraceGuest {
         balloon_actual_bytes: (1 << 28) + 4096,
         decided_allocation_bytes: 3 << 28,
         sent_balloon_bytes: None,
-        state: state.into(),
+        state,
     }
 }
 
@@ -25,8 +26,8 @@ fn status() -> SchedulerStatus {
         uptime_s: 6.5,
         last: Some(TraceRecord {
             time_s: 6.0,
-            policy: "shares".into(),
-            host_state: "soft".into(),
+            policy: PolicyKind::Shares,
+            host_state: HostLevel::Soft,
             // Above 2^53: must not lose precision.
             host_total_bytes: (1 << 60) + 1,
             host_available_bytes: 1 << 30,
@@ -34,9 +35,9 @@ fn status() -> SchedulerStatus {
             minimums_bytes: 3 << 30,
             budget_infeasible: false,
             guests: vec![
-                guest("a", "ok", Some(1 << 27)),
-                guest(WEIRD, "stalled", None),
-                guest("c", "unreachable", Some(5 << 20)),
+                guest("a", GuestCondition::Ok, Some(1 << 27)),
+                guest(WEIRD, GuestCondition::Stalled, None),
+                guest("c", GuestCondition::Unreachable, Some(5 << 20)),
             ],
         }),
         drivers: ["a", WEIRD, "c", "d"]

@@ -16,6 +16,16 @@ pub enum HostLevel {
     Low,
 }
 
+impl HostLevel {
+    /// Best to worst.
+    pub const ALL: [HostLevel; 4] = [
+        HostLevel::High,
+        HostLevel::Soft,
+        HostLevel::Hard,
+        HostLevel::Low,
+    ];
+}
+
 impl std::fmt::Display for HostLevel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -13,6 +13,7 @@ use crate::drivers::{DriverReading, RawGuestStats};
 use crate::engine::Engine;
 use crate::model::{GuestSpec, HostState};
 use crate::policy::PolicyConfig;
+use crate::trace::GuestCondition;
 use crate::trace::TraceRecord;
 use serde::{Deserialize, Serialize};
 
@@ -272,7 +273,7 @@ pub fn run(scenario: &Scenario) -> SimOutcome {
                 models[i].target = (*b).min(specs[i].memory_bytes);
                 engine.sent(&specs[i].name, models[i].target);
             }
-            if tick.trace.guests[i].state == "stalled" {
+            if tick.trace.guests[i].state == GuestCondition::Stalled {
                 out.guests[i].stalled_s += dt;
             }
         }

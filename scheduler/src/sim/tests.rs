@@ -234,7 +234,7 @@ fn an_infeasible_budget_holds_every_guest_at_its_minimum_without_oscillating() {
                 // ...and stay there: no target changes tick to tick, even when b's working
                 // set grows.
                 assert_eq!(g.sent_balloon_bytes, None, "{policy} t={}", r.time_s);
-                assert_eq!(g.state, "ok", "{policy}");
+                assert_eq!(g.state, GuestCondition::Ok, "{policy}");
             }
         }
         assert_eq!(out.oom_events, 0, "{policy}");

@@ -100,7 +100,7 @@ pub(super) fn scheduler_hung_guests() -> Result<()> {
         for tick in 0..TICKS {
             let next = started + PERIOD * (tick as u32 + 1);
             let t = Instant::now();
-            daemon::tick(&shared, budget, started);
+            daemon::tick(&shared, budget, started).ctx(|| "a scheduler tick".into())?;
             times.push(t.elapsed().as_secs_f64() * 1000.0);
             let last = shared
                 .status()
@@ -109,7 +109,7 @@ pub(super) fn scheduler_hung_guests() -> Result<()> {
             let unreachable: Vec<&str> = last
                 .guests
                 .iter()
-                .filter(|g| g.state == "unreachable")
+                .filter(|g| g.state == scheduler::trace::GuestCondition::Unreachable)
                 .map(|g| g.name.as_str())
                 .collect();
             let hung_ones = unreachable.iter().filter(|n| n.starts_with("hung")).count();
