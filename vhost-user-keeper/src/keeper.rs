@@ -26,8 +26,9 @@ use crate::message::{
     Message, MessageError, FLAG_NEED_REPLY, PROTOCOL_FEATURES_KEPT, VIRTIO_F_RING_PACKED,
 };
 use balloon_protocol::socket::{Access, SocketPath};
+use rustix::event::{PollFd, PollFlags};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,27 +114,27 @@ fn bind(path: &Path) -> Result<(UnixListener, SocketPath), KeeperError> {
     balloon_protocol::socket::bind(path, Access::OWNER_ONLY).map_err(KeeperError::Bind)
 }
 
-const HANGUP: i16 = libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP;
+const HANGUP: PollFlags = PollFlags::HUP.union(PollFlags::ERR).union(PollFlags::RDHUP);
 
-/// Waits for any of `fds` (with its events) to be ready; returns their revents.
-fn poll(fds: &[(Option<BorrowedFd<'_>>, i16)]) -> Result<Vec<i16>, KeeperError> {
-    let mut pfds: Vec<libc::pollfd> = fds
+/// Waits for any of `fds` (with its events) to be ready; returns their revents (empty for an
+/// absent one).
+fn poll(fds: &[(Option<BorrowedFd<'_>>, PollFlags)]) -> Result<Vec<PollFlags>, KeeperError> {
+    let present: Vec<usize> = (0..fds.len()).filter(|&i| fds[i].0.is_some()).collect();
+    let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|(fd, events)| libc::pollfd {
-            fd: fd.map_or(-1, |f| f.as_raw_fd()),
-            events: *events,
-            revents: 0,
-        })
+        .filter_map(|(fd, events)| fd.map(|fd| PollFd::from_borrowed_fd(fd, *events)))
         .collect();
     loop {
-        // SAFETY: poll on an array we own; negative fds are ignored by the kernel.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
-        if n >= 0 {
-            return Ok(pfds.iter().map(|p| p.revents).collect());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(KeeperError::Poll(e));
+        match rustix::event::poll(&mut pfds, None) {
+            Ok(_) => {
+                let mut revents = vec![PollFlags::empty(); fds.len()];
+                for (&i, p) in present.iter().zip(&pfds) {
+                    revents[i] = p.revents();
+                }
+                return Ok(revents);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(KeeperError::Poll(e.into())),
         }
     }
 }
@@ -148,23 +149,13 @@ fn used_index(journal: &Journal, index: u32) -> Option<u16> {
         .iter()
         .find_map(|r| r.file_offset(at, 2).map(|o| (r, o)))?;
     let mut idx = [0u8; 2];
-    // SAFETY: pread into a 2-byte buffer we own.
-    let n = unsafe {
-        libc::pread(
-            region.fd.as_raw_fd(),
-            idx.as_mut_ptr().cast(),
-            2,
-            i64::try_from(offset).ok()?,
-        )
-    };
+    let n = rustix::io::pread(region.fd.as_fd(), &mut idx, offset).ok()?;
     (n == 2).then(|| u16::from_le_bytes(idx))
 }
 
 /// Writes 1 to an eventfd (a kick or an interrupt).
 fn nudge(fd: BorrowedFd<'_>) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: an 8-byte write from a buffer we own.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
 /// Hides from the frontend what the journal cannot replay (see PROTOCOL_FEATURES_KEPT).
@@ -225,28 +216,28 @@ impl Keeper {
     /// Waits for one event and handles it.
     pub fn step(&mut self) -> Result<(), KeeperError> {
         let revents = poll(&[
-            (Some(self.backend_listener.as_fd()), libc::POLLIN),
+            (Some(self.backend_listener.as_fd()), PollFlags::IN),
             (
                 self.frontend
                     .is_none()
                     .then(|| self.frontend_listener.as_fd()),
-                libc::POLLIN,
+                PollFlags::IN,
             ),
-            (self.frontend.as_ref().map(|s| s.as_fd()), libc::POLLIN),
-            (self.backend.as_ref().map(|s| s.as_fd()), libc::POLLIN),
-            (self.wake_fd(), libc::POLLIN),
+            (self.frontend.as_ref().map(|s| s.as_fd()), PollFlags::IN),
+            (self.backend.as_ref().map(|s| s.as_fd()), PollFlags::IN),
+            (self.wake_fd(), PollFlags::IN),
         ])?;
         if self.terminate.load(Ordering::SeqCst) {
             return Ok(());
         }
         // A backend that went away first, so that a new one can take its place at once.
-        if revents[3] != 0 {
+        if !revents[3].is_empty() {
             self.check_backend();
         }
-        if revents[0] != 0 {
+        if !revents[0].is_empty() {
             self.accept_backend();
         }
-        if revents[1] != 0 {
+        if !revents[1].is_empty() {
             match self.frontend_listener.accept() {
                 Ok((stream, _)) => {
                     log::info!("frontend connected");
@@ -255,7 +246,7 @@ impl Keeper {
                 Err(e) => log::warn!("accepting a frontend: {e}"),
             }
         }
-        if revents[2] != 0 {
+        if !revents[2].is_empty() {
             self.frontend_request();
         }
         Ok(())
@@ -368,18 +359,18 @@ impl Keeper {
     fn wait_for_backend(&mut self) -> Result<(), CarryError> {
         while self.backend.is_none() {
             let revents = poll(&[
-                (Some(self.backend_listener.as_fd()), libc::POLLIN),
-                (self.frontend.as_ref().map(|s| s.as_fd()), libc::POLLRDHUP),
-                (self.wake_fd(), libc::POLLIN),
+                (Some(self.backend_listener.as_fd()), PollFlags::IN),
+                (self.frontend.as_ref().map(|s| s.as_fd()), PollFlags::RDHUP),
+                (self.wake_fd(), PollFlags::IN),
             ])
             .map_err(|e| CarryError::Frontend(e.to_string()))?;
             if self.terminate.load(Ordering::SeqCst) {
                 return Err(CarryError::Terminated);
             }
-            if revents[1] & HANGUP != 0 {
+            if revents[1].intersects(HANGUP) {
                 return Err(CarryError::Frontend("it hung up".into()));
             }
-            if revents[0] != 0 {
+            if !revents[0].is_empty() {
                 self.accept_backend();
             }
         }

@@ -2,8 +2,10 @@
 //! and the file descriptors that came with it (SCM_RIGHTS). The keeper forwards messages
 //! without interpreting most of them; it only needs to know which ones the backend answers.
 
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 pub const HEADER_SIZE: usize = 12;
@@ -195,55 +197,38 @@ pub fn is_reply_to(reply: &Message, msg: &Message) -> bool {
     reply.request == msg.request && reply.flags & FLAG_REPLY != 0
 }
 
-/// One recvmsg into `buf`, keeping any descriptors that came with it.
+/// One recvmsg into `buf`, keeping any descriptors that came with it (close-on-exec from
+/// the start). Room for one more than MAX_FDS: a peer sending more in one write gets
+/// MSG_CTRUNC, an error (the kernel closes what did not fit).
 fn recv_some(
     stream: &UnixStream,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> Result<usize, MessageError> {
-    // Room for MAX_FDS descriptors and more: a peer sending more gets MSG_CTRUNC, an error.
-    const CMSG_SPACE: usize = 256;
-    let mut cmsg = [0u64; CMSG_SPACE / 8];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; all zeroes is valid.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    hdr.msg_control = cmsg.as_mut_ptr().cast();
-    hdr.msg_controllen = CMSG_SPACE as _;
-    let n = loop {
-        // SAFETY: recvmsg into buffers that outlive the call, sizes as given.
-        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e.into());
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS + 1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = loop {
+        match rustix::net::recvmsg(
+            stream,
+            &mut [IoSliceMut::new(buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => break msg,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(io::Error::from(e).into()),
         }
     };
-    // SAFETY: walking the control messages the kernel wrote, within msg_controllen.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&hdr);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c) as *const RawFd;
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                    / std::mem::size_of::<RawFd>();
-                for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&hdr, c);
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
         }
     }
-    if hdr.msg_flags & libc::MSG_CTRUNC != 0 {
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
         return Err(MessageError::TooManyFds);
     }
-    Ok(n)
+    Ok(msg.bytes)
 }
 
 /// Fills `buf` completely; `Ok(false)` if the stream ended before the first byte.
@@ -313,42 +298,25 @@ pub fn send(stream: &UnixStream, msg: &Message) -> io::Result<()> {
     let mut bytes = Vec::with_capacity(HEADER_SIZE + msg.payload.len());
     bytes.extend_from_slice(&header);
     bytes.extend_from_slice(&msg.payload);
-    let raw: Vec<RawFd> = msg.fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let fds: Vec<BorrowedFd<'_>> = msg.fds.iter().map(AsFd::as_fd).collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut sent = 0;
     while sent < bytes.len() {
-        let mut iov = libc::iovec {
-            iov_base: bytes[sent..].as_ptr() as *mut libc::c_void,
-            iov_len: bytes.len() - sent,
-        };
-        let mut cmsg = [0u64; 256 / 8];
-        // SAFETY: msghdr is plain data; all zeroes is valid.
-        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-        hdr.msg_iov = &mut iov;
-        hdr.msg_iovlen = 1;
-        if sent == 0 && !raw.is_empty() {
-            let len = std::mem::size_of_val(raw.as_slice());
-            // SAFETY: filling one SCM_RIGHTS control message inside `cmsg`, which is large
-            // enough for MAX_FDS descriptors (checked when the message was read).
-            unsafe {
-                hdr.msg_control = cmsg.as_mut_ptr().cast();
-                hdr.msg_controllen = libc::CMSG_SPACE(len as u32) as _;
-                let c = libc::CMSG_FIRSTHDR(&hdr);
-                (*c).cmsg_level = libc::SOL_SOCKET;
-                (*c).cmsg_type = libc::SCM_RIGHTS;
-                (*c).cmsg_len = libc::CMSG_LEN(len as u32) as _;
-                std::ptr::copy_nonoverlapping(raw.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), len);
-            }
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if sent == 0 && !fds.is_empty() {
+            // Room for MAX_FDS, checked above.
+            control.push(SendAncillaryMessage::ScmRights(&fds));
         }
-        // SAFETY: sendmsg from buffers that outlive the call.
-        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        match rustix::net::sendmsg(
+            stream,
+            &[IoSlice::new(&bytes[sent..])],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        ) {
+            Ok(n) => sent += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
-        sent += n as usize;
     }
     Ok(())
 }
@@ -357,6 +325,7 @@ pub fn send(stream: &UnixStream, msg: &Message) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::io::{Read, Seek, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
     fn memfd(content: &[u8]) -> std::fs::File {
         // SAFETY: memfd_create with a static name; the descriptor is owned at once.

@@ -16,7 +16,6 @@
 
 use socket2::{Domain, SockAddr, Socket, Type};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -119,11 +118,9 @@ pub fn bind(path: &Path, access: Access) -> Result<(UnixListener, SocketPath), B
         Err(e) => return Err(err(e)),
     }
     let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(err)?;
-    // SAFETY: fchmod on a descriptor we own. Linux creates the socket file with this mode
-    // (less the umask) at bind.
-    if unsafe { libc::fchmod(socket.as_raw_fd(), 0o600) } != 0 {
-        return Err(err(io::Error::last_os_error()));
-    }
+    // Linux creates the socket file with this mode (less the umask) at bind.
+    rustix::fs::fchmod(&socket, rustix::fs::Mode::from_raw_mode(0o600))
+        .map_err(|e| err(e.into()))?;
     socket
         .bind(&SockAddr::unix(path).map_err(err)?)
         .map_err(err)?;
@@ -284,15 +281,16 @@ mod tests {
     fn created_with_the_final_mode_whatever_the_umask() {
         let d = dir("mode");
         let p = d.join("m.sock");
-        // SAFETY: umask is process-wide; this test only loosens it, which makes the check
-        // stricter for other tests too, never weaker.
-        let old = unsafe { libc::umask(0o002) };
+        // umask is process-wide; this test only loosens it, which makes the check stricter for
+        // other tests too, never weaker.
+        use rustix::fs::Mode;
+        let old = rustix::process::umask(Mode::from_raw_mode(0o002));
         let r = bind(&p, Access::OWNER_ONLY);
-        unsafe { libc::umask(old) };
+        rustix::process::umask(old);
         let (_l, _p) = r.unwrap();
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let gid = unsafe { libc::getgid() };
+        let gid = rustix::process::getgid().as_raw();
         let q = d.join("g.sock");
         let (_l2, _p2) = bind(&q, Access { group: Some(gid) }).unwrap();
         let m = std::fs::metadata(&q).unwrap();

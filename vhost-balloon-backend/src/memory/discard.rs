@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 
 /// Where a region's memory lives.
 #[derive(Debug, Clone)]
@@ -25,21 +24,16 @@ impl Backing {
             let pos = file_offset
                 .checked_add(offset)
                 .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-            // SAFETY: fallocate on a descriptor we own; it does not touch our memory.
-            let rc = unsafe {
-                libc::fallocate64(
-                    file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    pos as libc::off64_t,
-                    len as libc::off64_t,
-                )
-            };
-            if rc == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(err);
+            use rustix::fs::{fallocate, FallocateFlags};
+            match fallocate(
+                file,
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                pos,
+                len,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(rustix::io::Errno::OPNOTSUPP) => {}
+                Err(e) => return Err(e.into()),
             }
         }
         let addr = self
@@ -48,7 +42,7 @@ impl Backing {
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: the range lies inside the region's mapping (the caller checked it against the
         // region's size); MADV_REMOVE only frees the pages, the mapping stays valid and reads
-        // as zeros.
+        // as zeros. (Unsafe in any crate: it changes what memory reads as.)
         let rc =
             unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_REMOVE) };
         if rc == 0 {
@@ -62,17 +56,11 @@ impl Backing {
 /// The page size of the memory behind `file`: the huge page size on hugetlbfs, otherwise the
 /// host's base page size. Only whole host pages can be discarded.
 pub fn host_page_size(file: Option<&File>) -> u64 {
-    const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
-    // SAFETY: sysconf has no memory effects.
-    let base = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    let base = (rustix::param::page_size() as u64).max(4096);
     let Some(file) = file else { return base };
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: fstatfs writes into the struct we own.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } == 0
-        && fs.f_type as libc::c_long == HUGETLBFS_MAGIC
-    {
-        fs.f_bsize as u64
-    } else {
-        base
+    match rustix::fs::fstatfs(file) {
+        Ok(fs) if fs.f_type == HUGETLBFS_MAGIC => fs.f_bsize as u64,
+        _ => base,
     }
 }

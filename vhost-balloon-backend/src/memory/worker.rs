@@ -124,8 +124,8 @@ impl DiscardWorker {
         // Below the guest's vCPU threads (nice 19): freeing host memory can wait a moment, the
         // guest allocating its next balloon pages should not. Under heavy CPU load discards
         // lag; a deflate still only waits for the ones in flight.
-        // SAFETY: setpriority on this thread only.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+        // (On Linux a thread id names just this thread.)
+        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
         loop {
             {
                 let mut q = self.lock();
