@@ -10,8 +10,9 @@
 
 use crate::pagemap::{self, PAGE};
 use balloon_protocol::app::PageRange;
+use io_uring::IoUring;
+use memmap2::{MmapMut, MmapOptions};
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
@@ -27,95 +28,65 @@ pub enum ChunkError {
 }
 
 pub struct Chunk {
-    addr: *mut libc::c_void,
+    /// The io_uring whose fixed buffer pins the pages; dropping it unpins them. Declared
+    /// before `memory` so that it goes first: unpin, then unlock and unmap.
+    pin: Option<IoUring>,
+    memory: MmapMut,
     pub len: usize,
-    /// The io_uring instance whose fixed buffer pins the pages; closing it unpins them.
-    pin: Option<OwnedFd>,
     pub ranges: Vec<PageRange>,
 }
 
-fn last_error() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
-/// Pins [addr, addr+len) by registering it as the one fixed buffer of a new io_uring.
-fn pin(addr: *mut libc::c_void, len: usize) -> std::io::Result<OwnedFd> {
-    // struct io_uring_params is 120 bytes; all zero asks for defaults.
-    let mut params = [0u8; 120];
-    // SAFETY: io_uring_setup writes into the params buffer we own.
-    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
-    if fd < 0 {
-        return Err(last_error());
-    }
-    // SAFETY: a fresh descriptor we now own.
-    let ring = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+/// Pins `memory` by registering it as the one fixed buffer of a new io_uring.
+fn pin(memory: &MmapMut) -> std::io::Result<IoUring> {
+    let ring = IoUring::new(1)?;
     let iov = libc::iovec {
-        iov_base: addr,
-        iov_len: len,
+        iov_base: memory.as_ptr() as *mut libc::c_void,
+        iov_len: memory.len(),
     };
-    const IORING_REGISTER_BUFFERS: u32 = 0;
-    // SAFETY: the iovec describes memory this process owns for the chunk's lifetime.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_io_uring_register,
-            fd as i32,
-            IORING_REGISTER_BUFFERS,
-            &iov as *const libc::iovec,
-            1u32,
-        )
-    };
-    if rc < 0 {
-        return Err(last_error());
-    }
+    // SAFETY: the buffer is `memory`, which the Chunk keeps mapped for as long as the ring
+    // (dropped first) lives. Unsafe in any crate: the kernel may write into the buffer.
+    unsafe { ring.submitter().register_buffers(&[iov])? };
     Ok(ring)
 }
 
 impl Chunk {
     /// Claims `len` bytes from the guest OS, pins them and finds their PFNs.
     pub fn claim(len: usize, pagemap: &File) -> Result<Chunk, ChunkError> {
-        // SAFETY: a fresh private anonymous mapping; MAP_POPULATE faults it in.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(ChunkError::NoMemory(last_error()));
-        }
-        let mut chunk = Chunk {
-            addr,
-            len,
-            pin: None,
-            ranges: Vec::new(),
-        };
-        // SAFETY: locking our own mapping.
-        if unsafe { libc::mlock(addr, len) } != 0 {
-            return Err(ChunkError::NoMemory(last_error()));
-        }
+        // A fresh private anonymous mapping; MAP_POPULATE faults it in.
+        let mut memory = MmapOptions::new()
+            .len(len)
+            .populate()
+            .map_anon()
+            .map_err(ChunkError::NoMemory)?;
+        memory.lock().map_err(ChunkError::NoMemory)?;
         // Make sure every page is really there (MAP_POPULATE is best effort).
-        for off in (0..len).step_by(PAGE as usize) {
-            // SAFETY: inside the mapping.
-            unsafe { std::ptr::write_volatile((addr as *mut u8).add(off), 0xba) };
+        for page in memory.chunks_mut(PAGE as usize) {
+            page[0] = 0xba;
         }
-        chunk.pin = Some(pin(addr, len).map_err(|e| match e.raw_os_error() {
+        let ring = pin(&memory).map_err(|e| match e.raw_os_error() {
             Some(libc::ENOMEM) | Some(libc::EAGAIN) => ChunkError::NoMemory(e),
             _ => ChunkError::Pin(e),
-        })?);
-        let pfns = pagemap::pfns(pagemap, addr as u64, len / PAGE as usize)?;
+        })?;
+        let mut chunk = Chunk {
+            pin: Some(ring),
+            memory,
+            len,
+            ranges: Vec::new(),
+        };
+        let pfns = pagemap::pfns(pagemap, chunk.addr(), len / PAGE as usize)?;
         chunk.ranges = pagemap::coalesce(pfns);
         Ok(chunk)
+    }
+
+    fn addr(&self) -> u64 {
+        self.memory.as_ptr() as u64
     }
 
     /// Re-reads the PFNs (to check that nothing moved).
     pub fn current_pfns(&self, pagemap: &File) -> Result<Vec<u64>, ChunkError> {
         Ok(pagemap::pfns(
             pagemap,
-            self.addr as u64,
+            self.addr(),
             self.len / PAGE as usize,
         )?)
     }
@@ -123,13 +94,9 @@ impl Chunk {
 
 impl Drop for Chunk {
     fn drop(&mut self) {
-        // Unpin first, then unlock and unmap: the guest gets the pages back.
+        // Unpin first; then the mapping goes (munmap also unlocks): the guest gets the pages
+        // back.
         self.pin = None;
-        // SAFETY: our own mapping.
-        unsafe {
-            libc::munlock(self.addr, self.len);
-            libc::munmap(self.addr, self.len);
-        }
     }
 }
 

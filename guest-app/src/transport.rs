@@ -4,7 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 pub trait Stream: Read + Write + Send {
     fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>>;
@@ -27,28 +27,11 @@ impl Stream for std::net::TcpStream {
 }
 
 fn vsock(cid: u32, port: u32) -> std::io::Result<std::fs::File> {
-    // SAFETY: plain socket calls; the descriptor becomes owned below.
-    unsafe {
-        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let owned = OwnedFd::from_raw_fd(fd);
-        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_cid = cid;
-        addr.svm_port = port;
-        if libc::connect(
-            fd,
-            &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        // A connected stream socket reads and writes like a file.
-        Ok(std::fs::File::from(owned))
-    }
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::VSOCK, Type::STREAM.cloexec(), None)?;
+    socket.connect(&SockAddr::vsock(cid, port))?;
+    // A connected stream socket reads and writes like a file.
+    Ok(std::fs::File::from(OwnedFd::from(socket)))
 }
 
 pub fn connect(spec: &str) -> Result<Box<dyn Stream>, String> {

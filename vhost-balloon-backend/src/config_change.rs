@@ -12,9 +12,9 @@
 //! is in docs/upstream-vhost-config-change.patch.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (backend-to-frontend request 2).
@@ -49,39 +49,30 @@ pub fn unnamed_unix_stream_sockets() -> BTreeSet<RawFd> {
         .collect()
 }
 
+/// Borrows descriptor number `fd`, which this process had open when /proc/self/fd was read a
+/// moment ago.
+///
+/// # Safety
+/// The caller uses the borrow only at once, for queries and a dup that fail on a closed
+/// descriptor (one reused meanwhile answers for the new one, which the before/after
+/// difference of the caller tolerates). Borrowing a descriptor by its number, with no owning
+/// handle, is unsafe in any crate.
+unsafe fn borrow_listed(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: as the caller promised.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
 fn is_unnamed_unix_stream(fd: RawFd) -> bool {
-    let int_opt = |opt| {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `v`; a non-socket fd fails.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &mut v as *mut libc::c_int as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        (rc == 0).then_some(v)
-    };
-    if int_opt(libc::SO_DOMAIN) != Some(libc::AF_UNIX)
-        || int_opt(libc::SO_TYPE) != Some(libc::SOCK_STREAM)
-    {
-        return false;
-    }
-    // SAFETY: getsockname writes at most `len` bytes into the zeroed address we own.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockname(
-            fd,
-            &mut addr as *mut libc::sockaddr_un as *mut libc::sockaddr,
-            &mut len,
-        )
-    };
-    // An unnamed socket's address is only the family.
-    rc == 0 && len as usize <= std::mem::size_of::<libc::sa_family_t>()
+    use rustix::net::{sockopt, AddressFamily, SocketType};
+    // SAFETY: used only for the queries below, right away.
+    let fd = unsafe { borrow_listed(fd) };
+    sockopt::socket_domain(fd).is_ok_and(|d| d == AddressFamily::UNIX)
+        && sockopt::socket_type(fd).is_ok_and(|t| t == SocketType::STREAM)
+        // An unnamed socket's address is only the family (the kernel's length, not a name
+        // rustix would decode).
+        && rustix::net::getsockname(fd).is_ok_and(|a| {
+            a.addr_len() as usize <= std::mem::size_of::<libc::sa_family_t>()
+        })
 }
 
 /// Finds the backend request channel among the sockets that appeared since `before`, and
@@ -96,15 +87,10 @@ pub fn find_new_channel(
     match new.as_slice() {
         [] => Err(ConfigChangeError::NoChannel),
         [fd] => {
-            // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor that we then own.
-            let dup = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 0) };
-            if dup < 0 {
-                return Err(io::Error::last_os_error().into());
-            }
-            // SAFETY: `dup` is a fresh descriptor owned by nobody else.
-            Ok(ConfigChangeChannel::new(unsafe {
-                OwnedFd::from_raw_fd(dup)
-            }))
+            // SAFETY: used only for the dup, right away.
+            let listed = unsafe { borrow_listed(*fd) };
+            let dup = rustix::io::fcntl_dupfd_cloexec(listed, 0).map_err(io::Error::from)?;
+            Ok(ConfigChangeChannel::new(dup))
         }
         many => Err(ConfigChangeError::Ambiguous(many.len())),
     }
@@ -113,13 +99,13 @@ pub fn find_new_channel(
 /// The backend-to-frontend request channel, used only for config-change messages.
 #[derive(Debug)]
 pub struct ConfigChangeChannel {
-    sock: File,
+    sock: UnixStream,
 }
 
 impl ConfigChangeChannel {
     pub fn new(fd: OwnedFd) -> Self {
         ConfigChangeChannel {
-            sock: File::from(fd),
+            sock: UnixStream::from(fd),
         }
     }
 
@@ -139,7 +125,7 @@ impl ConfigChangeChannel {
         if !need_reply {
             return Ok(());
         }
-        set_read_timeout(&self.sock, Duration::from_secs(5))?;
+        self.sock.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut reply = [0u8; HEADER_SIZE + 8];
         self.sock.read_exact(&mut reply)?;
         let word =
@@ -158,28 +144,6 @@ impl ConfigChangeChannel {
             0 => Ok(()),
             other => Err(ConfigChangeError::Refused(other)),
         }
-    }
-}
-
-fn set_read_timeout(sock: &File, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: setsockopt reads the timeval we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

@@ -188,9 +188,10 @@ impl StateLock {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) =
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        {
+            let e = io::Error::from(e);
             return Err(if e.kind() == io::ErrorKind::WouldBlock {
                 io::Error::new(
                     io::ErrorKind::AddrInUse,
