@@ -5,7 +5,9 @@ use balloon_protocol::app::PageRange;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-pub const PAGE: u64 = 4096;
+/// The page the app protocol counts in (4 KiB), which must be this guest's page: pagemap has
+/// one entry per system page and its PFNs count system pages (see `pfns`).
+pub const PAGE: u64 = balloon_protocol::PAGE_SIZE;
 const PRESENT: u64 = 1 << 63;
 const PFN_MASK: u64 = (1 << 55) - 1;
 
@@ -17,6 +19,8 @@ pub enum PagemapError {
     NotPresent(u64),
     #[error("pagemap shows PFN 0: the process lacks CAP_SYS_ADMIN")]
     Hidden,
+    #[error("this guest's pages are {0} bytes; the app protocol counts 4 KiB pages")]
+    PageSize(u64),
 }
 
 /// The PFN in one pagemap entry.
@@ -32,6 +36,10 @@ pub fn entry_pfn(entry: u64, vaddr: u64) -> Result<u64, PagemapError> {
 
 /// The PFNs of `pages` pages from `vaddr` (page aligned), in address order.
 pub fn pfns(pagemap: &File, vaddr: u64, pages: usize) -> Result<Vec<u64>, PagemapError> {
+    let system_page = rustix::param::page_size() as u64;
+    if system_page != PAGE {
+        return Err(PagemapError::PageSize(system_page));
+    }
     let mut raw = vec![0u8; pages * 8];
     pagemap
         .read_exact_at(&mut raw, vaddr / PAGE * 8)

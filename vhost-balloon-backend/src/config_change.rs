@@ -9,7 +9,7 @@
 //! negotiation) and again when `set_backend_req_fd` runs; the channel is the new socket that has
 //! no local name (a socketpair end, unlike the named sockets this process accepts on). We keep a
 //! duplicate of it and write the 12-byte message ourselves. The proper fix for the vhost crate
-//! is in docs/upstream-vhost-config-change.patch.
+//! is in docs/upstream-vhost-config-change.md.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};

@@ -5,8 +5,12 @@
 //! Cases per property: `PROPTEST_CASES` when set (`make fuzz` sets a large number), else the
 //! small default below, so that `cargo test` stays quick.
 
+#[path = "../protocol/tests/support/cases.rs"]
+mod cases;
+
 use balloon_protocol::app::{PageRange, MAX_RANGES_PER_MESSAGE};
 use balloon_protocol::{bytes_to_pages, pages_to_bytes, PAGE_SIZE};
+use cases::config;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
@@ -21,16 +25,6 @@ use vhost_balloon_backend::memory::worker::DiscardWorker;
 use vhost_balloon_backend::memory::{merge_pfns, DiscardMode, PfnRange};
 use vhost_balloon_backend::vhu_balloon::regions_of;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
-
-/// `PROPTEST_CASES` if set, else `default`. (proptest's `proptest!` also applies the variable
-/// over the config it is given, so this only decides the default.)
-fn config(default: u32) -> ProptestConfig {
-    if std::env::var_os("PROPTEST_CASES").is_some() {
-        ProptestConfig::default()
-    } else {
-        ProptestConfig::with_cases(default)
-    }
-}
 
 /// The first range `app_ranges` must refuse, if any.
 fn first_bad(ranges: &[PageRange]) -> Option<PageRange> {

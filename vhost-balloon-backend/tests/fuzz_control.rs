@@ -10,21 +10,16 @@ use balloon_protocol::control::{
     RejectedInput,
 };
 use balloon_protocol::CONTROL_PROTOCOL_VERSION;
+#[path = "../protocol/tests/support/mod.rs"]
+mod support;
+
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use std::sync::Mutex;
+use support::cases::config;
+use support::json::{arb_json, key, number, Names};
 use vhost_balloon_backend::control::{reply_to_line, ControlHandler};
-
-/// `PROPTEST_CASES` if set, else `default`. (proptest's `proptest!` also applies the variable
-/// over the config it is given, so this only decides the default.)
-fn config(default: u32) -> ProptestConfig {
-    if std::env::var_os("PROPTEST_CASES").is_some() {
-        ProptestConfig::default()
-    } else {
-        ProptestConfig::with_cases(default)
-    }
-}
 
 /// Records what reaches it and always says ok, so `reply.ok` tells whether it was reached.
 #[derive(Default)]
@@ -44,6 +39,10 @@ const CMDS: [&str; 5] = [
     "set_discard",
     "set_app_target",
 ];
+const NAMES: Names = Names {
+    fields: &FIELDS,
+    tags: &CMDS,
+};
 const FIELDS: [&str; 8] = [
     "version",
     "cmd",
@@ -55,58 +54,15 @@ const FIELDS: [&str; 8] = [
     "ok",
 ];
 
-fn key() -> impl Strategy<Value = String> {
-    prop_oneof![
-        4 => proptest::sample::select(&FIELDS[..]).prop_map(str::to_string),
-        1 => "[a-z_]{1,10}",
-        1 => any::<String>(),
-    ]
-}
-
-fn number() -> impl Strategy<Value = Value> {
-    prop_oneof![
-        any::<u64>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_map(Value::from), // NaN and infinities become null
-        proptest::sample::select(vec![
-            json!(0),
-            json!(1),
-            json!(2),
-            json!(-1),
-            json!(1.0),
-            json!(u32::MAX),
-            json!(u64::from(u32::MAX) + 1),
-            json!(u64::MAX),
-            json!(1e300),
-        ]),
-    ]
-}
-
-fn arb_json() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        number(),
-        proptest::sample::select(&CMDS[..]).prop_map(Value::from),
-        any::<String>().prop_map(Value::from),
-    ];
-    leaf.prop_recursive(4, 64, 8, |inner| {
-        prop_oneof![
-            vec(inner.clone(), 0..8).prop_map(Value::Array),
-            btree_map(key(), inner, 0..8).prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
-}
-
 /// Objects that look like requests: mostly version 1 and a known command.
 fn request_like() -> impl Strategy<Value = Value> {
     (
-        prop_oneof![4 => Just(json!(1)), 1 => number(), 1 => arb_json()],
+        prop_oneof![4 => Just(json!(1)), 1 => number(), 1 => arb_json(NAMES)],
         prop_oneof![
             4 => proptest::sample::select(&CMDS[..]).prop_map(Value::from),
-            1 => arb_json()
+            1 => arb_json(NAMES)
         ],
-        btree_map(key(), arb_json(), 0..4),
+        btree_map(key(NAMES), arb_json(NAMES), 0..4),
         any::<bool>(),
     )
         .prop_map(|(version, cmd, fields, with_version)| {
@@ -230,16 +186,16 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         Just(Mutation::Nothing),
         Just(Mutation::Pretty),
         any::<prop::sample::Index>().prop_map(Mutation::RemoveKey),
-        (any::<prop::sample::Index>(), arb_json()).prop_map(|(i, v)| Mutation::SetKey(i, v)),
+        (any::<prop::sample::Index>(), arb_json(NAMES)).prop_map(|(i, v)| Mutation::SetKey(i, v)),
         (
             prop_oneof![
                 proptest::sample::select(&FIELDS[..]).prop_map(str::to_string),
                 "[a-z_]{1,10}"
             ],
-            arb_json()
+            arb_json(NAMES)
         )
             .prop_map(|(k, v)| Mutation::AddUnknown(k, v)),
-        prop_oneof![number(), arb_json()].prop_map(Mutation::SetVersion),
+        prop_oneof![number(), arb_json(NAMES)].prop_map(Mutation::SetVersion),
         any::<bool>().prop_map(Mutation::Nested),
     ]
 }
@@ -370,7 +326,7 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_json_reaches_the_handler_only_well_formed(v in prop_oneof![arb_json(), request_like()]) {
+    fn arbitrary_json_reaches_the_handler_only_well_formed(v in prop_oneof![arb_json(NAMES), request_like()]) {
         exchange(&serde_json::to_string(&v).unwrap())?;
     }
 
@@ -457,8 +413,8 @@ proptest! {
 
     #[test]
     fn replies_parse_from_arbitrary_json_without_panic(v in prop_oneof![
-        arb_json(),
-        (any::<u32>(), any::<bool>(), proptest::option::of(any::<String>()), arb_json()).prop_map(
+        arb_json(NAMES),
+        (any::<u32>(), any::<bool>(), proptest::option::of(any::<String>()), arb_json(NAMES)).prop_map(
             |(version, ok, error, status)| json!({ "version": version, "ok": ok, "error": error, "status": status })
         ),
     ]) {

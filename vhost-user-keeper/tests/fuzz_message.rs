@@ -7,6 +7,10 @@
 //! Cases per property: `PROPTEST_CASES` when set (`make fuzz` sets a large number), else the
 //! small default below, so that `cargo test` stays quick.
 
+#[path = "../../vhost-balloon-backend/protocol/tests/support/cases.rs"]
+mod cases;
+
+use cases::config;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use std::fs::File;
@@ -20,16 +24,6 @@ use vhost_user_keeper::message::{
     self, request, Message, MessageError, HEADER_SIZE, MAX_FDS, MAX_PAYLOAD,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-
-/// `PROPTEST_CASES` if set, else `default`. (proptest's `proptest!` also applies the variable
-/// over the config it is given, so this only decides the default.)
-fn config(default: u32) -> ProptestConfig {
-    if std::env::var_os("PROPTEST_CASES").is_some() {
-        ProptestConfig::default()
-    } else {
-        ProptestConfig::with_cases(default)
-    }
-}
 
 /// A read that waits longer than this is a hang (the writer always closes its end).
 const READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -10,20 +10,14 @@ use balloon_protocol::app::{
     decode, encode, AppMessage, AppProtocolError, Envelope, HostMessage, PageRange,
     APP_PROTOCOL_VERSION, MAX_LINE_BYTES, MAX_RANGES_PER_MESSAGE,
 };
+mod support;
+
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use serde_json::{json, Map, Value};
-
-/// `PROPTEST_CASES` if set, else `default`. (proptest's `proptest!` also applies the variable
-/// over the config it is given, so this only decides the default.)
-fn config(default: u32) -> ProptestConfig {
-    if std::env::var_os("PROPTEST_CASES").is_some() {
-        ProptestConfig::default()
-    } else {
-        ProptestConfig::with_cases(default)
-    }
-}
+use support::cases::config;
+use support::json::{arb_json, key, number, Names};
 
 /// For properties whose cases cost a megabyte line each: `PROPTEST_CASES / divisor` when set,
 /// else `default`. Run through a `TestRunner` directly, since `proptest!` would put the
@@ -54,6 +48,13 @@ fn run_scaled<S: Strategy>(
 
 const APP_TYPES: [&str; 4] = ["hello", "inflated", "deflate", "state"];
 const HOST_TYPES: [&str; 4] = ["target", "ack", "nack", "refused"];
+const TAGS: [&str; 8] = [
+    "hello", "inflated", "deflate", "state", "target", "ack", "nack", "refused",
+];
+const NAMES: Names = Names {
+    fields: &FIELDS,
+    tags: &TAGS,
+};
 const FIELDS: [&str; 16] = [
     "v",
     "type",
@@ -73,70 +74,16 @@ const FIELDS: [&str; 16] = [
     "cmd",
 ];
 
-fn key() -> impl Strategy<Value = String> {
-    prop_oneof![
-        4 => proptest::sample::select(&FIELDS[..]).prop_map(str::to_string),
-        1 => "[a-z_]{1,10}",
-        1 => any::<String>(),
-    ]
-}
-
-fn number() -> impl Strategy<Value = Value> {
-    prop_oneof![
-        any::<u64>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_map(Value::from), // NaN and infinities become null
-        proptest::sample::select(vec![
-            json!(0),
-            json!(1),
-            json!(2),
-            json!(-1),
-            json!(1.0),
-            json!(1.5),
-            json!(u32::MAX),
-            json!(u64::from(u32::MAX) + 1),
-            json!(u64::MAX),
-            json!(1e300),
-            json!(-0.0),
-        ]),
-    ]
-}
-
-fn leaf() -> impl Strategy<Value = Value> {
-    prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        number(),
-        proptest::sample::select(&APP_TYPES[..]).prop_map(Value::from),
-        proptest::sample::select(&HOST_TYPES[..]).prop_map(Value::from),
-        any::<String>().prop_map(Value::from),
-    ]
-}
-
-fn object_of(inner: BoxedStrategy<Value>) -> impl Strategy<Value = Value> {
-    btree_map(key(), inner, 0..8).prop_map(|m| Value::Object(m.into_iter().collect()))
-}
-
-/// Any JSON value, nested a few levels, with the protocol's field names as likely keys.
-fn arb_json() -> impl Strategy<Value = Value> {
-    leaf().prop_recursive(4, 64, 8, |inner| {
-        prop_oneof![
-            vec(inner.clone(), 0..8).prop_map(Value::Array),
-            object_of(inner.boxed()),
-        ]
-    })
-}
-
 /// An object that looks like a message: mostly `v` 1 and a known type, then arbitrary fields.
 fn message_like() -> impl Strategy<Value = Value> {
     (
-        prop_oneof![4 => Just(json!(1)), 1 => number(), 1 => arb_json()],
+        prop_oneof![4 => Just(json!(1)), 1 => number(), 1 => arb_json(NAMES)],
         prop_oneof![
             proptest::sample::select(&APP_TYPES[..]).prop_map(Value::from),
             proptest::sample::select(&HOST_TYPES[..]).prop_map(Value::from),
-            arb_json(),
+            arb_json(NAMES),
         ],
-        btree_map(key(), arb_json(), 0..6),
+        btree_map(key(NAMES), arb_json(NAMES), 0..6),
         any::<bool>(),
     )
         .prop_map(|(v, ty, fields, with_v)| {
@@ -395,20 +342,20 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         Just(Mutation::Nothing),
         Just(Mutation::Pretty),
         any::<prop::sample::Index>().prop_map(Mutation::RemoveKey),
-        (any::<prop::sample::Index>(), arb_json()).prop_map(|(i, v)| Mutation::SetKey(i, v)),
+        (any::<prop::sample::Index>(), arb_json(NAMES)).prop_map(|(i, v)| Mutation::SetKey(i, v)),
         (
             prop_oneof![
                 proptest::sample::select(&FIELDS[..]).prop_map(str::to_string),
                 "[a-z_]{1,10}"
             ],
-            arb_json()
+            arb_json(NAMES)
         )
             .prop_map(|(k, v)| Mutation::AddUnknown(k, v)),
-        prop_oneof![number(), arb_json()].prop_map(Mutation::SetVersion),
+        prop_oneof![number(), arb_json(NAMES)].prop_map(Mutation::SetVersion),
         (
             any::<prop::sample::Index>(),
             proptest::sample::select(vec!["start", "count", "junk"]),
-            arb_json()
+            arb_json(NAMES)
         )
             .prop_map(|(i, k, v)| Mutation::RangeJunk(i, k, v)),
         any::<bool>().prop_map(Mutation::Nested),
@@ -579,7 +526,7 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_json_decodes_only_as_what_it_says(v in prop_oneof![arb_json(), message_like()]) {
+    fn arbitrary_json_decodes_only_as_what_it_says(v in prop_oneof![arb_json(NAMES), message_like()]) {
         decode_both(&serde_json::to_string(&v).unwrap())?;
     }
 

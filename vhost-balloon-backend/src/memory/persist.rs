@@ -6,7 +6,12 @@
 //! The file names the guest RAM it describes (each region's guest address, size, and the
 //! backing file's device, inode and offset); a file describing other RAM is replaced. Whether
 //! the pages are still the balloon's (the guest may have rebooted meanwhile) is decided later,
-//! from the driver's inflate queue (Balloon::check_driver_instance).
+//! from the driver's inflate queue (the lifecycle, balloon/lifecycle.rs).
+//!
+//! The unsafe code here is the shared mapping itself, which no crate makes safe: a file
+//! mapped shared can change under the process (memmap2's `map_mut` is unsafe for that
+//! reason), and the regions' bitmaps are disjoint word ranges of one mapping, so their slices
+//! are made by hand (the file is locked, so only this process writes it).
 
 use std::fs::File;
 use std::io;
@@ -47,7 +52,8 @@ struct Mapping {
     bytes: usize,
 }
 
-// SAFETY: the mapping is plain shared memory; each MappedWords touches only its own range.
+// SAFETY: the mapping is plain shared memory; each MappedWords touches only its own range
+// (see the module: one mapping shared by regions is what no crate expresses safely).
 unsafe impl Send for Mapping {}
 // SAFETY: as above; no interior state besides the memory.
 unsafe impl Sync for Mapping {}
