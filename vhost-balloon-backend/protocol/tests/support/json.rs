@@ -1,5 +1,7 @@
 //! Arbitrary JSON for the fuzz targets of the JSON-lines protocols: any value, nested a few
 //! levels, with a protocol's own field names and tags as likely keys and strings.
+// Each target uses its part (the control protocol has no page ranges to mutate).
+#![allow(dead_code)]
 
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
@@ -60,4 +62,52 @@ pub fn arb_json(names: Names) -> impl Strategy<Value = Value> {
             btree_map(key(names), inner, 0..8).prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
+}
+
+/// A structured change to a valid message.
+#[derive(Debug, Clone)]
+pub enum Mutation {
+    Nothing,
+    /// Reformatted: pretty-printed JSON, same content.
+    Pretty,
+    RemoveKey(prop::sample::Index),
+    SetKey(prop::sample::Index, Value),
+    /// A field the message does not have.
+    AddUnknown(String, Value),
+    SetVersion(Value),
+    /// Junk in one range of an inflated/deflate (wrong types, negative, huge, nested).
+    RangeJunk(prop::sample::Index, &'static str, Value),
+    /// The message nested in an array or another object.
+    Nested(bool),
+}
+
+/// Mutations of a message of the protocol `names` describes; `ranges` when its messages
+/// carry page ranges.
+pub fn mutation(names: Names, ranges: bool) -> BoxedStrategy<Mutation> {
+    let common = prop_oneof![
+        Just(Mutation::Nothing),
+        Just(Mutation::Pretty),
+        any::<prop::sample::Index>().prop_map(Mutation::RemoveKey),
+        (any::<prop::sample::Index>(), arb_json(names)).prop_map(|(i, v)| Mutation::SetKey(i, v)),
+        (
+            prop_oneof![
+                proptest::sample::select(names.fields).prop_map(str::to_string),
+                "[a-z_]{1,10}"
+            ],
+            arb_json(names)
+        )
+            .prop_map(|(k, v)| Mutation::AddUnknown(k, v)),
+        prop_oneof![number(), arb_json(names)].prop_map(Mutation::SetVersion),
+        any::<bool>().prop_map(Mutation::Nested),
+    ];
+    if !ranges {
+        return common.boxed();
+    }
+    let range_junk = (
+        any::<prop::sample::Index>(),
+        proptest::sample::select(vec!["start", "count", "junk"]),
+        arb_json(names),
+    )
+        .prop_map(|(i, k, v)| Mutation::RangeJunk(i, k, v));
+    prop_oneof![7 => common, 1 => range_junk].boxed()
 }
