@@ -1,4 +1,4 @@
-//! A fake cloud-hypervisor API server for tests and demos without KVM: `vm.info`,
+//! A fake cloud-hypervisor API server for tests and benchmarks without KVM: `vm.info`,
 //! `vm.balloon-stats` and `vm.resize` as the published OpenAPI description gives them, with a
 //! balloon that moves 64 MiB toward its target on every request.
 

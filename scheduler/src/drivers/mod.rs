@@ -52,7 +52,11 @@ pub trait BalloonDriver: Send {
 
 pub mod backend;
 pub mod cloud_hypervisor;
+// The fakes serve tests and benchmarks only: not in the production library unless the
+// `fakes` feature asks for them (the benchmarks' crate does).
+#[cfg(any(test, feature = "fakes"))]
 pub mod fake_backend;
+#[cfg(any(test, feature = "fakes"))]
 pub mod fake_ch;
 pub mod http;
 pub mod pool;
