@@ -7,6 +7,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 
 pub const HEADER_SIZE: usize = 12;
 /// The largest payload accepted (the vhost crate's MAX_MSG_SIZE; QEMU's largest message, a
@@ -15,59 +16,60 @@ pub const MAX_PAYLOAD: usize = 0x1000;
 /// The most descriptors accepted with one message (the vhost crate's limit).
 pub const MAX_FDS: usize = 32;
 
-/// Header flags (vhost-user spec, "Header").
+/// Header flags (vhost-user spec, "Header"), from the vhost crate.
 pub const FLAG_VERSION_1: u32 = 0x1;
-pub const FLAG_REPLY: u32 = 0x4;
-pub const FLAG_NEED_REPLY: u32 = 0x8;
+pub const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+pub const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 
 /// Frontend request codes the keeper treats specially (vhost-user spec, "Front-end message
-/// types").
+/// types"): the vhost crate's numbers (FrontendReq), as the u32 of the wire header.
 pub mod request {
-    pub const GET_FEATURES: u32 = 1;
-    pub const SET_FEATURES: u32 = 2;
-    pub const SET_OWNER: u32 = 3;
-    pub const RESET_OWNER: u32 = 4;
-    pub const SET_MEM_TABLE: u32 = 5;
-    pub const SET_LOG_BASE: u32 = 6;
-    pub const SET_LOG_FD: u32 = 7;
-    pub const SET_VRING_NUM: u32 = 8;
-    pub const SET_VRING_ADDR: u32 = 9;
-    pub const SET_VRING_BASE: u32 = 10;
-    pub const GET_VRING_BASE: u32 = 11;
-    pub const SET_VRING_KICK: u32 = 12;
-    pub const SET_VRING_CALL: u32 = 13;
-    pub const SET_VRING_ERR: u32 = 14;
-    pub const GET_PROTOCOL_FEATURES: u32 = 15;
-    pub const SET_PROTOCOL_FEATURES: u32 = 16;
-    pub const GET_QUEUE_NUM: u32 = 17;
-    pub const SET_VRING_ENABLE: u32 = 18;
-    pub const SEND_RARP: u32 = 19;
-    pub const SET_BACKEND_REQ_FD: u32 = 21;
-    pub const SET_VRING_ENDIAN: u32 = 23;
-    pub const GET_CONFIG: u32 = 24;
-    pub const SET_CONFIG: u32 = 25;
-    pub const POSTCOPY_ADVISE: u32 = 28;
-    pub const POSTCOPY_END: u32 = 30;
-    pub const GET_INFLIGHT_FD: u32 = 31;
-    pub const RESET_DEVICE: u32 = 34;
-    pub const VRING_KICK: u32 = 35;
-    pub const GET_MAX_MEM_SLOTS: u32 = 36;
-    pub const ADD_MEM_REG: u32 = 37;
-    pub const REM_MEM_REG: u32 = 38;
-    pub const SET_STATUS: u32 = 39;
-    pub const GET_STATUS: u32 = 40;
-    pub const GET_SHARED_OBJECT: u32 = 41;
-    pub const SET_DEVICE_STATE_FD: u32 = 42;
-    pub const CHECK_DEVICE_STATE: u32 = 43;
-    pub const GET_SHMEM_CONFIG: u32 = 44;
+    use vhost::vhost_user::message::FrontendReq as R;
+    pub const GET_FEATURES: u32 = R::GET_FEATURES as u32;
+    pub const SET_FEATURES: u32 = R::SET_FEATURES as u32;
+    pub const SET_OWNER: u32 = R::SET_OWNER as u32;
+    pub const RESET_OWNER: u32 = R::RESET_OWNER as u32;
+    pub const SET_MEM_TABLE: u32 = R::SET_MEM_TABLE as u32;
+    pub const SET_LOG_BASE: u32 = R::SET_LOG_BASE as u32;
+    pub const SET_LOG_FD: u32 = R::SET_LOG_FD as u32;
+    pub const SET_VRING_NUM: u32 = R::SET_VRING_NUM as u32;
+    pub const SET_VRING_ADDR: u32 = R::SET_VRING_ADDR as u32;
+    pub const SET_VRING_BASE: u32 = R::SET_VRING_BASE as u32;
+    pub const GET_VRING_BASE: u32 = R::GET_VRING_BASE as u32;
+    pub const SET_VRING_KICK: u32 = R::SET_VRING_KICK as u32;
+    pub const SET_VRING_CALL: u32 = R::SET_VRING_CALL as u32;
+    pub const SET_VRING_ERR: u32 = R::SET_VRING_ERR as u32;
+    pub const GET_PROTOCOL_FEATURES: u32 = R::GET_PROTOCOL_FEATURES as u32;
+    pub const SET_PROTOCOL_FEATURES: u32 = R::SET_PROTOCOL_FEATURES as u32;
+    pub const GET_QUEUE_NUM: u32 = R::GET_QUEUE_NUM as u32;
+    pub const SET_VRING_ENABLE: u32 = R::SET_VRING_ENABLE as u32;
+    pub const SEND_RARP: u32 = R::SEND_RARP as u32;
+    pub const SET_BACKEND_REQ_FD: u32 = R::SET_BACKEND_REQ_FD as u32;
+    pub const SET_VRING_ENDIAN: u32 = R::SET_VRING_ENDIAN as u32;
+    pub const GET_CONFIG: u32 = R::GET_CONFIG as u32;
+    pub const SET_CONFIG: u32 = R::SET_CONFIG as u32;
+    pub const POSTCOPY_ADVISE: u32 = R::POSTCOPY_ADVISE as u32;
+    pub const POSTCOPY_END: u32 = R::POSTCOPY_END as u32;
+    pub const GET_INFLIGHT_FD: u32 = R::GET_INFLIGHT_FD as u32;
+    pub const RESET_DEVICE: u32 = R::RESET_DEVICE as u32;
+    pub const VRING_KICK: u32 = R::VRING_KICK as u32;
+    pub const GET_MAX_MEM_SLOTS: u32 = R::GET_MAX_MEM_SLOTS as u32;
+    pub const ADD_MEM_REG: u32 = R::ADD_MEM_REG as u32;
+    pub const REM_MEM_REG: u32 = R::REM_MEM_REG as u32;
+    pub const SET_STATUS: u32 = R::SET_STATUS as u32;
+    pub const GET_STATUS: u32 = R::GET_STATUS as u32;
+    pub const GET_SHARED_OBJECT: u32 = R::GET_SHARED_OBJECT as u32;
+    pub const SET_DEVICE_STATE_FD: u32 = R::SET_DEVICE_STATE_FD as u32;
+    pub const CHECK_DEVICE_STATE: u32 = R::CHECK_DEVICE_STATE as u32;
+    pub const GET_SHMEM_CONFIG: u32 = R::GET_SHMEM_CONFIG as u32;
 }
 
-/// Protocol feature bits (vhost-user spec, "Protocol features").
-pub const PROTOCOL_F_MQ: u64 = 1 << 0;
-pub const PROTOCOL_F_LOG_SHMFD: u64 = 1 << 1;
-pub const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
-pub const PROTOCOL_F_BACKEND_REQ: u64 = 1 << 5;
-pub const PROTOCOL_F_CONFIG: u64 = 1 << 9;
+/// Protocol feature bits (vhost-user spec, "Protocol features"), from the vhost crate.
+pub const PROTOCOL_F_MQ: u64 = VhostUserProtocolFeatures::MQ.bits();
+pub const PROTOCOL_F_LOG_SHMFD: u64 = VhostUserProtocolFeatures::LOG_SHMFD.bits();
+pub const PROTOCOL_F_REPLY_ACK: u64 = VhostUserProtocolFeatures::REPLY_ACK.bits();
+pub const PROTOCOL_F_BACKEND_REQ: u64 = VhostUserProtocolFeatures::BACKEND_REQ.bits();
+pub const PROTOCOL_F_CONFIG: u64 = VhostUserProtocolFeatures::CONFIG.bits();
 
 /// The protocol features a frontend may negotiate through the keeper: the ones whose state the
 /// journal can replay. Others (postcopy, inflight tracking, memory slots, device state, shared
