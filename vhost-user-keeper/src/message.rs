@@ -305,9 +305,9 @@ pub fn send(stream: &UnixStream, msg: &Message) -> io::Result<()> {
     let mut sent = 0;
     while sent < bytes.len() {
         let mut control = SendAncillaryBuffer::new(&mut space);
-        if sent == 0 && !fds.is_empty() {
-            // Room for MAX_FDS, checked above.
-            control.push(SendAncillaryMessage::ScmRights(&fds));
+        if sent == 0 && !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            // Room for MAX_FDS was made, and more were refused above.
+            return Err(too_many_fds(fds.len()));
         }
         match rustix::net::sendmsg(
             stream,
