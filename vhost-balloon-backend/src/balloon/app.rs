@@ -121,7 +121,10 @@ impl Balloon {
     /// The app's pages are the guest's again (it exited, or a new one said hello).
     pub fn app_gone(&mut self) {
         let ranges = self.app.memory.clear_tracking();
-        self.give_back(&ranges, "app balloon released");
+        // The guest reuses these pages at once, and the app's discards are queued while it
+        // holds them: none may land now.
+        self.withdraw_discards(&ranges);
+        super::log_given_back(&ranges, "app balloon released");
         self.app.held_bytes = 0;
         self.app.stalled = false;
     }

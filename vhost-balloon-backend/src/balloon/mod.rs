@@ -107,6 +107,17 @@ fn discard_with(
     }
 }
 
+/// Logs `why` with how much of `ranges` the guest has back.
+fn log_given_back(ranges: &[PfnRange], why: &str) {
+    let pages: u64 = ranges.iter().map(|r| r.count).sum();
+    if pages > 0 {
+        log::info!(
+            "{why}: {} MiB back to the guest",
+            pages_to_bytes(pages) >> 20
+        );
+    }
+}
+
 impl Balloon {
     pub fn new(feature_choice: FeatureChoice, state_file: Option<PathBuf>) -> Self {
         Balloon {
@@ -212,7 +223,10 @@ impl Balloon {
     /// Moves the lifecycle on `event` and does what the transition says.
     fn transition(&mut self, event: Event) {
         let (next, actions) = self.lifecycle.on(event);
-        log::debug!("lifecycle {:?} on {event:?}: {next:?}", self.lifecycle);
+        // Not on every kick of a running inflate queue (no change, nothing to do).
+        if next != self.lifecycle || !actions.is_empty() {
+            log::debug!("lifecycle {:?} on {event:?}: {next:?}", self.lifecycle);
+        }
         self.lifecycle = next;
         for action in actions {
             match action {
@@ -401,7 +415,7 @@ impl Balloon {
         self.changed();
         if enabled && !was {
             self.transition(Event::DiscardOn);
-            if !self.lifecycle.running() && self.lifecycle != Lifecycle::Idle {
+            if matches!(self.lifecycle, Lifecycle::OwnerUnknown { .. }) {
                 log::info!(
                     "discards on; the tracked pages are discarded once the driver's inflate queue shows they are still its"
                 );
@@ -430,27 +444,15 @@ impl Balloon {
         self.counters.reclaimed_bytes += out.discarded_bytes;
     }
 
-    /// A new driver instance: every tracked page is the guest's again, and no discard queued
-    /// for one may land.
+    /// A new driver instance: every tracked page is the guest's again. No discard of them is
+    /// queued: the owner came in doubt first, which dropped them all (`owner_unknown`), and
+    /// the driver inflates nothing before this.
     fn forget_tracked(&mut self) {
         let ranges = self.memory.clear_tracking();
-        self.give_back(
+        log_given_back(
             &ranges,
             "a new driver instance (guest reboot or driver reload)",
         );
-    }
-
-    /// The guest has the pages in `ranges` back (their tracking is cleared) and reuses them at
-    /// once: no discard queued for them may land. Logs `why` with how much.
-    fn give_back(&self, ranges: &[PfnRange], why: &str) {
-        self.withdraw_discards(ranges);
-        let pages: u64 = ranges.iter().map(|r| r.count).sum();
-        if pages > 0 {
-            log::info!(
-                "{why}: {} MiB back to the guest",
-                pages_to_bytes(pages) >> 20
-            );
-        }
     }
 
     /// A config read from the frontend.
