@@ -49,7 +49,8 @@ pub enum Event {
 /// What the backend must do on a transition, in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// The tracked pages are the guest's again: forget them (and any discard queued for them).
+    /// The tracked pages are the guest's again: forget them (no discard of them is queued: the
+    /// way into `OwnerUnknown` dropped those).
     ForgetTracked,
     /// Discard the tracked pages again (they are the balloon's and some discards were lost).
     DiscardTracked,
