@@ -239,11 +239,11 @@ pub fn run_loop(shared: Arc<Shared>, tick_seconds: f64, budget: Budget, trace: O
         match tick(&shared, budget, started) {
             Ok(record) => {
                 if let Some(f) = trace_file.as_mut() {
-                    if let Err(e) = writeln!(
-                        f,
-                        "{}",
-                        balloon_protocol::lines::json_line(&record).trim_end()
-                    ) {
+                    // One line per record; a reply's error stand-in has no place in a trace.
+                    let written = serde_json::to_string(&record)
+                        .map_err(std::io::Error::from)
+                        .and_then(|line| writeln!(f, "{line}"));
+                    if let Err(e) = written {
                         log::error!("writing the trace: {e}");
                     }
                 }
