@@ -31,9 +31,18 @@ test: provision
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace
 
+# The benchmarks that need no VM are cargo benches of their crate (scheduler/benches/); the
+# others are balloon-bench's (tests/src/bin/bench/). BENCH names some of either (empty: all);
+# every one named runs, and the target fails if any did.
+SCHEDULER_BENCHES = scheduler_tick policy_scenarios
+bench_scheduler = $(if $(BENCH),$(filter $(SCHEDULER_BENCHES),$(BENCH)),$(SCHEDULER_BENCHES))
+bench_lab = $(filter-out $(SCHEDULER_BENCHES),$(BENCH))
 bench: provision
 	$(CARGO) build --release --workspace
-	$(CARGO) run --release -q -p balloon-tests --bin balloon-bench -- $(BENCH)
+	failed=0; \
+	$(if $(bench_scheduler),$(CARGO) bench -q -p scheduler $(addprefix --bench ,$(bench_scheduler)) || failed=1;) \
+	$(if $(or $(bench_lab),$(if $(BENCH),,all)),$(CARGO) run --release -q -p balloon-tests --bin balloon-bench -- $(bench_lab) || failed=1;) \
+	exit $$failed
 
 fuzz:
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release $(FUZZ_TARGETS)

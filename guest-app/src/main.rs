@@ -53,8 +53,7 @@ struct Cli {
 
 fn main() {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log_level))
-        .init();
+    balloon_protocol::daemon::init_logging(&cli.log_level);
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let missing = guest_app::caps::missing(guest_app::caps::effective(&status).unwrap_or(0));
     if !missing.is_empty() {

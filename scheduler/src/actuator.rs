@@ -129,27 +129,11 @@ impl GuestActuator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::GuestSpec;
+    use crate::fixtures::MIB;
 
-    const MIB: u64 = 1 << 20;
-
+    /// A 2 GiB guest whose balloon is asked for `target` MiB and holds `actual` MiB.
     fn guest(target: u64, actual: u64) -> GuestState {
-        GuestState {
-            spec: GuestSpec {
-                name: "g".into(),
-                memory_bytes: 2048 * MIB,
-                min_bytes: 0,
-                max_bytes: 2048 * MIB,
-                shares: 1,
-                static_bytes: None,
-            },
-            reachable: true,
-            balloon_target_bytes: target * MIB,
-            balloon_actual_bytes: actual * MIB,
-            stats: None,
-            pinned: false,
-            balloon_limit_bytes: None,
-        }
+        crate::fixtures::guest("g", 2048).balloon(target, actual)
     }
 
     #[test]

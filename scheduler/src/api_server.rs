@@ -6,7 +6,8 @@
 use crate::api::{ApiMessage, ApiReply, ApiRequest, API_VERSION};
 use crate::daemon::Shared;
 use balloon_protocol::lines::{
-    decode_versioned, DecodeError, Flow, Framing, Limits, LineServer, Outbox, Service, Session,
+    decode_versioned, json_line, DecodeError, Flow, Framing, Limits, LineServer, Outbox, Service,
+    Session,
 };
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,10 +32,6 @@ struct ApiSession {
     watching: Arc<AtomicBool>,
 }
 
-fn line(reply: &ApiReply) -> String {
-    balloon_protocol::lines::json_line(reply)
-}
-
 impl Service for Api {
     type Session = ApiSession;
 
@@ -47,7 +44,7 @@ impl Service for Api {
     }
 
     fn refusal(&self, reason: &str) -> String {
-        line(&ApiReply::error(reason))
+        json_line(&ApiReply::error(reason))
     }
 }
 
@@ -72,7 +69,7 @@ impl Session for ApiSession {
                         self.watching.store(false, Ordering::Relaxed);
                         let _ = self
                             .outbox
-                            .send(line(&ApiReply::error("cannot start the watch")));
+                            .send(json_line(&ApiReply::error("cannot start the watch")));
                     }
                 }
                 Flow::Continue
@@ -89,7 +86,7 @@ impl Session for ApiSession {
 
 impl ApiSession {
     fn reply(&self, reply: &ApiReply) -> Flow {
-        match self.outbox.send(line(reply)) {
+        match self.outbox.send(json_line(reply)) {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Close,
         }
@@ -137,7 +134,7 @@ fn watch(shared: &Shared, outbox: &Outbox) {
             return;
         }
         seen = status.ticks;
-        if outbox.send(line(&ApiReply::status(status))).is_err() {
+        if outbox.send(json_line(&ApiReply::status(status))).is_err() {
             return;
         }
     }
@@ -159,10 +156,8 @@ mod tests {
 
     #[test]
     fn serves_requests_streams_watch_and_refuses_long_lines() {
-        let dir = std::env::temp_dir().join(format!("api-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("api.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let engine = Engine::new(PolicyConfig::default(), ActuatorConfig::default());
         let shared = Shared::new(engine, Vec::new(), Duration::from_millis(100)).unwrap();
@@ -190,7 +185,6 @@ mod tests {
         assert!(refused.error.unwrap().contains("longer than"));
         let mut c2 = LineClient::connect(&path, timeout).unwrap();
         assert!(reply(&c2.exchange("{\"version\":1,\"cmd\":\"status\"}\n").unwrap()).ok);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -4,29 +4,10 @@ use crate::actuator::ActuatorConfig;
 use crate::model::GuestSpec;
 use crate::policy::PolicyConfig;
 use balloon_protocol::config_file::{self, ConfigFileError};
-use balloon_protocol::parse_size;
-use serde::{Deserialize, Deserializer};
+pub use balloon_protocol::Size;
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// A size in bytes written as a number or a string with a suffix ("512M", "1.5G").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Size(pub u64);
-
-impl<'de> Deserialize<'de> for Size {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(Size(n)),
-            Raw::Text(t) => parse_size(&t).map(Size).map_err(serde::de::Error::custom),
-        }
-    }
-}
 
 /// How much memory the guests may use together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -49,14 +30,20 @@ pub enum DriverConfig {
         /// QOM path of the balloon device (for its statistics).
         #[serde(default)]
         device: Option<String>,
+        /// How often QEMU asks the guest for statistics (the device's
+        /// `guest-stats-polling-interval`); 0 leaves it as it is. Default 5.
+        #[serde(default)]
+        stats_interval_seconds: Option<u64>,
     },
     /// cloud-hypervisor's REST API socket.
     CloudHypervisor { api_socket: PathBuf },
 }
 
+/// One guest: its sizes and shares, and the driver that moves its balloon. The simulator's
+/// scenarios use the same entry with a modelled guest as the driver (`sim::ModelledGuest`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GuestConfig {
+pub struct GuestConfig<D = DriverConfig> {
     pub name: String,
     pub memory: Size,
     pub min: Option<Size>,
@@ -66,7 +53,7 @@ pub struct GuestConfig {
     /// The `static` policy's size for this guest.
     #[serde(rename = "static")]
     pub static_size: Option<Size>,
-    pub driver: DriverConfig,
+    pub driver: D,
 }
 
 fn default_shares() -> u64 {
@@ -109,7 +96,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-impl GuestConfig {
+impl<D> GuestConfig<D> {
     pub fn spec(&self) -> GuestSpec {
         GuestSpec::from_sizes(
             &self.name,
@@ -236,10 +223,18 @@ mod tests {
             memory = 536870912
             max = "2G"
             shares = 2000
-            driver = { kind = "qmp", socket = "/run/b.qmp" }
+            driver = { kind = "qmp", socket = "/run/b.qmp", stats_interval_seconds = 2 }
             "#,
         )
         .unwrap();
+        assert_eq!(
+            c.guests[1].driver,
+            DriverConfig::Qmp {
+                socket: "/run/b.qmp".into(),
+                device: None,
+                stats_interval_seconds: Some(2)
+            }
+        );
         assert_eq!(c.budget.bytes, Some(Size(1536 << 20)));
         let s = c.specs();
         assert_eq!(s[0].min_bytes, 256 << 20);

@@ -7,6 +7,8 @@ pub mod config;
 pub mod daemon;
 pub mod drivers;
 pub mod engine;
+#[cfg(test)]
+mod fixtures;
 pub mod host;
 pub mod metrics;
 pub mod model;

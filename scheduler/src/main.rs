@@ -42,9 +42,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log_level))
-        .format_timestamp_millis()
-        .init();
+    balloon_protocol::daemon::init_logging(&cli.log_level);
     let result = match cli.command {
         Command::Run { config, trace } => scheduler::run::run(&config, trace),
         Command::Simulate {

@@ -212,27 +212,8 @@ mod tests {
     use crate::policy::host_level::HostLevel;
     use crate::policy::PolicyKind;
     use crate::trace::{GuestCondition, TraceGuest};
-    use std::path::PathBuf;
 
     const MIB: u64 = 1 << 20;
-
-    /// A directory of its own per test (tests run in parallel in one process).
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(test: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("plot-{test}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn guest(name: &str, allocation_mib: u64, used_mib: Option<u64>) -> TraceGuest {
         TraceGuest {
@@ -278,8 +259,8 @@ mod tests {
 
     #[test]
     fn plots_three_guests_to_an_svg() {
-        let dir = TempDir::new("three");
-        let svg = dir.0.join("m.svg");
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("m.svg");
         plot_trace(&trace(), &svg).unwrap();
         let body = std::fs::read_to_string(&svg).unwrap();
         assert!(body.starts_with("<svg"), "{}", &body[..60.min(body.len())]);
@@ -331,22 +312,22 @@ mod tests {
 
     #[test]
     fn an_empty_trace_is_an_error() {
-        let dir = TempDir::new("empty");
-        let svg = dir.0.join("m.svg");
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("m.svg");
         let err = plot_trace(&[], &svg).unwrap_err();
         assert!(matches!(err, PlotError::Empty), "{err}");
         assert!(err.to_string().contains("empty"), "{err}");
         assert!(!svg.exists());
         // A file of blank lines reads as no records, which then cannot be plotted.
-        let file = dir.0.join("t.jsonl");
+        let file = dir.path().join("t.jsonl");
         std::fs::write(&file, "\n  \n").unwrap();
         assert!(read_trace(&file).unwrap().is_empty());
     }
 
     #[test]
     fn reads_a_trace_and_names_the_bad_line() {
-        let dir = TempDir::new("read");
-        let file = dir.0.join("t.jsonl");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.jsonl");
         let records = trace();
         let good = serde_json::to_string(&records[0]).unwrap();
         let again = serde_json::to_string(&records[1]).unwrap();
@@ -363,7 +344,7 @@ mod tests {
         assert!(err.to_string().contains("line 3"), "{err}");
         assert!(err.to_string().contains("t.jsonl"), "{err}");
 
-        let missing = dir.0.join("missing.jsonl");
+        let missing = dir.path().join("missing.jsonl");
         let err = read_trace(&missing).unwrap_err();
         assert!(matches!(err, PlotError::Read { .. }), "{err}");
         assert!(err.to_string().contains("missing.jsonl"), "{err}");
@@ -379,17 +360,17 @@ mod tests {
             [[guest]]
             name = "alpha"
             memory = "1G"
-            working_set = [[0, "200M"], [30, "700M"]]
+            driver.working_set = [[0, "200M"], [30, "700M"]]
             [[guest]]
             name = "beta"
             memory = "1G"
-            working_set = [[0, "300M"]]
+            driver.working_set = [[0, "300M"]]
             "#,
         )
         .unwrap();
         let out = crate::sim::run(&scenario);
-        let dir = TempDir::new("sim");
-        let file = dir.0.join("t.jsonl");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.jsonl");
         let text: String = out
             .trace
             .iter()
@@ -398,7 +379,7 @@ mod tests {
         std::fs::write(&file, text).unwrap();
         let records = read_trace(&file).unwrap();
         assert_eq!(records, out.trace);
-        let svg = dir.0.join("m.svg");
+        let svg = dir.path().join("m.svg");
         plot_trace(&records, &svg).unwrap();
         let body = std::fs::read_to_string(&svg).unwrap();
         for text in ["alpha allocation", "alpha used", "beta used", "budget"] {
@@ -408,8 +389,8 @@ mod tests {
 
     #[test]
     fn a_single_tick_of_zeros_still_plots() {
-        let dir = TempDir::new("zeros");
-        let svg = dir.0.join("m.svg");
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("m.svg");
         let mut record = trace().remove(0);
         record.budget_bytes = 0;
         record.guests = vec![guest("only", 0, Some(0))];

@@ -6,9 +6,7 @@
 
 use crate::error::IoContext;
 use crate::{LabError, Result};
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::Duration;
@@ -29,105 +27,23 @@ const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// deflated page.
 const VIRTIO_BALLOON_F_MUST_TELL_HOST: u64 = 1;
 
-/// Guest RAM: a shared memfd mapped here, data pages first, then the ring area.
-pub struct MemfdRam {
-    pub file: File,
-    pub addr: *mut u8,
-    pub len: u64,
-    pub data_len: u64,
+/// Guest RAM: the backend crate's test memfd, mapped here.
+pub use vhost_balloon_backend::testing::MemfdRam;
+
+/// Guest RAM for a [`TestFrontend`]: `data_len` bytes of data pages first, then the ring area
+/// (rings and PFN buffers, never discarded) in the top `RING_AREA` bytes.
+pub fn guest_ram(data_len: u64) -> Result<MemfdRam> {
+    MemfdRam::new(data_len + RING_AREA).ctx(|| "creating the memfd guest RAM".into())
 }
 
-// The mapping is only touched through explicit volatile accesses by one owner at a time.
-unsafe impl Send for MemfdRam {}
-
-impl MemfdRam {
-    pub fn new(data_len: u64) -> Result<Self> {
-        let len = data_len + RING_AREA;
-        // SAFETY: plain syscalls; the mapping lives until Drop.
-        unsafe {
-            let fd = libc::memfd_create(c"frontend-ram".as_ptr(), libc::MFD_CLOEXEC);
-            if fd < 0 {
-                return Err(io_err("memfd_create"));
-            }
-            let file = File::from_raw_fd(fd);
-            if libc::ftruncate(fd, len as libc::off_t) != 0 {
-                return Err(io_err("ftruncate"));
-            }
-            let addr = libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            );
-            if addr == libc::MAP_FAILED {
-                return Err(io_err("mmap"));
-            }
-            Ok(MemfdRam {
-                file,
-                addr: addr as *mut u8,
-                len,
-                data_len,
-            })
-        }
-    }
-
-    /// Writes every page (the ring area too, so that later ring writes allocate nothing and
-    /// the allocated size moves only with discards).
-    pub fn populate(&self) {
-        for off in (0..self.len).step_by(PAGE as usize) {
-            // SAFETY: inside the mapping.
-            unsafe { std::ptr::write_volatile(self.addr.add(off as usize), 1) };
-        }
-    }
-
-    /// Bytes the host really holds for this memory.
-    pub fn allocated(&self) -> u64 {
-        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
-    }
-
-    pub fn data_pages(&self) -> u64 {
-        self.data_len / PAGE
-    }
-
-    /// Fills the data page `pfn` with `value` (what a guest keeps there).
-    pub fn fill_page(&self, pfn: u64, value: u8) {
-        for off in 0..PAGE {
-            self.write(pfn * PAGE + off, value);
-        }
-    }
-
-    /// Whether every byte of data page `pfn` is `value` (a discarded page reads as zeros).
-    pub fn page_is(&self, pfn: u64, value: u8) -> bool {
-        (0..PAGE).all(|off| self.read::<u8>(pfn * PAGE + off) == value)
-    }
-
-    fn write<T: Copy>(&self, gpa: u64, value: T) {
-        assert!(gpa + std::mem::size_of::<T>() as u64 <= self.len);
-        // SAFETY: bounds checked above; the ring area is ours to write.
-        unsafe { std::ptr::write_volatile(self.addr.add(gpa as usize) as *mut T, value) }
-    }
-
-    fn read<T: Copy>(&self, gpa: u64) -> T {
-        assert!(gpa + std::mem::size_of::<T>() as u64 <= self.len);
-        // SAFETY: as above.
-        unsafe { std::ptr::read_volatile(self.addr.add(gpa as usize) as *const T) }
-    }
+/// Bytes of data pages in `ram`: everything below the ring area.
+pub fn data_len(ram: &MemfdRam) -> u64 {
+    ram.len().saturating_sub(RING_AREA)
 }
 
-impl Drop for MemfdRam {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what new() mapped.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
-    }
-}
-
-fn io_err(what: &str) -> LabError {
-    LabError::Io {
-        context: what.to_string(),
-        source: std::io::Error::last_os_error(),
-    }
+/// The data pages in `ram`.
+pub fn data_pages(ram: &MemfdRam) -> u64 {
+    data_len(ram) / PAGE
 }
 
 fn vhost_err(what: &str, e: vhost::Error) -> LabError {
@@ -176,6 +92,12 @@ pub struct TestFrontend {
 impl TestFrontend {
     /// Connects to a backend listening on `socket` and sets up the device over `ram`.
     pub fn connect(socket: &Path, ram: &MemfdRam) -> Result<Self> {
+        if data_len(ram) == 0 {
+            return Err(LabError::Other(format!(
+                "a guest RAM of {} bytes has no room for data below the ring area",
+                ram.len()
+            )));
+        }
         let mut fe = Frontend::connect(socket, 4).map_err(|e| vhost_err("connect", e))?;
         fe.set_owner().map_err(|e| vhost_err("SET_OWNER", e))?;
         let offered = fe
@@ -202,15 +124,15 @@ impl TestFrontend {
         .map_err(|e| vhost_err("SET_PROTOCOL_FEATURES", e))?;
         fe.set_mem_table(&[VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
-            memory_size: ram.len,
-            userspace_addr: ram.addr as u64,
+            memory_size: ram.len(),
+            userspace_addr: ram.host_addr() as u64,
             mmap_offset: 0,
-            mmap_handle: ram.file.as_raw_fd(),
+            mmap_handle: ram.as_raw_fd(),
         }])
         .map_err(|e| vhost_err("SET_MEM_TABLE", e))?;
         let mut queues = Vec::new();
         for index in 0..2usize {
-            let q = SplitQueue::new(ram.data_len + index as u64 * (RING_AREA / 2))?;
+            let q = SplitQueue::new(data_len(ram) + index as u64 * (RING_AREA / 2))?;
             // A fresh ring: zero the avail and used headers.
             ram.write::<u32>(q.avail, 0);
             ram.write::<u32>(q.used, 0);
@@ -223,9 +145,9 @@ impl TestFrontend {
                     queue_size: QUEUE_SIZE,
                     flags: 0,
                     // The backend translates these through the memory table's user addresses.
-                    desc_table_addr: ram.addr as u64 + q.desc,
-                    used_ring_addr: ram.addr as u64 + q.used,
-                    avail_ring_addr: ram.addr as u64 + q.avail,
+                    desc_table_addr: ram.host_addr() as u64 + q.desc,
+                    used_ring_addr: ram.host_addr() as u64 + q.used,
+                    avail_ring_addr: ram.host_addr() as u64 + q.avail,
                     log_addr: None,
                 },
             )

@@ -345,6 +345,28 @@ impl Vm {
     pub fn serial_log(&self) -> String {
         std::fs::read_to_string(self.run_dir.join("serial.log")).unwrap_or_default()
     }
+
+    /// The devices the guest's virtio_balloon driver is bound to (e.g. "virtio2"), empty when
+    /// it is bound to none.
+    pub fn balloon_driver_devices(&mut self) -> Result<Vec<String>> {
+        let listing = self
+            .agent
+            .sh("ls /sys/bus/virtio/drivers/virtio_balloon/")?;
+        Ok(listing
+            .split_whitespace()
+            .filter(|entry| entry.starts_with("virtio"))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Makes the guest write `mib` MiB of tmpfs and free them again, so that the host holds
+    /// memory the guest no longer uses.
+    pub fn touch_and_free(&mut self, mib: u64) -> Result<()> {
+        self.agent.sh(&format!(
+            "dd if=/dev/zero of=/tmp/fill bs=1M count={mib} 2>/dev/null && rm /tmp/fill"
+        ))?;
+        Ok(())
+    }
 }
 
 fn serial_tail(run_dir: &Path) -> String {

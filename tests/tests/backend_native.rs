@@ -3,7 +3,7 @@
 //! vhost-user device cannot survive (see docs/qemu-vhost-user-base-reconnect.md).
 
 use balloon_lab::backend::Backend;
-use balloon_lab::frontend::{MemfdRam, TestFrontend};
+use balloon_lab::frontend::{guest_ram, MemfdRam, TestFrontend};
 use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::MIB;
 use std::time::Duration;
@@ -41,7 +41,7 @@ struct HalfInflated {
 
 impl HalfInflated {
     fn new(backend: &Backend) -> Self {
-        let ram = MemfdRam::new(64 * MIB).unwrap();
+        let ram = guest_ram(64 * MIB).unwrap();
         ram.populate();
         let full = ram.allocated();
         let target = 32 * MIB;
@@ -63,7 +63,7 @@ impl HalfInflated {
 #[test]
 fn inflate_discards_exactly_the_named_pages_and_skips_hostile_ones() {
     let backend = Backend::start("native", &["--no-stats", "--no-free-page-reporting"]).unwrap();
-    let ram = MemfdRam::new(64 * MIB).unwrap();
+    let ram = guest_ram(64 * MIB).unwrap();
     ram.populate();
     let full = ram.allocated();
     let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
@@ -80,7 +80,7 @@ fn inflate_discards_exactly_the_named_pages_and_skips_hostile_ones() {
 
     // Repeats change nothing; pages past the end of RAM are counted and never discarded.
     let before = ram.allocated();
-    let total_pages = (ram.len / PAGE) as u32;
+    let total_pages = (ram.len() / PAGE) as u32;
     fe.inflate(&ram, &[0, 1, 2, total_pages, total_pages + 7, u32::MAX])
         .unwrap();
     assert_eq!(ram.allocated(), before);

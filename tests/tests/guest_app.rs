@@ -46,9 +46,7 @@ fn the_app_balloon_returns_memory_gives_it_back_and_is_released_when_killed() {
     config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
     let mut vm = Vm::start(config).unwrap();
     // Make the guest's free memory resident on the host, so that giving it up shows.
-    vm.agent
-        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=700 2>/dev/null && rm /tmp/fill")
-        .unwrap();
+    vm.touch_and_free(700).unwrap();
     let start_app =
         "balloon-guest --connect serial:/dev/virtio-ports/org.balloon.app > /tmp/app.log 2>&1";
     vm.agent.spawn(start_app).unwrap();
@@ -74,9 +72,7 @@ fn the_app_balloon_returns_memory_gives_it_back_and_is_released_when_killed() {
     wait_app(&backend, "the app to give everything back", |s| {
         s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
     });
-    vm.agent
-        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null && rm /tmp/fill")
-        .unwrap();
+    vm.touch_and_free(600).unwrap();
 
     // Inflate again, then kill -9 the app: the backend stops counting its pages and the guest
     // has the memory again.

@@ -4,7 +4,7 @@
 //! finding of the safety review and failed on the code before the fix.
 
 use balloon_lab::backend::Backend;
-use balloon_lab::frontend::{MemfdRam, TestFrontend};
+use balloon_lab::frontend::{guest_ram, MemfdRam, TestFrontend};
 use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::{lab, MIB};
 use balloon_protocol::app::{decode, encode, AppMessage, HostMessage, PageRange};
@@ -54,7 +54,7 @@ impl Guest {
         let mut args: Vec<&str> = NO_EXTRA_QUEUES.to_vec();
         args.extend(["--app-secret-file", secret.to_str().unwrap()]);
         let backend = Backend::start(name, &args).unwrap();
-        let ram = MemfdRam::new(bytes).unwrap();
+        let ram = guest_ram(bytes).unwrap();
         ram.populate();
         let fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
         wait_for(
@@ -162,7 +162,7 @@ fn no_guest_process_without_the_secret_can_discard_guest_memory() {
     for (ranges, what) in [
         (vec![(0, u64::MAX)], "beyond 64-bit"),
         (vec![(u64::MAX - 1, 2)], "beyond 64-bit"),
-        (vec![(g.ram.len / PAGE + 16, 100)], "outside guest RAM"),
+        (vec![(g.ram.len() / PAGE + 16, 100)], "outside guest RAM"),
         (vec![(0, 4096)], "exceed the app target"),
     ] {
         app.send(&encode(inflated(2, &ranges))).unwrap();
@@ -373,7 +373,7 @@ fn a_refused_request_is_never_saved_and_targets_above_ram_are_cut() {
     backend
         .restart()
         .expect("a refused request bricked the restart");
-    let ram = MemfdRam::new(64 * MIB).unwrap();
+    let ram = guest_ram(64 * MIB).unwrap();
     let _fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
     wait_for(
         "the target cut to guest RAM",
@@ -396,7 +396,7 @@ fn a_refused_request_is_never_saved_and_targets_above_ram_are_cut() {
     .unwrap();
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&backend.state_file).unwrap()).unwrap();
-    assert_eq!(saved["target_pages"].as_u64().unwrap() * PAGE, ram.len);
+    assert_eq!(saved["target_pages"].as_u64().unwrap() * PAGE, ram.len());
     // A state file of another version is refused by name, and not overwritten.
     let state = backend.state_file.clone();
     let dir = backend.dir.clone();
@@ -427,7 +427,7 @@ fn state_files_never_follow_planted_links_and_are_named_beside_the_state() {
     backend.set_target(4 * MIB).unwrap();
     backend.set_target(8 * MIB).unwrap();
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
-    let ram = MemfdRam::new(64 * MIB).unwrap();
+    let ram = guest_ram(64 * MIB).unwrap();
     let _fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
     let pages = backend.dir.join("state.json.pages");
     wait_for(

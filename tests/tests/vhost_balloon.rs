@@ -72,18 +72,13 @@ fn inflate_returns_memory_and_deflate_gives_it_back() {
     // measurement of what the balloon returns (it has its own test below).
     let backend = Backend::start("inflate", &["--no-free-page-reporting"]).unwrap();
     let mut vm = boot("inflate", &backend);
-    let bound = vm
-        .agent
-        .sh("ls /sys/bus/virtio/drivers/virtio_balloon/")
-        .unwrap();
-    assert!(bound.contains("virtio"), "driver not bound: {bound}");
+    let bound = vm.balloon_driver_devices().unwrap();
+    assert!(!bound.is_empty(), "driver not bound: {bound:?}");
     let status = backend.status().unwrap();
     assert!(status.device_started, "{status:?}");
     assert!(status.config_change_channel, "{status:?}");
 
-    vm.agent
-        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=700 2>/dev/null && rm /tmp/fill")
-        .unwrap();
+    vm.touch_and_free(700).unwrap();
     let before = vm.host_memory().unwrap();
     // A 1 GiB guest left with 256 MiB: the balloon holds 768 MiB.
     let balloon = 768 * MIB;
@@ -105,9 +100,7 @@ fn inflate_returns_memory_and_deflate_gives_it_back() {
     backend.set_target(0).unwrap();
     let status = backend.wait_actual(0, Duration::from_secs(120)).unwrap();
     assert_eq!(status.ballooned_bytes, 0);
-    vm.agent
-        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null && rm /tmp/fill")
-        .unwrap();
+    vm.touch_and_free(600).unwrap();
     assert_eq!(vm.agent.oom_kills().unwrap(), 0);
     assert_eq!(status.rejected, Default::default());
 }
@@ -148,9 +141,7 @@ fn free_page_reporting_returns_freed_memory_without_a_target() {
     assert_eq!(status.ballooned_bytes, 0);
     assert!(status.reported_free_bytes >= 400 * MIB, "{status:?}");
     // The guest still has all its memory and can use it again.
-    vm.agent
-        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null && rm /tmp/fill")
-        .unwrap();
+    vm.touch_and_free(600).unwrap();
     assert_eq!(vm.agent.oom_kills().unwrap(), 0);
 }
 
@@ -218,9 +209,7 @@ fn a_backend_killed_mid_inflate_restarts_behind_the_keeper_and_the_inflation_com
     )
     .unwrap();
     let mut vm = boot("kill9", &backend);
-    vm.agent
-        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=700 2>/dev/null && rm /tmp/fill")
-        .unwrap();
+    vm.touch_and_free(700).unwrap();
     let before = vm.host_memory().unwrap();
     let balloon = 768 * MIB;
     backend.set_target(balloon).unwrap();
@@ -284,9 +273,7 @@ fn a_backend_killed_mid_inflate_restarts_behind_the_keeper_and_the_inflation_com
     backend.set_target(0).unwrap();
     let status = backend.wait_actual(0, Duration::from_secs(120)).unwrap();
     assert_eq!(status.ballooned_bytes, 0, "{status:?}");
-    vm.agent
-        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null && rm /tmp/fill")
-        .unwrap();
+    vm.touch_and_free(600).unwrap();
     assert_eq!(vm.agent.oom_kills().unwrap(), 0);
     let log = backend.keeper_log();
     assert_eq!(log.matches("frontend connected").count(), 1, "{log}");

@@ -304,9 +304,8 @@ mod tests {
     #[test]
     fn secret_files_must_be_private_and_long_enough() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("secret-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("secret");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("secret");
         std::fs::write(&p, "0123456789abcdef0123\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
@@ -320,6 +319,5 @@ mod tests {
             AppSecret::load(&p),
             Err(SecretError::TooShort { len: 5, .. })
         ));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

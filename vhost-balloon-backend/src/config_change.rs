@@ -159,11 +159,9 @@ mod tests {
     #[test]
     fn finds_only_the_new_unnamed_socket() {
         let _guard = SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = std::env::temp_dir().join(format!("cc-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let listener = UnixListener::bind(dir.join("s")).unwrap();
-        let _client = UnixStream::connect(dir.join("s")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let listener = UnixListener::bind(dir.path().join("s")).unwrap();
+        let _client = UnixStream::connect(dir.path().join("s")).unwrap();
         let (ours, mut frontend) = UnixStream::pair().unwrap();
         let before = unnamed_unix_stream_sockets();
         // Between the two snapshots: a connection accepted on a named socket (as on the
@@ -178,7 +176,6 @@ mod tests {
         let mut header = [0u8; 12];
         frontend.read_exact(&mut header).unwrap();
         assert_eq!(header, [2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A frontend end that answers one config-change message with `status`.

@@ -4,7 +4,8 @@
 
 use balloon_protocol::control::{ControlMessage, ControlReply, ControlRequest};
 use balloon_protocol::lines::{
-    decode_versioned, DecodeError, Flow, Framing, Limits, LineServer, Outbox, Service, Session,
+    decode_versioned, json_line, DecodeError, Flow, Framing, Limits, LineServer, Outbox, Service,
+    Session,
 };
 #[cfg(test)]
 use balloon_protocol::ControlClient;
@@ -36,10 +37,6 @@ struct ControlSession {
     outbox: Outbox,
 }
 
-fn reply_line(reply: &ControlReply) -> String {
-    balloon_protocol::lines::json_line(reply)
-}
-
 impl Service for ControlService {
     type Session = ControlSession;
 
@@ -51,14 +48,14 @@ impl Service for ControlService {
     }
 
     fn refusal(&self, reason: &str) -> String {
-        reply_line(&ControlReply::error(reason))
+        json_line(&ControlReply::error(reason))
     }
 }
 
 impl Session for ControlSession {
     fn line(&mut self, line: &str) -> Flow {
         let reply = reply_to_line(line, &*self.handler);
-        match self.outbox.send(reply_line(&reply)) {
+        match self.outbox.send(json_line(&reply)) {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Close,
         }
@@ -114,9 +111,8 @@ mod tests {
 
     #[test]
     fn bad_requests_get_error_replies_and_the_connection_stays() {
-        let dir = std::env::temp_dir().join(format!("control-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("control.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
         let (listener, _socket) =
             balloon_protocol::socket::bind(&path, balloon_protocol::socket::Access::OWNER_ONLY)
                 .unwrap();
@@ -150,6 +146,5 @@ mod tests {
         assert!(!reply.ok);
         let mut c2 = ControlClient::connect(&path).unwrap();
         assert!(c2.request(ControlRequest::Status {}).unwrap().ok);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -18,6 +18,8 @@ pub mod device;
 pub mod memory;
 pub mod options;
 pub mod state;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod vhu_balloon;
 
 #[cfg(test)]

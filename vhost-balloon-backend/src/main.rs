@@ -1,17 +1,10 @@
+use balloon_protocol::daemon;
 use clap::Parser;
 use vhost_balloon_backend::options::Cli;
 
 fn main() {
-    let options = match Cli::parse().resolve() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("vhost-balloon-backend: {e}");
-            std::process::exit(2);
-        }
-    };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&options.log_level))
-        .format_timestamp_millis()
-        .init();
+    let options = daemon::options_or_exit("vhost-balloon-backend", Cli::parse().resolve());
+    daemon::init_logging(&options.log_level);
     if let Err(e) = vhost_balloon_backend::daemon::run(options) {
         log::error!("{e}");
         std::process::exit(1);

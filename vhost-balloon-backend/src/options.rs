@@ -1,12 +1,15 @@
 //! Command line and TOML config. Every option can be given in either; the command line wins.
 
 use balloon_protocol::config_file::{self, ConfigFileError};
-use balloon_protocol::parse_size;
+use balloon_protocol::Size;
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-#[derive(Debug, Parser)]
+/// The options, declared once for the command line and the config file (keys as the long
+/// options, with underscores; a switch such as `--no-stats` is `stats = false` there).
+#[derive(Debug, Default, Parser, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[command(
     name = "vhost-balloon-backend",
     version,
@@ -20,8 +23,8 @@ pub struct Cli {
     /// Connect to --socket as a client instead of listening on it: for a frontend that is the
     /// server (QEMU `-chardev socket,server=on`), which then accepts a restarted backend.
     /// The backend retries until the frontend's socket accepts it.
-    #[arg(long)]
-    pub client: bool,
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub client: Option<bool>,
     /// Control socket for the scheduler and operators (JSON lines, mode 0600).
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
@@ -47,48 +50,38 @@ pub struct Cli {
     #[arg(long)]
     pub stats_interval: Option<u64>,
     /// Initial balloon target when no state file holds one (e.g. 512M, 1G).
-    #[arg(long, value_parser = parse_size)]
-    pub target: Option<u64>,
+    #[arg(long)]
+    pub target: Option<Size>,
     /// Start with discarding off: ballooned pages stay allocated on the host. Needed while
     /// something must not see guest memory vanish (VFIO passthrough, postcopy migration,
     /// background snapshots): QEMU's own discard inhibitors do not reach this process.
-    #[arg(long)]
-    pub no_discard: bool,
+    #[arg(long = "no-discard", num_args = 0, default_missing_value = "false")]
+    pub discard: Option<bool>,
     /// Do not offer the statistics queue.
-    #[arg(long)]
-    pub no_stats: bool,
+    #[arg(long = "no-stats", num_args = 0, default_missing_value = "false")]
+    pub stats: Option<bool>,
     /// Do not offer DEFLATE_ON_OOM (then the guest's MemTotal shrinks with the balloon and the
     /// guest does not take pages back under memory pressure).
-    #[arg(long)]
-    pub no_deflate_on_oom: bool,
+    #[arg(
+        long = "no-deflate-on-oom",
+        num_args = 0,
+        default_missing_value = "false"
+    )]
+    pub deflate_on_oom: Option<bool>,
     /// Do not offer free page reporting.
+    #[arg(
+        long = "no-free-page-reporting",
+        num_args = 0,
+        default_missing_value = "false"
+    )]
+    pub free_page_reporting: Option<bool>,
+    /// TOML file with any of these options (keys as the long options, with underscores; a
+    /// `--no-X` switch is `X = false`, `--client` is `client = true`).
     #[arg(long)]
-    pub no_free_page_reporting: bool,
-    /// TOML file with any of these options (keys as the long options, with underscores).
-    #[arg(long)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long)]
-    pub log_level: Option<String>,
-}
-
-/// The same options as a TOML file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub socket: Option<PathBuf>,
-    pub client: Option<bool>,
-    pub control_socket: Option<PathBuf>,
-    pub app_socket: Option<PathBuf>,
-    pub state_file: Option<PathBuf>,
-    pub socket_group: Option<String>,
-    pub app_secret_file: Option<PathBuf>,
-    pub stats_interval: Option<u64>,
-    pub target: Option<String>,
-    pub discard: Option<bool>,
-    pub stats: Option<bool>,
-    pub deflate_on_oom: Option<bool>,
-    pub free_page_reporting: Option<bool>,
     pub log_level: Option<String>,
 }
 
@@ -96,8 +89,6 @@ pub struct FileConfig {
 pub enum OptionsError {
     #[error("config {0}")]
     File(#[from] ConfigFileError),
-    #[error("config: {0}")]
-    Size(#[from] balloon_protocol::units::SizeError),
     #[error("--socket is required (or `socket` in the config file)")]
     NoSocket,
 }
@@ -125,33 +116,23 @@ pub const DEFAULT_STATS_INTERVAL: u64 = 5;
 
 impl Cli {
     pub fn resolve(self) -> Result<Options, OptionsError> {
-        let file: FileConfig = match &self.config {
-            Some(path) => config_file::read(path)?,
-            None => FileConfig::default(),
-        };
-        let file_target = file.target.as_deref().map(parse_size).transpose()?;
+        let config = self.config.clone();
+        let o = config_file::layered(self, config.as_deref())?;
         Ok(Options {
-            socket: self.socket.or(file.socket).ok_or(OptionsError::NoSocket)?,
-            client: self.client || file.client.unwrap_or(false),
-            control_socket: self.control_socket.or(file.control_socket),
-            app_socket: self.app_socket.or(file.app_socket),
-            state_file: self.state_file.or(file.state_file),
-            socket_group: self.socket_group.or(file.socket_group),
-            app_secret_file: self.app_secret_file.or(file.app_secret_file),
-            stats_interval: self
-                .stats_interval
-                .or(file.stats_interval)
-                .unwrap_or(DEFAULT_STATS_INTERVAL),
-            target: self.target.or(file_target),
-            discard: !self.no_discard && file.discard.unwrap_or(true),
-            stats: !self.no_stats && file.stats.unwrap_or(true),
-            deflate_on_oom: !self.no_deflate_on_oom && file.deflate_on_oom.unwrap_or(true),
-            free_page_reporting: !self.no_free_page_reporting
-                && file.free_page_reporting.unwrap_or(true),
-            log_level: self
-                .log_level
-                .or(file.log_level)
-                .unwrap_or_else(|| "info".into()),
+            socket: o.socket.ok_or(OptionsError::NoSocket)?,
+            client: o.client.unwrap_or(false),
+            control_socket: o.control_socket,
+            app_socket: o.app_socket,
+            state_file: o.state_file,
+            socket_group: o.socket_group,
+            app_secret_file: o.app_secret_file,
+            stats_interval: o.stats_interval.unwrap_or(DEFAULT_STATS_INTERVAL),
+            target: o.target.map(|size| size.0),
+            discard: o.discard.unwrap_or(true),
+            stats: o.stats.unwrap_or(true),
+            deflate_on_oom: o.deflate_on_oom.unwrap_or(true),
+            free_page_reporting: o.free_page_reporting.unwrap_or(true),
+            log_level: o.log_level.unwrap_or_else(|| "info".into()),
         })
     }
 }
@@ -160,40 +141,41 @@ impl Cli {
 mod tests {
     use super::*;
 
+    fn resolve(args: &[&str]) -> Result<Options, OptionsError> {
+        Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+            .expect("a valid command line")
+            .resolve()
+    }
+
     #[test]
     fn command_line_wins_over_the_file() {
-        let dir = std::env::temp_dir().join(format!("opts-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = dir.join("b.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("b.toml");
+        let config = cfg.to_str().unwrap();
         std::fs::write(
             &cfg,
             "socket = \"/run/a.sock\"\nstats_interval = 9\ntarget = \"256M\"\ndiscard = false\n",
         )
         .unwrap();
-        let cli = Cli::parse_from([
-            "x",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--stats-interval",
-            "2",
-        ]);
-        let o = cli.resolve().unwrap();
+        let o = resolve(&["--config", config, "--stats-interval", "2"]).unwrap();
         assert_eq!(o.socket, PathBuf::from("/run/a.sock"));
         assert_eq!(o.stats_interval, 2);
         assert_eq!(o.target, Some(256 << 20));
         assert!(!o.discard && o.stats && o.deflate_on_oom);
         std::fs::write(&cfg, "sockett = \"/x\"\n").unwrap();
-        let cli = Cli::parse_from(["x", "--config", cfg.to_str().unwrap()]);
         assert!(matches!(
-            cli.resolve(),
+            resolve(&["--config", config]),
             Err(OptionsError::File(ConfigFileError::Parse { .. }))
         ));
-        assert!(matches!(
-            Cli::parse_from(["x"]).resolve(),
-            Err(OptionsError::NoSocket)
-        ));
+        assert!(matches!(resolve(&[]), Err(OptionsError::NoSocket)));
         assert!(Cli::try_parse_from(["x", "--target", "12Q"]).is_err());
-        let _ = std::fs::remove_dir_all(&dir);
+        let o = resolve(&["--socket", "/s", "--no-stats", "--client"]).unwrap();
+        assert!(o.client && !o.stats && o.discard && o.target.is_none());
+        std::fs::write(&cfg, "stats = true\ntarget = \"1G\"\n").unwrap();
+        let o = resolve(&["--config", config, "--socket", "/s"]).unwrap();
+        assert_eq!((o.stats, o.target), (true, Some(1 << 30)));
+        let o = resolve(&["--config", config, "--socket", "/s", "--no-stats"]).unwrap();
+        assert!(!o.stats, "a switch on the command line wins over the file");
     }
 
     #[test]
@@ -202,9 +184,7 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../examples/vhost-balloon-backend.toml"
         );
-        let o = Cli::parse_from(["x", "--config", example])
-            .resolve()
-            .unwrap();
+        let o = resolve(&["--config", example]).unwrap();
         assert_eq!(o.socket, PathBuf::from("/run/vhost-balloon/vm1.sock"));
         assert_eq!(o.target, Some(0));
         assert!(o.discard && o.free_page_reporting);

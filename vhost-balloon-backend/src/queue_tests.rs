@@ -11,10 +11,8 @@ use crate::device::features::{
     bit, FeatureChoice, MUST_TELL_HOST, REPORTING, STATS_VQ, VIRTIO_F_VERSION_1,
 };
 use crate::memory::worker::DiscardWorker;
+use crate::testing::MemfdRam;
 use crate::vhu_balloon::regions_of;
-use std::fs::File;
-use std::os::fd::FromRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -23,7 +21,7 @@ use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 type Mem = GuestMemoryMmap<()>;
 
@@ -50,50 +48,30 @@ const F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 const INFLATE: usize = 0;
 const DEFLATE: usize = 1;
 
-/// A guest's RAM: one memfd, mapped here as vhost-user maps it.
+/// A guest's RAM: one memfd (the crate's test RAM), mapped again as vhost-user maps it.
 struct Guest {
-    file: File,
+    ram: MemfdRam,
     mem: Mem,
 }
 
 impl Guest {
     fn new() -> Self {
-        // SAFETY: memfd_create and ftruncate on a descriptor we then own.
-        let file = unsafe {
-            let fd = libc::memfd_create(c"queue-test".as_ptr(), 0);
-            assert!(fd >= 0);
-            assert_eq!(libc::ftruncate(fd, (LOW + HIGH) as i64), 0);
-            File::from_raw_fd(fd)
-        };
-        let mem = Mem::from_ranges_with_files([
-            (
-                GuestAddress(0),
-                LOW as usize,
-                Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-            ),
-            (
-                GuestAddress(HIGH_GPA),
-                HIGH as usize,
-                Some(FileOffset::new(file.try_clone().unwrap(), LOW)),
-            ),
-        ])
-        .unwrap();
+        let ram = MemfdRam::new(LOW + HIGH).unwrap();
+        let mem = ram
+            .guest_memory(&[(0, 0, LOW), (HIGH_GPA, LOW, HIGH)])
+            .unwrap();
         // Every page allocated and marked, so discards show in the allocated size and in the
         // data; the ring area starts zeroed (still allocated).
-        for (start, len) in [(0, LOW), (HIGH_GPA, HIGH)] {
-            for off in (0..len).step_by(PAGE as usize) {
-                mem.write_obj(MARK, GuestAddress(start + off)).unwrap();
-            }
-        }
+        ram.mark_pages(MARK);
         mem.write_slice(&vec![0u8; RING_AREA as usize], GuestAddress(0))
             .unwrap();
-        let g = Guest { file, mem };
+        let g = Guest { ram, mem };
         assert_eq!(g.allocated(), LOW + HIGH);
         g
     }
 
     fn allocated(&self) -> u64 {
-        self.file.metadata().unwrap().blocks() * 512
+        self.ram.allocated()
     }
 
     /// The first byte of guest page `pfn`: `MARK` while it holds data, 0 once discarded.

@@ -228,9 +228,8 @@ mod tests {
 
     #[test]
     fn round_trip_missing_and_corrupt() {
-        let dir = std::env::temp_dir().join(format!("state-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("vm.state");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.state");
         let _ = std::fs::remove_file(&path);
         assert_eq!(PersistentState::load(&path).unwrap(), None);
         let s = PersistentState {
@@ -247,14 +246,12 @@ mod tests {
             PersistentState::load(&path),
             Err(StateError::Parse { .. })
         ));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_file_this_backend_could_not_have_written_is_refused_by_name() {
-        let dir = std::env::temp_dir().join(format!("state-valid-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("vm.state");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.state");
         let good = PersistentState {
             version: 1,
             target_pages: 1,
@@ -289,20 +286,17 @@ mod tests {
             let e = PersistentState::load(&path).unwrap_err().to_string();
             assert!(e.contains(what) && e.contains("vm.state"), "{e}");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn saving_never_follows_a_planted_link_and_derived_names_append() {
-        let dir = std::env::temp_dir().join(format!("state-link-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("vm1.state");
-        let victim = dir.join("victim");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm1.state");
+        let victim = dir.path().join("victim");
         std::fs::write(&victim, "precious").unwrap();
         // The names a predictable temporary file could have had.
         for name in ["vm1.tmp", "vm1.state.tmp"] {
-            std::os::unix::fs::symlink(&victim, dir.join(name)).unwrap();
+            std::os::unix::fs::symlink(&victim, dir.path().join(name)).unwrap();
         }
         let s = PersistentState {
             version: 1,
@@ -316,16 +310,16 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert_eq!(PersistentState::load(&path).unwrap(), Some(s));
         // A state file that is a symlink is not read through.
-        let link = dir.join("link.state");
+        let link = dir.path().join("link.state");
         std::os::unix::fs::symlink(&path, &link).unwrap();
         assert!(PersistentState::load(&link).is_err());
-        assert_eq!(beside(&path, "lock"), dir.join("vm1.state.lock"));
+        assert_eq!(beside(&path, "lock"), dir.path().join("vm1.state.lock"));
         assert_ne!(
-            beside(&dir.join("s.state"), "lock"),
-            beside(&dir.join("s.json"), "lock")
+            beside(&dir.path().join("s.state"), "lock"),
+            beside(&dir.path().join("s.json"), "lock")
         );
         // No temporary file is left behind.
-        let left: Vec<_> = std::fs::read_dir(&dir)
+        let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| e.ok())
             .filter(|e| {
@@ -334,6 +328,5 @@ mod tests {
             })
             .collect();
         assert!(left.is_empty());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

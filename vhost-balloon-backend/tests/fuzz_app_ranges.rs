@@ -15,16 +15,15 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use vhost_balloon_backend::balloon::{app_ranges, AppRangeError, Balloon};
 use vhost_balloon_backend::device::features::FeatureChoice;
 use vhost_balloon_backend::memory::ranges::MAX_PFN;
 use vhost_balloon_backend::memory::worker::DiscardWorker;
 use vhost_balloon_backend::memory::{merge_pfns, DiscardMode, PfnRange};
+use vhost_balloon_backend::testing::MemfdRam;
 use vhost_balloon_backend::vhu_balloon::regions_of;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// The first range `app_ranges` must refuse, if any.
 fn first_bad(ranges: &[PageRange]) -> Option<PageRange> {
@@ -212,26 +211,18 @@ struct Guest {
 
 impl Guest {
     fn new() -> Self {
-        // SAFETY: memfd_create and ftruncate on a descriptor we then own.
-        let file = unsafe {
-            let fd = libc::memfd_create(c"fuzz-app-ranges".as_ptr(), 0);
-            assert!(fd >= 0);
-            assert_eq!(libc::ftruncate(fd, (RAM_PAGES * PAGE_SIZE) as i64), 0);
-            File::from_raw_fd(fd)
-        };
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([
-            (
-                GuestAddress(0),
-                (LOW_PAGES * PAGE_SIZE) as usize,
-                Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-            ),
-            (
-                GuestAddress(HIGH_PFN * PAGE_SIZE),
-                (HIGH_PAGES * PAGE_SIZE) as usize,
-                Some(FileOffset::new(file, LOW_PAGES * PAGE_SIZE)),
-            ),
-        ])
-        .unwrap();
+        // The memfd mapped as vhost-user maps it; the regions keep it open.
+        let ram = MemfdRam::new(RAM_PAGES * PAGE_SIZE).unwrap();
+        let mem = ram
+            .guest_memory(&[
+                (0, 0, LOW_PAGES * PAGE_SIZE),
+                (
+                    HIGH_PFN * PAGE_SIZE,
+                    LOW_PAGES * PAGE_SIZE,
+                    HIGH_PAGES * PAGE_SIZE,
+                ),
+            ])
+            .unwrap();
         let g = Guest { mem };
         for p in ram_pages() {
             g.use_page(p);

@@ -1,18 +1,11 @@
+use balloon_protocol::daemon;
 use clap::Parser;
 use vhost_user_keeper::keeper::Keeper;
 use vhost_user_keeper::options::Cli;
 
 fn main() {
-    let options = match Cli::parse().resolve() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("vhost-user-keeper: {e}");
-            std::process::exit(2);
-        }
-    };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&options.log_level))
-        .format_timestamp_millis()
-        .init();
+    let options = daemon::options_or_exit("vhost-user-keeper", Cli::parse().resolve());
+    daemon::init_logging(&options.log_level);
     let mut keeper = match Keeper::bind(&options.socket, &options.backend_socket) {
         Ok(k) => k,
         Err(e) => {

@@ -327,12 +327,11 @@ pub fn send(stream: &UnixStream, msg: &Message) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::io::{Read, Seek, Write};
-    use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+    use std::os::fd::{AsRawFd, RawFd};
 
     fn memfd(content: &[u8]) -> std::fs::File {
-        // SAFETY: memfd_create with a static name; the descriptor is owned at once.
-        let mut f =
-            unsafe { std::fs::File::from_raw_fd(libc::memfd_create(c"keeper-test".as_ptr(), 0)) };
+        let fd = rustix::fs::memfd_create(c"keeper-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let mut f = std::fs::File::from(fd);
         f.write_all(content).unwrap();
         f
     }

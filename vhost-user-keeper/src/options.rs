@@ -2,10 +2,13 @@
 
 use balloon_protocol::config_file::{self, ConfigFileError};
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-#[derive(Debug, Parser)]
+/// The options, declared once for the command line and the config file (keys as the long
+/// options, with underscores).
+#[derive(Debug, Default, Parser, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[command(
     name = "vhost-user-keeper",
     version,
@@ -20,17 +23,10 @@ pub struct Cli {
     pub backend_socket: Option<PathBuf>,
     /// TOML file with any of these options (keys as the long options, with underscores).
     #[arg(long)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long)]
-    pub log_level: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub socket: Option<PathBuf>,
-    pub backend_socket: Option<PathBuf>,
     pub log_level: Option<String>,
 }
 
@@ -51,23 +47,14 @@ pub enum OptionsError {
 
 impl Cli {
     pub fn resolve(self) -> Result<Options, OptionsError> {
-        let file: FileConfig = match &self.config {
-            Some(path) => config_file::read(path)?,
-            None => FileConfig::default(),
-        };
+        let config = self.config.clone();
+        let o = config_file::layered(self, config.as_deref())?;
         Ok(Options {
-            socket: self
-                .socket
-                .or(file.socket)
-                .ok_or(OptionsError::Missing("socket"))?,
-            backend_socket: self
+            socket: o.socket.ok_or(OptionsError::Missing("socket"))?,
+            backend_socket: o
                 .backend_socket
-                .or(file.backend_socket)
                 .ok_or(OptionsError::Missing("backend-socket"))?,
-            log_level: self
-                .log_level
-                .or(file.log_level)
-                .unwrap_or_else(|| "info".into()),
+            log_level: o.log_level.unwrap_or_else(|| "info".into()),
         })
     }
 }
@@ -78,9 +65,8 @@ mod tests {
 
     #[test]
     fn the_command_line_wins_over_the_file_and_both_sockets_are_needed() {
-        let dir = std::env::temp_dir().join(format!("keeper-options-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("keeper.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keeper.toml");
         std::fs::write(
             &file,
             "socket = \"/run/a.sock\"\nbackend_socket = \"/run/b.sock\"\n",
@@ -102,6 +88,5 @@ mod tests {
             Cli::parse_from(["k", "--config", file.to_str().unwrap()]).resolve(),
             Err(OptionsError::File(ConfigFileError::Parse { .. }))
         ));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

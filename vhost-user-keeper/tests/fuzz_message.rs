@@ -15,7 +15,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -188,10 +188,8 @@ fn model(bytes: &[u8], fds_at: &[(usize, usize)]) -> Vec<Expected> {
     }
 }
 
-fn is_cloexec(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD on a descriptor we own.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    flags >= 0 && flags & libc::FD_CLOEXEC != 0
+fn is_cloexec(fd: &impl AsFd) -> bool {
+    rustix::io::fcntl_getfd(fd).is_ok_and(|flags| flags.contains(rustix::io::FdFlags::CLOEXEC))
 }
 
 /// Writes `writes` from a thread (descriptors: `file`, repeated), then closes that end; reads
@@ -250,7 +248,7 @@ fn check(
                 prop_assert_eq!(&m.payload, payload);
                 prop_assert_eq!(m.fds.len(), *nfds);
                 for fd in &m.fds {
-                    prop_assert!(is_cloexec(fd.as_raw_fd()), "descriptor without CLOEXEC");
+                    prop_assert!(is_cloexec(fd), "descriptor without CLOEXEC");
                 }
             }
             (Ok(None), Expected::End) => {}

@@ -3,8 +3,10 @@
 //!
 //! ```toml
 //! driver = { kind = "backend", control_socket = "/run/vhost-balloon/vm1.control" }
-//! # proposed, not in today's config: timeout_seconds = 10  (-> BackendDriver::with_timeout)
 //! ```
+//!
+//! Each request must be answered within 10 s (`DEFAULT_TIMEOUT`); a tick does not wait that
+//! long, only until its driver deadline (`driver_deadline_seconds`), see `pool`.
 //!
 //! The backend speaks balloon sizes, so no conversion is needed: `target_bytes` and
 //! `actual_bytes` are the status's, and the guest's virtio-balloon statistics come from

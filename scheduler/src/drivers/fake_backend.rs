@@ -9,7 +9,7 @@ use balloon_protocol::{ControlReply, ControlRequest};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Default)]
@@ -41,22 +41,15 @@ impl Inner {
 
 pub struct FakeBackend {
     pub socket: PathBuf,
-    dir: PathBuf,
+    _dir: tempfile::TempDir,
     inner: Arc<Inner>,
 }
 
 impl FakeBackend {
     /// A backend whose guest has `guest_ram` bytes, answering every request.
     pub fn start(guest_ram: u64) -> std::io::Result<Self> {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "fake-backend-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir)?;
-        let socket = dir.join("control.sock");
-        let _ = std::fs::remove_file(&socket);
+        let dir = tempfile::Builder::new().prefix("fake-backend").tempdir()?;
+        let socket = dir.path().join("control.sock");
         let listener = UnixListener::bind(&socket)?;
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
@@ -71,7 +64,11 @@ impl FakeBackend {
         std::thread::Builder::new()
             .name("fake-backend".into())
             .spawn(move || accept(listener, i))?;
-        Ok(FakeBackend { socket, dir, inner })
+        Ok(FakeBackend {
+            socket,
+            _dir: dir,
+            inner,
+        })
     }
 
     /// A control socket that accepts and never answers.
@@ -119,7 +116,6 @@ impl Drop for FakeBackend {
         // Wakes the accepting thread so that it sees `closed` and ends.
         let _ = UnixStream::connect(&self.socket);
         self.inner.state().held.clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

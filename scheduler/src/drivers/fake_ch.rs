@@ -22,22 +22,15 @@ struct State {
 
 pub struct FakeCloudHypervisor {
     pub socket: PathBuf,
-    dir: PathBuf,
+    _dir: tempfile::TempDir,
     state: Arc<Mutex<State>>,
 }
 
 impl FakeCloudHypervisor {
     /// Starts a fake VM of `memory` bytes, with or without a balloon device and statistics.
     pub fn start(memory: u64, balloon: bool, stats: bool) -> std::io::Result<Self> {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "fake-ch-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir)?;
-        let socket = dir.join("api.sock");
+        let dir = tempfile::Builder::new().prefix("fake-ch").tempdir()?;
+        let socket = dir.path().join("api.sock");
         let listener = UnixListener::bind(&socket)?;
         let state = Arc::new(Mutex::new(State {
             memory,
@@ -52,7 +45,11 @@ impl FakeCloudHypervisor {
                 let _ = serve(conn, &s);
             }
         });
-        Ok(FakeCloudHypervisor { socket, dir, state })
+        Ok(FakeCloudHypervisor {
+            socket,
+            _dir: dir,
+            state,
+        })
     }
 
     /// Request lines received, oldest first.
@@ -61,12 +58,6 @@ impl FakeCloudHypervisor {
             .lock()
             .map(|s| s.requests.clone())
             .unwrap_or_default()
-    }
-}
-
-impl Drop for FakeCloudHypervisor {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -72,11 +72,15 @@ pub fn from_config(config: &DriverConfig, memory_bytes: u64) -> Box<dyn BalloonD
         DriverConfig::Backend { control_socket } => {
             Box::new(backend::BackendDriver::new(control_socket.clone()))
         }
-        DriverConfig::Qmp { socket, device } => Box::new(qmp::QmpDriver::new(
-            socket.clone(),
-            device.clone(),
-            memory_bytes,
-        )),
+        DriverConfig::Qmp {
+            socket,
+            device,
+            stats_interval_seconds,
+        } => Box::new(
+            qmp::QmpDriver::new(socket.clone(), device.clone(), memory_bytes).with_stats_interval(
+                stats_interval_seconds.unwrap_or(qmp::DEFAULT_STATS_INTERVAL_SECONDS),
+            ),
+        ),
         DriverConfig::CloudHypervisor { api_socket } => Box::new(
             cloud_hypervisor::CloudHypervisorDriver::new(api_socket.clone()),
         ),

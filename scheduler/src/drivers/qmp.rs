@@ -4,10 +4,11 @@
 //! [[guest]]
 //! name = "vm2"
 //! memory = "1G"    # QEMU's -m: the driver needs it (below)
-//! driver = { kind = "qmp", socket = "/run/qemu/vm2.qmp", device = "/machine/peripheral/balloon0" }
-//! # proposed, not in today's config: stats_interval_seconds = 5, timeout_seconds = 10
-//! #   (-> QmpDriver::with_timeout(..).with_device(..).with_stats_interval(..))
+//! driver = { kind = "qmp", socket = "/run/qemu/vm2.qmp", device = "/machine/peripheral/balloon0", stats_interval_seconds = 5 }
 //! ```
+//!
+//! Each QMP command must be answered within 10 s (`DEFAULT_TIMEOUT`); a tick does not wait
+//! that long, only until its driver deadline (`driver_deadline_seconds`), see `pool`.
 //!
 //! QMP counts the guest's memory, not the balloon: `balloon {"value": N}` asks for N bytes of
 //! guest memory and `query-balloon` reports `actual` as the guest's memory now. The driver turns

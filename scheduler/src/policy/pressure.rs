@@ -111,43 +111,19 @@ pub fn allocate(config: &PolicyConfig, snap: &Snapshot, level: HostLevel) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{GuestMemoryStats, GuestSpec, HostState};
+    use crate::fixtures::MIB;
 
-    const MIB: u64 = 1 << 20;
-
+    /// A 2 GiB guest (minimum 256 MiB) with a balloon of `balloon_mib` and `available_mib`
+    /// MemAvailable.
     fn guest(balloon_mib: u64, available_mib: u64) -> GuestState {
-        GuestState {
-            spec: GuestSpec {
-                name: "g".into(),
-                memory_bytes: 2048 * MIB,
-                min_bytes: 256 * MIB,
-                max_bytes: 2048 * MIB,
-                shares: 1000,
-                static_bytes: None,
-            },
-            reachable: true,
-            balloon_target_bytes: balloon_mib * MIB,
-            balloon_actual_bytes: balloon_mib * MIB,
-            stats: Some(GuestMemoryStats {
-                available_bytes: available_mib * MIB,
-                total_bytes: (2048 - balloon_mib) * MIB,
-                ..Default::default()
-            }),
-            pinned: false,
-            balloon_limit_bytes: None,
-        }
+        crate::fixtures::guest("g", 2048)
+            .bounded(256, 2048)
+            .balloon(balloon_mib, balloon_mib)
+            .available(available_mib)
     }
 
     fn snap(available_mib: u64, budget_mib: u64, guests: Vec<GuestState>) -> Snapshot {
-        Snapshot {
-            time_s: 0.0,
-            host: HostState {
-                total_bytes: 10_000 * MIB,
-                available_bytes: available_mib * MIB,
-                budget_bytes: budget_mib * MIB,
-            },
-            guests,
-        }
+        crate::fixtures::snapshot(10_000, available_mib, budget_mib, guests)
     }
 
     #[test]

@@ -95,43 +95,19 @@ pub fn allocate(config: &PolicyConfig, snap: &Snapshot) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{GuestMemoryStats, GuestSpec, GuestState, HostState};
+    use crate::fixtures::MIB;
+    use crate::model::GuestState;
 
-    const MIB: u64 = 1 << 20;
-
+    /// A 4 GiB guest with an empty balloon that uses `used_mib` of it.
     fn guest(name: &str, shares: u64, used_mib: u64, min_mib: u64, max_mib: u64) -> GuestState {
-        GuestState {
-            spec: GuestSpec {
-                name: name.into(),
-                memory_bytes: 4096 * MIB,
-                min_bytes: min_mib * MIB,
-                max_bytes: max_mib * MIB,
-                shares,
-                static_bytes: None,
-            },
-            reachable: true,
-            balloon_target_bytes: 0,
-            balloon_actual_bytes: 0,
-            stats: Some(GuestMemoryStats {
-                available_bytes: (4096 - used_mib) * MIB,
-                total_bytes: 4096 * MIB,
-                ..Default::default()
-            }),
-            pinned: false,
-            balloon_limit_bytes: None,
-        }
+        crate::fixtures::guest(name, 4096)
+            .bounded(min_mib, max_mib)
+            .shares(shares)
+            .available(4096 - used_mib)
     }
 
     fn snap(budget_mib: u64, guests: Vec<GuestState>) -> Snapshot {
-        Snapshot {
-            time_s: 0.0,
-            host: HostState {
-                total_bytes: 16384 * MIB,
-                available_bytes: 8192 * MIB,
-                budget_bytes: budget_mib * MIB,
-            },
-            guests,
-        }
+        crate::fixtures::snapshot(16384, 8192, budget_mib, guests)
     }
 
     fn mib(v: &[u64]) -> Vec<u64> {

@@ -8,7 +8,7 @@
 //! event. Work completed counts seconds of full-speed progress.
 
 use crate::actuator::ActuatorConfig;
-use crate::config::Size;
+use crate::config::{GuestConfig, Size};
 use crate::drivers::{DriverReading, RawGuestStats};
 use crate::engine::Engine;
 use crate::model::{GuestSpec, HostState};
@@ -19,17 +19,13 @@ use serde::{Deserialize, Serialize};
 
 const MIB: u64 = 1 << 20;
 
-#[derive(Debug, Clone, Deserialize)]
+/// A scenario's guest: a guest entry as in the daemon's config, whose driver is the model.
+pub type SimGuest = GuestConfig<ModelledGuest>;
+
+/// What stands in for a guest and its balloon driver (`[guest.driver]` in a scenario).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SimGuest {
-    pub name: String,
-    pub memory: Size,
-    pub min: Option<Size>,
-    pub max: Option<Size>,
-    #[serde(default = "default_shares")]
-    pub shares: u64,
-    #[serde(rename = "static")]
-    pub static_size: Option<Size>,
+pub struct ModelledGuest {
     /// Swap space; 0 means a working set beyond the allocation is an OOM at once.
     #[serde(default)]
     pub swap: Option<Size>,
@@ -38,10 +34,6 @@ pub struct SimGuest {
     pub balloon_rate: Option<Size>,
     /// (time_s, bytes) points; linear between them, constant after the last.
     pub working_set: Vec<(f64, Size)>,
-}
-
-fn default_shares() -> u64 {
-    1000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -115,7 +107,7 @@ impl Scenario {
         }
         s.policy.validate().map_err(SimError::Invalid)?;
         for g in &s.guests {
-            if g.working_set.is_empty() {
+            if g.driver.working_set.is_empty() {
                 return Err(SimError::Invalid(format!(
                     "guest {}: empty working_set",
                     g.name
@@ -134,18 +126,7 @@ impl Scenario {
     }
 }
 
-impl SimGuest {
-    fn spec(&self) -> GuestSpec {
-        GuestSpec::from_sizes(
-            &self.name,
-            self.memory.0,
-            self.min.map(|s| s.0),
-            self.max.map(|s| s.0),
-            self.shares,
-            self.static_size.map(|s| s.0),
-        )
-    }
-
+impl ModelledGuest {
     fn working_set_at(&self, t: f64) -> u64 {
         let pts = &self.working_set;
         if t <= pts[0].0 {
@@ -197,8 +178,8 @@ pub fn run(scenario: &Scenario) -> SimOutcome {
         // The guests move for one tick.
         for (i, g) in scenario.guests.iter().enumerate() {
             let m = &mut models[i];
-            let rate = (g.balloon_rate.map_or(200 * MIB, |s| s.0) as f64 * dt) as u64;
-            let ws = g.working_set_at(t);
+            let rate = (g.driver.balloon_rate.map_or(200 * MIB, |s| s.0) as f64 * dt) as u64;
+            let ws = g.driver.working_set_at(t);
             let memory = g.memory.0;
             if m.target > m.actual {
                 let free = (memory - m.actual).saturating_sub(ws + GUEST_FLOOR);
@@ -208,7 +189,7 @@ pub fn run(scenario: &Scenario) -> SimOutcome {
             }
             let alloc = memory - m.actual;
             let o = &mut out.guests[i];
-            let swap = g.swap.map_or(0, |s| s.0);
+            let swap = g.driver.swap.map_or(0, |s| s.0);
             if ws <= alloc {
                 o.work_s += dt;
                 m.in_oom = false;
@@ -252,7 +233,7 @@ pub fn run(scenario: &Scenario) -> SimOutcome {
             .zip(&models)
             .map(|((g, s), m)| {
                 let alloc = s.memory_bytes - m.actual;
-                let ws = g.working_set_at(t);
+                let ws = g.driver.working_set_at(t);
                 let reading = DriverReading {
                     target_bytes: Some(m.target),
                     actual_bytes: m.actual,

@@ -25,20 +25,20 @@ const THREE: &str = r#"
     name = "a"
     memory = "1G"
     min = "256M"
-    swap = "256M"
-    working_set = [[0, "300M"]]
+    driver.swap = "256M"
+    driver.working_set = [[0, "300M"]]
     [[guest]]
     name = "b"
     memory = "1G"
     min = "256M"
-    swap = "256M"
-    working_set = [[0, "250M"]]
+    driver.swap = "256M"
+    driver.working_set = [[0, "250M"]]
     [[guest]]
     name = "c"
     memory = "1G"
     min = "256M"
-    swap = "256M"
-    working_set = [[0, "300M"], [150, "300M"], [250, "800M"], [400, "800M"], [450, "300M"]]
+    driver.swap = "256M"
+    driver.working_set = [[0, "300M"], [150, "300M"], [250, "800M"], [400, "800M"], [450, "300M"]]
 "#;
 
 fn alloc_of(r: &TraceRecord, name: &str) -> u64 {
@@ -148,11 +148,11 @@ fn idle_memory_is_taxed() {
         [[guest]]
         name = "busy"
         memory = "2G"
-        working_set = [[0, "1200M"]]
+        driver.working_set = [[0, "1200M"]]
         [[guest]]
         name = "idle"
         memory = "2G"
-        working_set = [[0, "200M"]]
+        driver.working_set = [[0, "200M"]]
     "#;
     let out = run(&scenario("shares", "2500M", guests));
     let last = out.trace.last().unwrap();
@@ -174,7 +174,7 @@ fn a_guest_that_cannot_give_more_stalls_and_settles_without_oom() {
         name = "full"
         memory = "1G"
         static = "300M"
-        working_set = [[0, "700M"]]
+        driver.working_set = [[0, "700M"]]
     "#;
     let out = run(&scenario("static", "4G", guests));
     assert!(out.guests[0].stalled_s > 0.0, "{:?}", out.guests);
@@ -189,12 +189,12 @@ const TWO_AT_1280M: &str = r#"
     name = "a"
     memory = "2G"
     min = "1280M"
-    working_set = [[0, "600M"]]
+    driver.working_set = [[0, "600M"]]
     [[guest]]
     name = "b"
     memory = "2G"
     min = "1280M"
-    working_set = [[0, "500M"], [300, "900M"]]
+    driver.working_set = [[0, "500M"], [300, "900M"]]
 "#;
 
 #[test]
@@ -245,7 +245,7 @@ fn an_infeasible_budget_holds_every_guest_at_its_minimum_without_oscillating() {
 fn scenarios_parse_errors_are_clear() {
     assert!(Scenario::parse("duration_s = 1").is_err());
     let e = Scenario::parse(
-        "duration_s=1\nhost_memory=\"1G\"\nbudget=\"1G\"\n[[guest]]\nname=\"a\"\nmemory=\"1G\"\nworking_set=[]",
+        "duration_s=1\nhost_memory=\"1G\"\nbudget=\"1G\"\n[[guest]]\nname=\"a\"\nmemory=\"1G\"\ndriver.working_set=[]",
     )
     .unwrap_err();
     assert!(e.to_string().contains("empty working_set"), "{e}");

@@ -3,9 +3,11 @@
 //! line, each with a `version` field.
 
 pub mod app;
+pub mod bench;
 pub mod client;
 pub mod config_file;
 pub mod control;
+pub mod daemon;
 pub mod lines;
 pub mod socket;
 pub mod units;
@@ -15,4 +17,4 @@ pub use control::{
     AppStatus, BackendStatus, ControlReply, ControlRequest, GuestStatsSnapshot, RejectedInput,
     CONTROL_PROTOCOL_VERSION,
 };
-pub use units::{bytes_to_pages, pages_to_bytes, parse_size, PAGE_SIZE};
+pub use units::{bytes_to_pages, pages_to_bytes, parse_size, Size, PAGE_SIZE};

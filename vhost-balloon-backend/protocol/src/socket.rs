@@ -210,7 +210,8 @@ mod tests {
             io::ErrorKind::InvalidInput
         );
         // A listener that accepts nothing, its queue full: an error at once, not a wait.
-        let path = dir("connect").join("full.sock");
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("full.sock");
         let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
         listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
         listener.listen(0).unwrap();
@@ -227,17 +228,10 @@ mod tests {
     }
     use std::os::unix::fs::PermissionsExt;
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("socket-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
     #[test]
     fn a_regular_file_is_never_removed() {
-        let d = dir("file");
-        let p = d.join("data.txt");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("data.txt");
         std::fs::write(&p, "precious").unwrap();
         assert!(matches!(
             bind(&p, Access::OWNER_ONLY),
@@ -245,21 +239,20 @@ mod tests {
         ));
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "precious");
         // Nor is a symlink to a socket followed.
-        let s = d.join("real.sock");
+        let s = d.path().join("real.sock");
         let _live = bind(&s, Access::OWNER_ONLY).unwrap();
-        let link = d.join("link.sock");
+        let link = d.path().join("link.sock");
         std::os::unix::fs::symlink(&s, &link).unwrap();
         assert!(matches!(
             bind(&link, Access::OWNER_ONLY),
             Err(BindError::NotASocket { .. })
         ));
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
     fn a_live_socket_is_refused_and_a_stale_one_replaced() {
-        let d = dir("live");
-        let p = d.join("c.sock");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.sock");
         let (first, path) = bind(&p, Access::OWNER_ONLY).unwrap();
         let e = bind(&p, Access::OWNER_ONLY).unwrap_err();
         assert!(matches!(e, BindError::InUse { .. }), "{e}");
@@ -274,13 +267,12 @@ mod tests {
         assert!(p.exists());
         path2.remove();
         assert!(!p.exists());
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
     fn created_with_the_final_mode_whatever_the_umask() {
-        let d = dir("mode");
-        let p = d.join("m.sock");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.sock");
         // umask is process-wide; this test only loosens it, which makes the check stricter for
         // other tests too, never weaker.
         use rustix::fs::Mode;
@@ -291,12 +283,11 @@ mod tests {
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let gid = rustix::process::getgid().as_raw();
-        let q = d.join("g.sock");
+        let q = d.path().join("g.sock");
         let (_l2, _p2) = bind(&q, Access { group: Some(gid) }).unwrap();
         let m = std::fs::metadata(&q).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o660);
         assert_eq!(m.gid(), gid);
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

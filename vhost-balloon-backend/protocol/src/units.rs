@@ -56,6 +56,34 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     Ok(bytes as u64)
 }
 
+/// A size in bytes, as config files and command lines write it: a number or a string with a
+/// suffix ("512M", "1.5G"). It is written back as a number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Size(pub u64);
+
+impl std::str::FromStr for Size {
+    type Err = SizeError;
+    fn from_str(input: &str) -> Result<Self, SizeError> {
+        parse_size(input).map(Size)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Size(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +116,24 @@ mod tests {
         ] {
             assert!(parse_size(input).is_err(), "{input}");
         }
+    }
+
+    #[test]
+    fn sizes_read_as_numbers_or_strings_and_write_as_numbers() {
+        #[derive(Debug, serde::Deserialize, serde::Serialize)]
+        struct Wrap {
+            size: Size,
+        }
+        let read = |text: &str| toml::from_str::<Wrap>(text).map(|w| w.size.0);
+        assert_eq!(read("size = \"512M\"").unwrap(), 512 << 20);
+        assert_eq!(read("size = 4096").unwrap(), 4096);
+        assert!(read("size = \"12Q\"").is_err());
+        assert!(read("size = -1").is_err());
+        let written = toml::to_string(&Wrap {
+            size: Size(1 << 30),
+        })
+        .unwrap();
+        assert_eq!(written.trim(), "size = 1073741824");
     }
 
     #[test]

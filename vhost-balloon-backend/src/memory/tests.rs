@@ -2,77 +2,29 @@
 //! blocks show what really left.
 
 use super::*;
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::MetadataExt;
-use std::sync::Arc;
+use crate::testing::MemfdRam;
 
 const MIB: u64 = 1 << 20;
 
-/// A memfd of `len` bytes mapped shared, every page touched.
+/// A memfd of `len` bytes mapped shared (the crate's test RAM), every page allocated and
+/// holding 0xa5 at its first byte.
 pub(crate) struct TestRam {
-    pub file: Arc<File>,
-    pub addr: usize,
-    pub len: u64,
+    ram: MemfdRam,
 }
 
 impl TestRam {
     pub fn new(len: u64) -> Self {
-        // SAFETY: plain syscalls on values we own; the mapping lives until Drop.
-        unsafe {
-            let fd = libc::memfd_create(c"test-ram".as_ptr(), 0);
-            assert!(fd >= 0);
-            let file = File::from_raw_fd(fd);
-            assert_eq!(libc::ftruncate(fd, len as i64), 0);
-            let addr = libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            );
-            assert_ne!(addr, libc::MAP_FAILED);
-            for off in (0..len).step_by(PAGE_SIZE as usize) {
-                *(addr as *mut u8).add(off as usize) = 0xa5;
-            }
-            TestRam {
-                file: Arc::new(file),
-                addr: addr as usize,
-                len,
-            }
-        }
-    }
-
-    pub fn allocated(&self) -> u64 {
-        self.file.metadata().unwrap().blocks() * 512
-    }
-
-    pub fn byte(&self, offset: u64) -> u8 {
-        assert!(offset < self.len);
-        // SAFETY: inside our mapping.
-        unsafe { *(self.addr as *const u8).add(offset as usize) }
-    }
-
-    /// A region for `[offset, offset+len)` of this memfd at guest address `gpa`.
-    pub fn region(&self, gpa: u64, offset: u64, len: u64, host_page_size: u64) -> GuestRegion {
-        GuestRegion::new(
-            gpa,
-            len,
-            Backing {
-                host_addr: self.addr + offset as usize,
-                file: Some((self.file.clone(), offset)),
-            },
-            host_page_size,
-        )
+        let ram = MemfdRam::new(len).expect("test RAM");
+        ram.mark_pages(0xa5);
+        TestRam { ram }
     }
 }
 
-impl Drop for TestRam {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what new() mapped.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
-        let _ = self.file.as_raw_fd();
+impl std::ops::Deref for TestRam {
+    type Target = MemfdRam;
+
+    fn deref(&self) -> &MemfdRam {
+        &self.ram
     }
 }
 

@@ -327,19 +327,24 @@ mod tests {
         assert_eq!(ram.byte(99 * PAGE_SIZE), 0);
     }
 
-    #[test]
-    fn jobs_run_in_bounded_pieces() {
-        let job = DiscardJob {
+    /// A job that is only split, never run: `len` bytes at `gpa`, `offset` into a file of
+    /// 2 MiB host pages.
+    fn job_on_2m_pages(gpa: u64, offset: u64, len: u64) -> DiscardJob {
+        DiscardJob {
             backing: crate::memory::Backing {
                 host_addr: 0,
                 file: None,
             },
-            offset: 4096,
-            len: 70 * MIB,
-            gpa: 1 << 30,
+            offset,
+            len,
+            gpa,
             host_page_size: 2 * MIB,
-        };
-        let pieces = split(vec![job]);
+        }
+    }
+
+    #[test]
+    fn jobs_run_in_bounded_pieces() {
+        let pieces = split(vec![job_on_2m_pages(1 << 30, 4096, 70 * MIB)]);
         let spans: Vec<(u64, u64, u64)> = pieces.iter().map(|j| (j.gpa, j.offset, j.len)).collect();
         assert_eq!(
             spans,
@@ -367,8 +372,8 @@ mod tests {
         let w = worker.clone();
         let deflate = std::thread::spawn(move || {
             w.withdraw(&[(0, PAGE_SIZE)]);
-            // SAFETY: inside the test mapping; the guest reuses its page only now.
-            unsafe { *(ram.addr as *mut u8) = 7 };
+            // The guest reuses its page only now.
+            ram.write::<u8>(0, 7);
             ram
         });
         // The deflate cut its page out of the taken batch (or waited for it in flight): the
@@ -381,17 +386,8 @@ mod tests {
 
     #[test]
     fn huge_host_pages_are_withdrawn_whole() {
-        let job = DiscardJob {
-            backing: crate::memory::Backing {
-                host_addr: 0,
-                file: None,
-            },
-            offset: 0,
-            len: 8 * MIB,
-            gpa: 0,
-            host_page_size: 2 * MIB,
-        };
         let mut kept = Vec::new();
+        let job = job_on_2m_pages(0, 0, 8 * MIB);
         split_around(job, &[(3 * MIB, 3 * MIB + PAGE_SIZE)], &mut kept);
         let spans: Vec<(u64, u64)> = kept.iter().map(|j| (j.gpa, j.len)).collect();
         assert_eq!(spans, vec![(0, 2 * MIB), (4 * MIB, 4 * MIB)]);

@@ -153,4 +153,5 @@ pub(super) fn control_flood() -> Result<()> {
         samples,
     }
     .publish()
+    .ctx(|| "publishing the result".into())
 }

@@ -2,16 +2,9 @@ use super::*;
 
 /// Punches `len` bytes at `offset` out of the memfd directly (the baselines).
 fn punch(ram: &MemfdRam, offset: u64, len: u64) {
-    // SAFETY: fallocate on our own memfd.
-    let rc = unsafe {
-        libc::fallocate(
-            ram.file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
+    if let Err(e) = ram.punch_hole(offset, len) {
+        panic!("fallocate: {e}");
+    }
 }
 
 fn gib_per_s(bytes: u64, t: Duration) -> f64 {
@@ -25,9 +18,9 @@ fn gib_per_s(bytes: u64, t: Duration) -> f64 {
 pub(super) fn discard_native() -> Result<()> {
     const GIB: u64 = 1 << 30;
     let backend = Backend::start("bench-native", &["--no-stats", "--no-free-page-reporting"])?;
-    let ram = MemfdRam::new(GIB)?;
+    let ram = guest_ram(GIB)?;
     let mut fe = TestFrontend::connect(&backend.socket, &ram)?;
-    let pages = ram.data_pages() as u32;
+    let pages = data_pages(&ram) as u32;
     let contiguous: Vec<u32> = (0..pages).collect();
     // An odd stride: no two PFNs of a buffer are neighbours, every page is named once.
     let scattered: Vec<u32> = (0..pages as u64)
@@ -40,7 +33,7 @@ pub(super) fn discard_native() -> Result<()> {
             let t = Instant::now();
             fe.inflate(&ram, pfns)?;
             // Timed until the memory has really left: the backend discards beside the queue.
-            let rings = ram.len - GIB;
+            let rings = ram.len() - GIB;
             wait_for(
                 "the inflated memory to leave",
                 Duration::from_secs(60),
@@ -100,4 +93,5 @@ pub(super) fn discard_native() -> Result<()> {
         }),
     }
     .publish()
+    .ctx(|| "publishing the result".into())
 }

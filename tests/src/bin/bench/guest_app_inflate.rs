@@ -103,4 +103,5 @@ pub(super) fn guest_app_inflate() -> Result<()> {
         }),
     }
     .publish()
+    .ctx(|| "publishing the result".into())
 }

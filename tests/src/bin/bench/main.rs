@@ -1,13 +1,16 @@
-//! balloon-bench: the project's benchmarks. `balloon-bench [NAME...]` runs the named ones (all
-//! when none is named); each writes target/bench/NAME.json and prints a one-line summary.
+//! balloon-bench: the project's benchmarks that drive VMs or backend processes.
+//! `balloon-bench [NAME...]` runs the named ones (all when none is named); each writes
+//! target/bench/NAME.json and prints a one-line summary. The scheduler's benchmarks that need
+//! neither (`scheduler_tick`, `policy_scenarios`) are `cargo bench -p scheduler` targets
+//! (scheduler/benches/); `make bench` runs both kinds.
 
 use balloon_lab::backend::Backend;
 use balloon_lab::bench::{median, BenchResult};
-use balloon_lab::frontend::{MemfdRam, TestFrontend};
+use balloon_lab::error::IoContext;
+use balloon_lab::frontend::{data_pages, guest_ram, MemfdRam, TestFrontend};
 use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::{BuiltinBalloon, Result, Vm, VmConfig, MIB};
 use serde_json::json;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 const RUNS: usize = 5;
@@ -20,19 +23,15 @@ const POLL: Duration = Duration::from_millis(20);
 mod control_flood;
 mod discard_native;
 mod guest_app_inflate;
-mod policy_scenarios;
 mod qemu_builtin;
 mod scheduler_hung_guests;
-mod scheduler_tick;
 mod vm_inflate;
 
 use control_flood::control_flood;
 use discard_native::discard_native;
 use guest_app_inflate::guest_app_inflate;
-use policy_scenarios::policy_scenarios;
 use qemu_builtin::{qemu_builtin_inflate, wait_builtin};
 use scheduler_hung_guests::scheduler_hung_guests;
-use scheduler_tick::scheduler_tick;
 use vm_inflate::vm_inflate;
 
 type Bench = (&'static str, fn() -> Result<()>);
@@ -40,9 +39,7 @@ const BENCHES: &[Bench] = &[
     ("qemu_builtin_inflate", qemu_builtin_inflate),
     ("discard_native", discard_native),
     ("vm_inflate", vm_inflate),
-    ("scheduler_tick", scheduler_tick),
     ("scheduler_hung_guests", scheduler_hung_guests),
-    ("policy_scenarios", policy_scenarios),
     ("guest_app_inflate", guest_app_inflate),
     ("control_flood", control_flood),
 ];
@@ -53,7 +50,10 @@ fn main() {
     for name in &names {
         if !BENCHES.iter().any(|(n, _)| n == name) {
             let known: Vec<&str> = BENCHES.iter().map(|(n, _)| *n).collect();
-            eprintln!("unknown benchmark {name}; known: {}", known.join(", "));
+            eprintln!(
+                "unknown benchmark {name}; known: {} (and the scheduler's: `cargo bench -p scheduler`)",
+                known.join(", ")
+            );
             std::process::exit(2);
         }
     }

@@ -70,4 +70,5 @@ pub(super) fn qemu_builtin_inflate() -> Result<()> {
         }),
     }
     .publish()
+    .ctx(|| "publishing the result".into())
 }

@@ -31,7 +31,7 @@ pub(super) fn scheduler_hung_guests() -> Result<()> {
             &format!("hung{i}"),
             &["--no-stats", "--no-free-page-reporting"],
         )?;
-        let ram = MemfdRam::new(256 * MIB)?;
+        let ram = guest_ram(256 * MIB)?;
         let fe = TestFrontend::connect(&b.socket, &ram)?;
         backends.push(b);
         frontends.push((fe, ram));
@@ -181,4 +181,5 @@ pub(super) fn scheduler_hung_guests() -> Result<()> {
         }),
     }
     .publish()
+    .ctx(|| "publishing the result".into())
 }

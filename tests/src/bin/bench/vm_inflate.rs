@@ -183,4 +183,5 @@ pub(super) fn vm_inflate() -> Result<()> {
         }),
     }
     .publish()
+    .ctx(|| "publishing the result".into())
 }

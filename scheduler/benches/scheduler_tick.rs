@@ -1,8 +1,20 @@
-use super::*;
+//! `scheduler_tick`: one scheduling step (policy and actuator) for 10,000 simulated guests,
+//! shares policy, against the static policy on the same input (the cost of the step without
+//! the solver). No VM: `cargo bench -p scheduler --bench scheduler_tick`, or
+//! `make bench BENCH=scheduler_tick`; writes target/bench/scheduler_tick.json and prints one line.
 
-/// One scheduling step (policy and actuator) for 10,000 simulated guests, shares policy,
-/// against the static policy on the same input (the cost of the step without the solver).
-pub(super) fn scheduler_tick() -> Result<()> {
+use balloon_protocol::bench::{median, BenchResult};
+use serde_json::json;
+use std::time::Instant;
+
+const RUNS: usize = 5;
+const MIB: u64 = 1 << 20;
+
+fn main() {
+    balloon_protocol::bench::run_benchmark("scheduler_tick", scheduler_tick);
+}
+
+fn scheduler_tick() -> std::io::Result<()> {
     use scheduler::actuator::ActuatorConfig;
     use scheduler::drivers::{DriverReading, RawGuestStats};
     use scheduler::engine::Engine;

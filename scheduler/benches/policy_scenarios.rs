@@ -1,16 +1,25 @@
-use super::*;
+//! `policy_scenarios`: the overcommit scenario (examples/scenarios/overcommit.toml) in the
+//! simulator under each policy: guest work completed, OOM events, time over budget. No VM:
+//! `cargo bench -p scheduler --bench policy_scenarios`, or `make bench BENCH=policy_scenarios`;
+//! writes target/bench/policy_scenarios.json and prints one line.
 
-/// The overcommit scenario (examples/scenarios/overcommit.toml) in the simulator under each
-/// policy: guest work completed, OOM events, time over budget.
-pub(super) fn policy_scenarios() -> Result<()> {
+use balloon_protocol::bench::BenchResult;
+use serde_json::json;
+use std::error::Error;
+use std::path::Path;
+
+fn main() {
+    balloon_protocol::bench::run_benchmark("policy_scenarios", policy_scenarios);
+}
+
+fn policy_scenarios() -> Result<(), Box<dyn Error>> {
     use scheduler::sim::{self, Scenario};
-    let path = balloon_lab::lab::repo_root().join("examples/scenarios/overcommit.toml");
-    let mut scenario =
-        Scenario::load(&path).map_err(|e| balloon_lab::LabError::Other(e.to_string()))?;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/scenarios/overcommit.toml");
+    let mut scenario = Scenario::load(&path)?;
     let mut results = serde_json::Map::new();
     let mut work = std::collections::HashMap::new();
     for kind in ["static", "shares", "pressure", "mom"] {
-        scenario.policy.kind = kind.parse().map_err(balloon_lab::LabError::Other)?;
+        scenario.policy.kind = kind.parse()?;
         let out = sim::run(&scenario);
         eprintln!(
             "{kind:>8}: work {:.0} s, OOM events {}, over budget {:.0} s, host short {:.0} s",
@@ -42,5 +51,6 @@ pub(super) fn policy_scenarios() -> Result<()> {
         goal_met: None,
         samples: serde_json::Value::Object(results),
     }
-    .publish()
+    .publish()?;
+    Ok(())
 }
