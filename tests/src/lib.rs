@@ -14,6 +14,7 @@ pub mod error;
 pub mod flood;
 pub mod frontend;
 pub mod host;
+pub mod hugepages;
 pub mod lab;
 pub mod qmp;
 pub mod scheduler;
@@ -21,7 +22,7 @@ pub mod vm;
 pub mod wait;
 
 pub use error::LabError;
-pub use vm::{BuiltinBalloon, Image, VhostUserBalloon, Vm, VmConfig};
+pub use vm::{BuiltinBalloon, GuestRam, Image, VhostUserBalloon, Vm, VmConfig};
 
 pub type Result<T> = std::result::Result<T, LabError>;
 

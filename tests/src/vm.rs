@@ -68,11 +68,23 @@ pub struct VhostUserBalloon {
     pub socket: PathBuf,
 }
 
+/// What backs guest RAM (always shared memory, which a vhost-user backend can map).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestRam {
+    /// A memfd of base pages (examples/qemu/guest-ram.args).
+    #[default]
+    Memfd,
+    /// A memfd on 2 MiB huge pages (examples/qemu/guest-ram-hugetlb.args); reserve them first
+    /// (`hugepages::HugePages`).
+    HugetlbMemfd,
+}
+
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub name: String,
     pub image: Image,
     pub mem_mib: u64,
+    pub ram: GuestRam,
     pub cpus: u32,
     pub builtin_balloon: Option<BuiltinBalloon>,
     pub vhost_user_balloon: Option<VhostUserBalloon>,
@@ -93,6 +105,7 @@ impl VmConfig {
             name: name.to_string(),
             image: Image::Mini,
             mem_mib: 1024,
+            ram: GuestRam::Memfd,
             cpus: 1,
             builtin_balloon: None,
             vhost_user_balloon: None,
@@ -147,8 +160,12 @@ impl VmConfig {
             // A guest that panics or reboots ends the test's QEMU at once.
             a.push("-no-reboot".into());
         }
+        let ram_args = match self.ram {
+            GuestRam::Memfd => GUEST_RAM_ARGS,
+            GuestRam::HugetlbMemfd => GUEST_RAM_HUGETLB_ARGS,
+        };
         a.extend(example_args(
-            GUEST_RAM_ARGS,
+            ram_args,
             &[("accel", accel.to_string()), ("mem_mib", mem.to_string())],
         ));
         if lab::use_kvm() {
@@ -213,6 +230,7 @@ pub fn example_args(text: &str, vars: &[(&str, String)]) -> Vec<String> {
 }
 
 const GUEST_RAM_ARGS: &str = include_str!("../../examples/qemu/guest-ram.args");
+const GUEST_RAM_HUGETLB_ARGS: &str = include_str!("../../examples/qemu/guest-ram-hugetlb.args");
 const VHOST_BALLOON_ARGS: &str = include_str!("../../examples/qemu/vhost-balloon.args");
 
 fn on_off(b: bool) -> &'static str {

@@ -1,0 +1,181 @@
+//! Guests whose RAM lives on 2 MiB huge pages (memory-backend-memfd with hugetlb=on), as
+//! vhost-user deployments usually run them. The host can take back only whole huge pages: these
+//! tests measure how much of what the guest gives really returns, and check that no huge page
+//! the guest still uses is ever discarded.
+//!
+//! Each test reserves its huge pages and gives them back when it ends; they run one at a time.
+
+use balloon_lab::backend::Backend;
+use balloon_lab::hugepages::{HugePages, Reservation, HUGE_PAGE};
+use balloon_lab::wait::{wait_for, Poll};
+use balloon_lab::{GuestRam, Vm, VmConfig, MIB};
+use std::time::Duration;
+
+const GUEST_MIB: u64 = 1024;
+
+/// The huge pages a guest of GUEST_MIB needs, or `None` (with the reason printed) where the
+/// kernel cannot reserve them; any other failure fails the test.
+fn reserve() -> Option<HugePages> {
+    match HugePages::reserve(GUEST_MIB * MIB / HUGE_PAGE + 8) {
+        Ok(pages) => Some(pages),
+        Err(Reservation::Unavailable(why)) => {
+            eprintln!("SKIPPED: no huge pages for the guest: {why}");
+            None
+        }
+        Err(Reservation::Failed(e)) => panic!("reserving huge pages: {e}"),
+    }
+}
+
+fn boot(name: &str, backend: &Backend) -> Vm {
+    let mut config = VmConfig::new(name);
+    config.mem_mib = GUEST_MIB;
+    config.ram = GuestRam::HugetlbMemfd;
+    config.vhost_user_balloon = Some(backend.device());
+    Vm::start(config).expect("boot the mini guest on huge pages")
+}
+
+/// Host memory behind the guest once the backend's discards have settled: the guest RAM
+/// allocated on the host and the backend's reclaimed count read twice alike, 200 ms apart.
+fn settled_allocation(vm: &Vm, backend: &Backend) -> u64 {
+    let mut last = None;
+    wait_for(
+        "the discards to settle",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let now = (vm.ram_allocated()?, backend.status()?.reclaimed_bytes);
+            let settled = last == Some(now);
+            last = Some(now);
+            Ok(if settled {
+                Poll::Ready(now.0)
+            } else {
+                Poll::Pending(format!("allocated {} MiB", now.0 / MIB))
+            })
+        },
+    )
+    .unwrap()
+}
+
+/// Writes `mib` MiB of random data to /tmp/NAME in the guest and returns its checksum.
+fn keep(vm: &mut Vm, name: &str, mib: u64) -> String {
+    vm.agent
+        .sh(&format!(
+            "dd if=/dev/urandom of=/tmp/{name} bs=1M count={mib} 2>/dev/null && md5sum /tmp/{name}"
+        ))
+        .unwrap()
+}
+
+fn checksum(vm: &mut Vm, name: &str) -> String {
+    vm.agent.sh(&format!("md5sum /tmp/{name}")).unwrap()
+}
+
+#[test]
+fn the_driver_returns_whole_huge_pages_and_deflate_never_loses_guest_data() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let Some(_pages) = reserve() else { return };
+    // Free page reporting off: it would return freed blocks on its own (its own test below).
+    let backend = Backend::start("huge-driver", &["--no-free-page-reporting"]).unwrap();
+    let mut vm = boot("huge-driver", &backend);
+    let status = backend.status().unwrap();
+    assert!(status.device_started, "{status:?}");
+
+    // The guest touches most of its memory and keeps 64 MiB of data through all that follows.
+    vm.touch_and_free(700).unwrap();
+    let kept = keep(&mut vm, "kept", 64);
+    let before = settled_allocation(&vm, &backend);
+    let pool_free_before = balloon_lab::hugepages::free_pages().unwrap();
+    let balloon = 512 * MIB;
+    backend.set_target(balloon).unwrap();
+    let status = backend
+        .wait_actual(balloon, Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(status.ballooned_bytes, balloon);
+    let after = settled_allocation(&vm, &backend);
+    let returned = before.saturating_sub(after);
+    let share = returned as f64 / balloon as f64;
+    let pool_freed = balloon_lab::hugepages::free_pages()
+        .unwrap()
+        .saturating_sub(pool_free_before);
+    eprintln!(
+        "driver on 2 MiB pages: balloon {} MiB, host memory {} -> {} MiB, returned {} MiB \
+         (share {share:.3}), HugePages_Free +{pool_freed}, reclaimed_bytes {} MiB",
+        balloon / MIB,
+        before / MIB,
+        after / MIB,
+        returned / MIB,
+        status.reclaimed_bytes / MIB
+    );
+    assert_eq!(
+        pool_freed * HUGE_PAGE,
+        returned,
+        "the host's pool got back what left"
+    );
+    // Only whole huge pages leave, so what returned is a whole number of them, and never
+    // more than the balloon holds.
+    assert_eq!(returned % HUGE_PAGE, 0, "{returned}");
+    assert!(returned <= balloon, "{returned} > {balloon}");
+
+    // Half back: pieces of huge pages whose other pieces stay ballooned go back to the guest,
+    // which writes new data over all it has.
+    backend.set_target(256 * MIB).unwrap();
+    backend
+        .wait_actual(256 * MIB, Duration::from_secs(120))
+        .unwrap();
+    let more = keep(&mut vm, "more", 400);
+    assert_eq!(checksum(&mut vm, "kept"), kept);
+    backend.set_target(0).unwrap();
+    let status = backend.wait_actual(0, Duration::from_secs(120)).unwrap();
+    assert_eq!(status.ballooned_bytes, 0);
+    vm.agent.sh("rm /tmp/more").unwrap();
+    vm.touch_and_free(700).unwrap();
+    assert_eq!(
+        checksum(&mut vm, "kept"),
+        kept,
+        "data kept across the balloon"
+    );
+    assert!(!more.is_empty());
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+    assert_eq!(status.rejected, Default::default());
+    assert_eq!(status.discard_errors, 0);
+}
+
+#[test]
+fn free_page_reporting_returns_whole_huge_pages_the_guest_freed() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let Some(_pages) = reserve() else { return };
+    let backend = Backend::start("huge-report", &[]).unwrap();
+    let mut vm = boot("huge-report", &backend);
+    vm.agent
+        .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null")
+        .unwrap();
+    let full = settled_allocation(&vm, &backend);
+    let kept = keep(&mut vm, "kept", 32);
+    vm.agent.sh("rm /tmp/fill").unwrap();
+    let after = wait_for(
+        "host memory to drop by 400 MiB after the guest freed 600 MiB",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || {
+            let now = vm.ram_allocated()?;
+            Ok(if full.saturating_sub(now) >= 400 * MIB {
+                Poll::Ready(now)
+            } else {
+                Poll::Pending(format!("allocated {} MiB", now / MIB))
+            })
+        },
+    )
+    .unwrap();
+    let status = backend.status().unwrap();
+    eprintln!(
+        "free page reporting on 2 MiB pages: host memory {} -> {} MiB after 600 MiB freed; \
+         reported_free_bytes {} MiB",
+        full / MIB,
+        after / MIB,
+        status.reported_free_bytes / MIB
+    );
+    // The guest reuses reported memory freely.
+    vm.touch_and_free(600).unwrap();
+    assert_eq!(checksum(&mut vm, "kept"), kept);
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+    assert_eq!(status.discard_errors, 0);
+}
