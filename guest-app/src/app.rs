@@ -187,7 +187,7 @@ impl App {
         let len = want
             .min(step.max(crate::pagemap::PAGE))
             .min(self.settings.max_chunk);
-        let len = (len / crate::pagemap::PAGE * crate::pagemap::PAGE) as usize;
+        let len = crate::chunk::claim_len(len) as usize;
         if len == 0 {
             return Ok(());
         }

@@ -27,6 +27,19 @@ pub enum ChunkError {
     Other(std::io::Error),
 }
 
+/// The guest's transparent huge page on x86-64 (the PMD size), and the host's usual huge page.
+pub const HUGE_PAGE: u64 = 2 << 20;
+
+/// How much of `len` to claim as one chunk: whole 2 MiB blocks when there is room for one, so
+/// that the chunk can be made of huge pages; otherwise whole base pages.
+pub fn claim_len(len: u64) -> u64 {
+    if len >= HUGE_PAGE {
+        len / HUGE_PAGE * HUGE_PAGE
+    } else {
+        len / PAGE * PAGE
+    }
+}
+
 pub struct Chunk {
     /// The io_uring whose fixed buffer pins the pages; dropping it unpins them. Declared
     /// before `memory` so that it goes first: unpin, then unlock and unmap.
@@ -52,12 +65,21 @@ fn pin(memory: &MmapMut) -> std::io::Result<IoUring> {
 impl Chunk {
     /// Claims `len` bytes from the guest OS, pins them and finds their PFNs.
     pub fn claim(len: usize, pagemap: &File) -> Result<Chunk, ChunkError> {
-        // A fresh private anonymous mapping; MAP_POPULATE faults it in.
+        // A fresh private anonymous mapping. Where the guest has transparent huge pages, ask
+        // for them before the memory is faulted in (mlock does that): a huge page is 2 MiB of
+        // physically contiguous, aligned guest memory, which a host on huge pages can take back
+        // whole. (Linux aligns an anonymous mapping whose length is a multiple of 2 MiB to
+        // 2 MiB; `claim_len` makes chunks such multiples.) Without THP the advice is refused
+        // and base pages do.
         let mut memory = MmapOptions::new()
             .len(len)
-            .populate()
             .map_anon()
             .map_err(ChunkError::NoMemory)?;
+        if len as u64 >= HUGE_PAGE {
+            if let Err(e) = memory.advise(memmap2::Advice::HugePage) {
+                log::debug!("no transparent huge pages for the balloon: {e}");
+            }
+        }
         memory.lock().map_err(ChunkError::NoMemory)?;
         // Make sure every page is really there (MAP_POPULATE is best effort).
         for page in memory.chunks_mut(PAGE as usize) {
@@ -113,4 +135,18 @@ pub fn measure_pagemap(len: usize) -> Result<f64, ChunkError> {
     }
     let secs = start.elapsed().as_secs_f64();
     Ok(rounds as f64 * len as f64 / (1u64 << 30) as f64 / secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_whole_huge_pages_when_they_can_be() {
+        assert_eq!(claim_len(64 << 20), 64 << 20);
+        assert_eq!(claim_len((5 << 20) + 4096), 4 << 20);
+        assert_eq!(claim_len(HUGE_PAGE - 1), HUGE_PAGE - PAGE);
+        assert_eq!(claim_len(PAGE + 1), PAGE);
+        assert_eq!(claim_len(100), 0);
+    }
 }

@@ -190,6 +190,35 @@ impl Backend {
             .ok_or_else(|| LabError::Other(format!("set_target failed: {:?}", reply.error)))
     }
 
+    /// Asks the guest app's balloon for `target_bytes`.
+    pub fn set_app_target(&self, target_bytes: u64) -> Result<BackendStatus> {
+        let reply = self.request(ControlRequest::SetAppTarget { target_bytes })?;
+        reply
+            .status
+            .ok_or_else(|| LabError::Other(format!("set_app_target failed: {:?}", reply.error)))
+    }
+
+    /// Waits (up to 120 s) until the app's part of the status meets `cond`.
+    pub fn wait_app(
+        &self,
+        what: &str,
+        cond: impl Fn(&BackendStatus) -> bool,
+    ) -> Result<BackendStatus> {
+        wait_for(
+            what,
+            Duration::from_secs(120),
+            Duration::from_millis(100),
+            || {
+                let s = self.status()?;
+                Ok(if cond(&s) {
+                    Poll::Ready(s)
+                } else {
+                    Poll::Pending(format!("{:?}", s.app))
+                })
+            },
+        )
+    }
+
     /// Waits until the driver reports `actual` equal to the target.
     pub fn wait_actual(&self, target_bytes: u64, timeout: Duration) -> Result<BackendStatus> {
         wait_for(

@@ -5,36 +5,9 @@
 use balloon_lab::backend::Backend;
 use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::{Vm, VmConfig, MIB};
-use balloon_protocol::{BackendStatus, ControlRequest};
 use std::time::Duration;
 
 const APP_PORT: &str = "org.balloon.app";
-
-fn set_app_target(backend: &Backend, bytes: u64) {
-    let reply = backend
-        .request(ControlRequest::SetAppTarget {
-            target_bytes: bytes,
-        })
-        .unwrap();
-    assert!(reply.ok, "{reply:?}");
-}
-
-fn wait_app(backend: &Backend, what: &str, cond: impl Fn(&BackendStatus) -> bool) -> BackendStatus {
-    wait_for(
-        what,
-        Duration::from_secs(120),
-        Duration::from_millis(100),
-        || {
-            let s = backend.status()?;
-            Ok(if cond(&s) {
-                Poll::Ready(s)
-            } else {
-                Poll::Pending(format!("{:?}", s.app))
-            })
-        },
-    )
-    .unwrap()
-}
 
 #[test]
 fn the_app_balloon_returns_memory_gives_it_back_and_is_released_when_killed() {
@@ -50,13 +23,17 @@ fn the_app_balloon_returns_memory_gives_it_back_and_is_released_when_killed() {
     let start_app =
         "balloon-guest --connect serial:/dev/virtio-ports/org.balloon.app > /tmp/app.log 2>&1";
     vm.agent.spawn(start_app).unwrap();
-    wait_app(&backend, "the app to connect", |s| s.app.connected);
+    backend
+        .wait_app("the app to connect", |s| s.app.connected)
+        .unwrap();
     let before = vm.host_memory().unwrap().rss_shmem;
 
-    set_app_target(&backend, 256 * MIB);
-    let s = wait_app(&backend, "the app to hold 256 MiB", |s| {
-        s.app.ballooned_bytes == 256 * MIB && s.app.held_bytes == 256 * MIB
-    });
+    backend.set_app_target(256 * MIB).unwrap();
+    let s = backend
+        .wait_app("the app to hold 256 MiB", |s| {
+            s.app.ballooned_bytes == 256 * MIB && s.app.held_bytes == 256 * MIB
+        })
+        .unwrap();
     assert!(s.app.reclaimable);
     assert_eq!(s.ballooned_bytes, 0, "the driver's balloon is separate");
     let after = vm.host_memory().unwrap().rss_shmem;
@@ -68,25 +45,29 @@ fn the_app_balloon_returns_memory_gives_it_back_and_is_released_when_killed() {
     );
 
     // Deflate: the app gives everything back, and the guest can use it.
-    set_app_target(&backend, 0);
-    wait_app(&backend, "the app to give everything back", |s| {
-        s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
-    });
+    backend.set_app_target(0).unwrap();
+    backend
+        .wait_app("the app to give everything back", |s| {
+            s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
+        })
+        .unwrap();
     vm.touch_and_free(600).unwrap();
 
     // Inflate again, then kill -9 the app: the backend stops counting its pages and the guest
     // has the memory again.
-    set_app_target(&backend, 256 * MIB);
-    wait_app(&backend, "the app to hold 256 MiB again", |s| {
-        s.app.ballooned_bytes == 256 * MIB
-    });
+    backend.set_app_target(256 * MIB).unwrap();
+    backend
+        .wait_app("the app to hold 256 MiB again", |s| {
+            s.app.ballooned_bytes == 256 * MIB
+        })
+        .unwrap();
     let avail_held = vm.agent.meminfo().unwrap()["MemAvailable"];
     vm.agent.sh("kill -9 $(pidof balloon-guest)").unwrap();
-    wait_app(
-        &backend,
-        "the backend to release the killed app's pages",
-        |s| s.app.ballooned_bytes == 0 && !s.app.connected,
-    );
+    backend
+        .wait_app("the backend to release the killed app's pages", |s| {
+            s.app.ballooned_bytes == 0 && !s.app.connected
+        })
+        .unwrap();
     let avail_after = vm.agent.meminfo().unwrap()["MemAvailable"];
     assert!(
         avail_after >= avail_held + 200 * MIB,
@@ -111,7 +92,9 @@ fn boot_with_app(name: &str, app_args: &str) -> (Backend, Vm) {
             "balloon-guest --connect serial:/dev/virtio-ports/{APP_PORT} {app_args} > /tmp/app.log 2>&1"
         ))
         .unwrap();
-    wait_app(&backend, "the app to connect", |s| s.app.connected);
+    backend
+        .wait_app("the app to connect", |s| s.app.connected)
+        .unwrap();
     (backend, vm)
 }
 
@@ -122,10 +105,10 @@ fn compaction_moves_nothing_the_app_holds_and_corrupts_nothing() {
     vm.agent
         .sh("dd if=/dev/urandom of=/tmp/data bs=1M count=100 2>/dev/null && md5sum /tmp/data > /tmp/data.md5")
         .unwrap();
-    set_app_target(&backend, 256 * MIB);
-    wait_app(&backend, "the app to hold 256 MiB", |s| {
-        s.app.held_bytes == 256 * MIB
-    });
+    backend.set_app_target(256 * MIB).unwrap();
+    backend
+        .wait_app("the app to hold 256 MiB", |s| s.app.held_bytes == 256 * MIB)
+        .unwrap();
     assert_eq!(
         vm.agent
             .sh("cat /proc/sys/vm/compact_unevictable_allowed")
@@ -201,10 +184,12 @@ fn a_target_larger_than_the_guest_can_give_stops_short_without_oom() {
     vm.agent
         .sh("dd if=/dev/zero of=/tmp/keep bs=1M count=400 2>/dev/null")
         .unwrap();
-    set_app_target(&backend, 900 * MIB);
-    let s = wait_app(&backend, "the app to stop short and say so", |s| {
-        s.app.stalled && s.app.held_bytes > 0
-    });
+    backend.set_app_target(900 * MIB).unwrap();
+    let s = backend
+        .wait_app("the app to stop short and say so", |s| {
+            s.app.stalled && s.app.held_bytes > 0
+        })
+        .unwrap();
     eprintln!("app holds {} MiB of 900", s.app.held_bytes / MIB);
     assert!(s.app.held_bytes < 900 * MIB);
     assert_eq!(vm.agent.oom_kills().unwrap(), 0);
@@ -228,7 +213,9 @@ fn the_systemd_unit_starts_at_boot_follows_targets_and_stops_cleanly() {
     config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
     let mut vm = Vm::start(config).unwrap();
     // Started by systemd at boot, nobody asked.
-    wait_app(&backend, "the unit's app to connect", |s| s.app.connected);
+    backend
+        .wait_app("the unit's app to connect", |s| s.app.connected)
+        .unwrap();
     assert_eq!(
         vm.agent
             .sh("systemctl is-active balloon-guest.service")
@@ -236,10 +223,12 @@ fn the_systemd_unit_starts_at_boot_follows_targets_and_stops_cleanly() {
             .trim(),
         "active"
     );
-    set_app_target(&backend, 128 * MIB);
-    wait_app(&backend, "the unit's app to hold 128 MiB", |s| {
-        s.app.held_bytes == 128 * MIB && s.app.ballooned_bytes == 128 * MIB
-    });
+    backend.set_app_target(128 * MIB).unwrap();
+    backend
+        .wait_app("the unit's app to hold 128 MiB", |s| {
+            s.app.held_bytes == 128 * MIB && s.app.ballooned_bytes == 128 * MIB
+        })
+        .unwrap();
     vm.agent.sh("systemctl stop balloon-guest.service").unwrap();
     let result = vm
         .agent
@@ -322,17 +311,21 @@ fn the_app_talks_over_vsock_with_the_hybrid_convention_and_only_with_the_vms_sec
     vm.agent
         .spawn("balloon-guest --connect vsock:2:1234 > /tmp/app.log 2>&1")
         .unwrap();
-    wait_app(&backend, "the app to connect over vsock", |s| {
-        s.app.connected
-    });
-    set_app_target(&backend, 128 * MIB);
-    wait_app(&backend, "the app to hold 128 MiB", |s| {
-        s.app.ballooned_bytes == 128 * MIB
-    });
+    backend
+        .wait_app("the app to connect over vsock", |s| s.app.connected)
+        .unwrap();
+    backend.set_app_target(128 * MIB).unwrap();
+    backend
+        .wait_app("the app to hold 128 MiB", |s| {
+            s.app.ballooned_bytes == 128 * MIB
+        })
+        .unwrap();
     // A vsock connection closes with the app: the backend releases at once.
     vm.agent.sh("kill -9 $(pidof balloon-guest)").unwrap();
-    wait_app(&backend, "the backend to release the app's pages", |s| {
-        s.app.ballooned_bytes == 0 && !s.app.connected
-    });
+    backend
+        .wait_app("the backend to release the app's pages", |s| {
+            s.app.ballooned_bytes == 0 && !s.app.connected
+        })
+        .unwrap();
     assert_eq!(vm.agent.oom_kills().unwrap(), 0);
 }

@@ -179,3 +179,85 @@ fn free_page_reporting_returns_whole_huge_pages_the_guest_freed() {
     assert_eq!(vm.agent.oom_kills().unwrap(), 0);
     assert_eq!(status.discard_errors, 0);
 }
+
+#[test]
+fn the_app_returns_nearly_all_it_holds_in_whole_huge_pages() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let Some(_pages) = reserve() else { return };
+    let backend = Backend::start("huge-app", &["--no-free-page-reporting"]).unwrap();
+    let mut config = VmConfig::new("huge-app");
+    config.mem_mib = GUEST_MIB;
+    config.ram = GuestRam::HugetlbMemfd;
+    config.vhost_user_balloon = Some(backend.device());
+    config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+    let mut vm = Vm::start(config).expect("boot the mini guest on huge pages");
+    // Huge pages only for programs that ask (as many distributions set it): the app asks.
+    let thp = vm
+        .agent
+        .sh("echo madvise > /sys/kernel/mm/transparent_hugepage/enabled && cat /sys/kernel/mm/transparent_hugepage/enabled")
+        .unwrap();
+    vm.touch_and_free(700).unwrap();
+    let kept = keep(&mut vm, "kept", 64);
+    // Scatter the guest's free memory: 120 MiB of one-page files, every other one removed,
+    // leaves 60 MiB of single free pages among used ones, which base-page claims pick up first.
+    vm.agent
+        .sh("mkdir /tmp/frag && cd /tmp/frag && i=0; while [ $i -lt 30720 ]; do echo > $i; i=$((i+1)); done; rm -f *[02468]")
+        .unwrap();
+    vm.agent
+        .spawn(
+            "balloon-guest --connect serial:/dev/virtio-ports/org.balloon.app > /tmp/app.log 2>&1",
+        )
+        .unwrap();
+    backend
+        .wait_app("the app to connect", |s| s.app.connected)
+        .unwrap();
+    let before = settled_allocation(&vm, &backend);
+
+    let held = 256 * MIB;
+    backend.set_app_target(held).unwrap();
+    backend
+        .wait_app("the app to hold 256 MiB", |s| {
+            s.app.ballooned_bytes == held && s.app.held_bytes == held
+        })
+        .unwrap();
+    let after = settled_allocation(&vm, &backend);
+    let returned = before.saturating_sub(after);
+    let share = returned as f64 / held as f64;
+    let guest_thp = vm
+        .agent
+        .sh("grep AnonHugePages /proc/meminfo")
+        .unwrap_or_default();
+    eprintln!(
+        "app on 2 MiB pages (guest THP: {}; {}): holds {} MiB, host memory {} -> {} MiB, \
+         returned {} MiB (share {share:.3})",
+        thp.trim(),
+        guest_thp.trim(),
+        held / MIB,
+        before / MIB,
+        after / MIB,
+        returned / MIB
+    );
+    assert!(
+        share >= 0.9,
+        "the app returned only {share:.3} of what it holds"
+    );
+
+    vm.agent.sh("rm -rf /tmp/frag").unwrap();
+    backend.set_app_target(0).unwrap();
+    backend
+        .wait_app("the app to give everything back", |s| {
+            s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
+        })
+        .unwrap();
+    vm.touch_and_free(700).unwrap();
+    assert_eq!(
+        checksum(&mut vm, "kept"),
+        kept,
+        "data kept across the balloon"
+    );
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+    let log = vm.agent.sh("cat /tmp/app.log").unwrap();
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+const APP_PORT: &str = "org.balloon.app";
