@@ -93,3 +93,62 @@ fn read_pool() -> Result<u64> {
 fn write_pool(pages: u64) -> std::io::Result<()> {
     std::fs::write(NR_HUGEPAGES, pages.to_string())
 }
+
+/// A hugetlbfs of 2 MiB pages mounted for one guest's RAM file (QEMU memory-backend-file),
+/// unmounted when dropped.
+pub struct HugetlbfsMount {
+    pub dir: std::path::PathBuf,
+}
+
+impl HugetlbfsMount {
+    pub fn mount(dir: &std::path::Path) -> Result<HugetlbfsMount> {
+        std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "hugetlbfs", "-o", "pagesize=2M", "none"])
+            .arg(dir)
+            .status()
+            .ctx(|| "running mount".into())?;
+        if !status.success() {
+            return Err(LabError::Other(format!(
+                "mount -t hugetlbfs on {} failed ({status}): mounting needs root",
+                dir.display()
+            )));
+        }
+        Ok(HugetlbfsMount {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Bytes of huge pages allocated to `file` in this mount.
+    pub fn allocated(&self, file: &str) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.dir.join(file);
+        Ok(std::fs::metadata(&path)
+            .ctx(|| format!("stat {}", path.display()))?
+            .blocks()
+            * 512)
+    }
+}
+
+impl Drop for HugetlbfsMount {
+    fn drop(&mut self) {
+        // The files go first: their huge pages return to the pool only then.
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        // Lazily (MNT_DETACH): the backend may still map the RAM file; the mount goes when it
+        // lets go.
+        let unmounted = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if unmounted {
+            let _ = std::fs::remove_dir(&self.dir);
+        } else {
+            eprintln!("could not unmount {}", self.dir.display());
+        }
+    }
+}

@@ -4,6 +4,7 @@ use crate::agent::Agent;
 use crate::agent_proto::AGENT_PORT_NAME;
 use crate::error::IoContext;
 use crate::host::{self, ProcMemory};
+use crate::hugepages::HugetlbfsMount;
 use crate::lab;
 use crate::qmp::Qmp;
 use crate::wait::{wait_for, Poll};
@@ -77,6 +78,20 @@ pub enum GuestRam {
     /// A memfd on 2 MiB huge pages (examples/qemu/guest-ram-hugetlb.args); reserve them first
     /// (`hugepages::HugePages`).
     HugetlbMemfd,
+    /// A file on a hugetlbfs of 2 MiB pages that the harness mounts for the guest
+    /// (examples/qemu/guest-ram-hugetlbfs.args); reserve the pages first.
+    HugetlbfsFile,
+}
+
+/// The guest RAM file's name in its hugetlbfs mount.
+const HUGETLBFS_RAM_FILE: &str = "guest-ram";
+
+/// Where the hugetlbfs for a guest's RAM file is mounted: beside its run directory, so that
+/// removing the run directory never meets a mount point.
+fn hugetlbfs_dir(run_dir: &Path) -> PathBuf {
+    let mut dir = run_dir.as_os_str().to_owned();
+    dir.push(".hugetlbfs");
+    PathBuf::from(dir)
 }
 
 #[derive(Debug, Clone)]
@@ -163,10 +178,16 @@ impl VmConfig {
         let ram_args = match self.ram {
             GuestRam::Memfd => GUEST_RAM_ARGS,
             GuestRam::HugetlbMemfd => GUEST_RAM_HUGETLB_ARGS,
+            GuestRam::HugetlbfsFile => GUEST_RAM_HUGETLBFS_ARGS,
         };
+        let mem_path = hugetlbfs_dir(run_dir).join(HUGETLBFS_RAM_FILE);
         a.extend(example_args(
             ram_args,
-            &[("accel", accel.to_string()), ("mem_mib", mem.to_string())],
+            &[
+                ("accel", accel.to_string()),
+                ("mem_mib", mem.to_string()),
+                ("mem_path", mem_path.display().to_string()),
+            ],
         ));
         if lab::use_kvm() {
             a.extend(["-cpu".into(), "host".into()]);
@@ -231,6 +252,7 @@ pub fn example_args(text: &str, vars: &[(&str, String)]) -> Vec<String> {
 
 const GUEST_RAM_ARGS: &str = include_str!("../../examples/qemu/guest-ram.args");
 const GUEST_RAM_HUGETLB_ARGS: &str = include_str!("../../examples/qemu/guest-ram-hugetlb.args");
+const GUEST_RAM_HUGETLBFS_ARGS: &str = include_str!("../../examples/qemu/guest-ram-hugetlbfs.args");
 const VHOST_BALLOON_ARGS: &str = include_str!("../../examples/qemu/vhost-balloon.args");
 
 fn on_off(b: bool) -> &'static str {
@@ -249,6 +271,8 @@ pub struct Vm {
     child: Child,
     pub qmp: Qmp,
     pub agent: Agent,
+    /// The mount holding guest RAM (GuestRam::HugetlbfsFile).
+    hugetlbfs: Option<HugetlbfsMount>,
 }
 
 impl Vm {
@@ -257,6 +281,10 @@ impl Vm {
         config.image.ensure()?;
         let qemu = lab::qemu_binary()?;
         let run_dir = lab::run_dir(&config.name)?;
+        let hugetlbfs = match config.ram {
+            GuestRam::HugetlbfsFile => Some(HugetlbfsMount::mount(&hugetlbfs_dir(&run_dir))?),
+            GuestRam::Memfd | GuestRam::HugetlbMemfd => None,
+        };
         let args = config.args(&run_dir)?;
         std::fs::write(run_dir.join("qemu.cmdline"), args.join(" "))
             .ctx(|| "writing qemu.cmdline".into())?;
@@ -306,6 +334,7 @@ impl Vm {
             child,
             qmp,
             agent,
+            hugetlbfs,
         };
         vm.wait_agent(Duration::from_secs(120))?;
         Ok(vm)
@@ -350,9 +379,12 @@ impl Vm {
         host::proc_memory(self.pid())
     }
 
-    /// Bytes of guest RAM the host really holds (the memfd's allocated blocks).
+    /// Bytes of guest RAM the host really holds (the allocated blocks of its memfd or file).
     pub fn ram_allocated(&self) -> Result<u64> {
-        host::memfd_allocated(self.pid())
+        match &self.hugetlbfs {
+            Some(mount) => mount.allocated(HUGETLBFS_RAM_FILE),
+            None => host::memfd_allocated(self.pid()),
+        }
     }
 
     /// Whether QEMU is still running.
@@ -405,6 +437,8 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // With QEMU gone, the guest RAM file and its mount can go.
+        self.hugetlbfs = None;
         if std::thread::panicking() {
             eprintln!(
                 "VM {} kept its run directory for inspection: {}",

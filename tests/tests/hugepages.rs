@@ -26,11 +26,16 @@ fn reserve() -> Option<HugePages> {
     }
 }
 
-fn boot(name: &str, backend: &Backend) -> Vm {
+fn config(name: &str, ram: GuestRam, backend: &Backend) -> VmConfig {
     let mut config = VmConfig::new(name);
     config.mem_mib = GUEST_MIB;
-    config.ram = GuestRam::HugetlbMemfd;
+    config.ram = ram;
     config.vhost_user_balloon = Some(backend.device());
+    config
+}
+
+fn boot(name: &str, ram: GuestRam, backend: &Backend) -> Vm {
+    let config = config(name, ram, backend);
     Vm::start(config).expect("boot the mini guest on huge pages")
 }
 
@@ -69,13 +74,16 @@ fn checksum(vm: &mut Vm, name: &str) -> String {
     vm.agent.sh(&format!("md5sum /tmp/{name}")).unwrap()
 }
 
-#[test]
-fn the_driver_returns_whole_huge_pages_and_deflate_never_loses_guest_data() {
+fn the_driver_returns_whole_huge_pages_and_deflate_never_loses_guest_data(ram: GuestRam) {
     let _ = env_logger::builder().is_test(true).try_init();
     let Some(_pages) = reserve() else { return };
     // Free page reporting off: it would return freed blocks on its own (its own test below).
-    let backend = Backend::start("huge-driver", &["--no-free-page-reporting"]).unwrap();
-    let mut vm = boot("huge-driver", &backend);
+    let backend = Backend::start(
+        &format!("huge-driver-{ram:?}"),
+        &["--no-free-page-reporting"],
+    )
+    .unwrap();
+    let mut vm = boot(&format!("huge-driver-{ram:?}"), ram, &backend);
     let status = backend.status().unwrap();
     assert!(status.device_started, "{status:?}");
 
@@ -97,7 +105,7 @@ fn the_driver_returns_whole_huge_pages_and_deflate_never_loses_guest_data() {
         .unwrap()
         .saturating_sub(pool_free_before);
     eprintln!(
-        "driver on 2 MiB pages: balloon {} MiB, host memory {} -> {} MiB, returned {} MiB \
+        "driver on 2 MiB pages ({ram:?}): balloon {} MiB, host memory {} -> {} MiB, returned {} MiB \
          (share {share:.3}), HugePages_Free +{pool_freed}, reclaimed_bytes {} MiB",
         balloon / MIB,
         before / MIB,
@@ -139,12 +147,11 @@ fn the_driver_returns_whole_huge_pages_and_deflate_never_loses_guest_data() {
     assert_eq!(status.discard_errors, 0);
 }
 
-#[test]
-fn free_page_reporting_returns_whole_huge_pages_the_guest_freed() {
+fn free_page_reporting_returns_whole_huge_pages_the_guest_freed(ram: GuestRam) {
     let _ = env_logger::builder().is_test(true).try_init();
     let Some(_pages) = reserve() else { return };
-    let backend = Backend::start("huge-report", &[]).unwrap();
-    let mut vm = boot("huge-report", &backend);
+    let backend = Backend::start(&format!("huge-report-{ram:?}"), &[]).unwrap();
+    let mut vm = boot(&format!("huge-report-{ram:?}"), ram, &backend);
     vm.agent
         .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null")
         .unwrap();
@@ -167,7 +174,7 @@ fn free_page_reporting_returns_whole_huge_pages_the_guest_freed() {
     .unwrap();
     let status = backend.status().unwrap();
     eprintln!(
-        "free page reporting on 2 MiB pages: host memory {} -> {} MiB after 600 MiB freed; \
+        "free page reporting on 2 MiB pages ({ram:?}): host memory {} -> {} MiB after 600 MiB freed; \
          reported_free_bytes {} MiB",
         full / MIB,
         after / MIB,
@@ -180,15 +187,12 @@ fn free_page_reporting_returns_whole_huge_pages_the_guest_freed() {
     assert_eq!(status.discard_errors, 0);
 }
 
-#[test]
-fn the_app_returns_nearly_all_it_holds_in_whole_huge_pages() {
+fn the_app_returns_nearly_all_it_holds_in_whole_huge_pages(ram: GuestRam) {
     let _ = env_logger::builder().is_test(true).try_init();
     let Some(_pages) = reserve() else { return };
-    let backend = Backend::start("huge-app", &["--no-free-page-reporting"]).unwrap();
-    let mut config = VmConfig::new("huge-app");
-    config.mem_mib = GUEST_MIB;
-    config.ram = GuestRam::HugetlbMemfd;
-    config.vhost_user_balloon = Some(backend.device());
+    let backend =
+        Backend::start(&format!("huge-app-{ram:?}"), &["--no-free-page-reporting"]).unwrap();
+    let mut config = config(&format!("huge-app-{ram:?}"), ram, &backend);
     config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
     let mut vm = Vm::start(config).expect("boot the mini guest on huge pages");
     // Huge pages only for programs that ask (as many distributions set it): the app asks.
@@ -228,7 +232,7 @@ fn the_app_returns_nearly_all_it_holds_in_whole_huge_pages() {
         .sh("grep AnonHugePages /proc/meminfo")
         .unwrap_or_default();
     eprintln!(
-        "app on 2 MiB pages (guest THP: {}; {}): holds {} MiB, host memory {} -> {} MiB, \
+        "app on 2 MiB pages ({ram:?}; guest THP: {}; {}): holds {} MiB, host memory {} -> {} MiB, \
          returned {} MiB (share {share:.3})",
         thp.trim(),
         guest_thp.trim(),
@@ -261,3 +265,27 @@ fn the_app_returns_nearly_all_it_holds_in_whole_huge_pages() {
 }
 
 const APP_PORT: &str = "org.balloon.app";
+
+/// Each test on both kinds of huge-page RAM QEMU offers.
+macro_rules! on_hugetlb_memfd_and_hugetlbfs {
+    ($($test:ident),*) => {
+        mod memfd {
+            $(#[test]
+            fn $test() {
+                super::$test(balloon_lab::GuestRam::HugetlbMemfd)
+            })*
+        }
+        mod hugetlbfs_file {
+            $(#[test]
+            fn $test() {
+                super::$test(balloon_lab::GuestRam::HugetlbfsFile)
+            })*
+        }
+    };
+}
+
+on_hugetlb_memfd_and_hugetlbfs!(
+    the_driver_returns_whole_huge_pages_and_deflate_never_loses_guest_data,
+    free_page_reporting_returns_whole_huge_pages_the_guest_freed,
+    the_app_returns_nearly_all_it_holds_in_whole_huge_pages
+);
