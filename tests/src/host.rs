@@ -37,6 +37,26 @@ pub fn proc_memory(pid: u32) -> Result<ProcMemory> {
     Ok(mem)
 }
 
+/// CPU time the process has used, user and system, in seconds (/proc/PID/stat).
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).ctx(|| format!("reading {path}"))?;
+    // The command name may hold spaces and parentheses: the fields follow its last ')'.
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15; `fields` starts at field 3.
+    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok());
+    match (ticks(14), ticks(15)) {
+        (Some(user), Some(system)) => Ok((user + system) as f64 / CLOCK_TICKS_PER_SECOND),
+        _ => Err(LabError::Other(format!("{path}: no utime/stime"))),
+    }
+}
+
+/// USER_HZ, which /proc reports times in: 100 on every Linux architecture the lab runs.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
 /// Bytes allocated to the process's memfd files (guest RAM with memory-backend-memfd): the
 /// memory a discard returns to the host, independent of what is mapped where.
 pub fn memfd_allocated(pid: u32) -> Result<u64> {
@@ -88,6 +108,17 @@ mod tests {
         assert_eq!(m["MemTotal"], 1004512 * 1024);
         assert_eq!(m["HugePages_Total"], 0);
         assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn own_cpu_time_grows_with_work() {
+        let before = cpu_seconds(std::process::id()).unwrap();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(cpu_seconds(std::process::id()).unwrap() > before);
     }
 
     #[test]

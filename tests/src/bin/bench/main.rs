@@ -26,6 +26,7 @@ mod guest_app_inflate;
 mod qemu_builtin;
 mod scheduler_hung_guests;
 mod vm_inflate;
+mod vm_scaling;
 
 use control_flood::control_flood;
 use discard_native::discard_native;
@@ -33,6 +34,7 @@ use guest_app_inflate::guest_app_inflate;
 use qemu_builtin::{qemu_builtin_inflate, wait_builtin};
 use scheduler_hung_guests::scheduler_hung_guests;
 use vm_inflate::vm_inflate;
+use vm_scaling::vm_scaling;
 
 type Bench = (&'static str, fn() -> Result<()>);
 const BENCHES: &[Bench] = &[
@@ -42,6 +44,7 @@ const BENCHES: &[Bench] = &[
     ("scheduler_hung_guests", scheduler_hung_guests),
     ("guest_app_inflate", guest_app_inflate),
     ("control_flood", control_flood),
+    ("vm_scaling", vm_scaling),
 ];
 
 fn main() {
