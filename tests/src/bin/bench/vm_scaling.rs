@@ -7,7 +7,7 @@ struct Inflate {
     seconds_per_gib: f64,
     cpu_seconds_per_gib: f64,
     /// The backend's own memory: its resident set outside the guest mapping (shared memory),
-    /// plus the page-tracking file beside its state file.
+    /// its mapped page-tracking file included.
     backend_own_bytes: u64,
 }
 
@@ -52,7 +52,8 @@ fn inflate(gib: u64) -> Result<Inflate> {
     ))
     .map(|m| m.len())
     .unwrap_or(0);
-    let own = mem.vm_rss.saturating_sub(mem.rss_shmem) + pages_file;
+    // The tracking file is mapped shared, so its resident pages are already in the RSS.
+    let own = mem.vm_rss.saturating_sub(mem.rss_shmem);
     let ballooned_gib = balloon as f64 / (1u64 << 30) as f64;
     let result = Inflate {
         guest_gib: gib,
