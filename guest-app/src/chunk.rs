@@ -81,7 +81,8 @@ impl Chunk {
             }
         }
         memory.lock().map_err(ChunkError::NoMemory)?;
-        // Make sure every page is really there (MAP_POPULATE is best effort).
+        // Make sure every page is really there and the app's own (mlock faults them in; a write
+        // leaves no page shared with the zero page).
         for page in memory.chunks_mut(PAGE as usize) {
             page[0] = 0xba;
         }

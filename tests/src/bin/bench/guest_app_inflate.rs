@@ -33,8 +33,7 @@ pub(super) fn guest_app_inflate() -> Result<()> {
         }
     };
     let time_app = |vm: &mut Vm, args: &str| -> Result<f64> {
-        vm.agent
-            .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=700 2>/dev/null && rm /tmp/fill")?;
+        vm.touch_and_free(700)?;
         vm.agent.spawn(&format!(
             "balloon-guest --connect serial:/dev/virtio-ports/org.balloon.app {args} > /tmp/app.log 2>&1"
         ))?;
@@ -58,8 +57,7 @@ pub(super) fn guest_app_inflate() -> Result<()> {
         adaptive.push(time_app(&mut vm, "")?);
         // Fixed: the rate pinned at the adaptive controller's starting point.
         fixed.push(time_app(&mut vm, "--min-rate 64M --max-rate 64M")?);
-        vm.agent
-            .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=700 2>/dev/null && rm /tmp/fill")?;
+        vm.touch_and_free(700)?;
         let t = Instant::now();
         backend.set_target(amount)?;
         backend.wait_actual(amount, Duration::from_secs(300))?;

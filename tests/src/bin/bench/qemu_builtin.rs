@@ -33,8 +33,7 @@ pub(super) fn qemu_builtin_inflate() -> Result<()> {
     let (full, target) = (1024 * MIB, 256 * MIB);
     let (mut inflate, mut deflate, mut shmem_drop) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..RUNS {
-        vm.agent
-            .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=700 2>/dev/null && rm /tmp/fill")?;
+        vm.touch_and_free(700)?;
         let before = vm.host_memory()?.rss_shmem;
         let t = Instant::now();
         vm.qmp.balloon(target)?;
