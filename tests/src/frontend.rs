@@ -77,8 +77,10 @@ impl SplitQueue {
             buffer,
             next_avail: 0,
             last_used: 0,
-            kick: EventFd::new(EFD_NONBLOCK).ctx(|| "eventfd".into())?,
-            call: EventFd::new(0).ctx(|| "eventfd".into())?,
+            // Close-on-exec, as a VMM's are: the backends started after this frontend must
+            // not inherit its descriptors (200 of them would each hold every earlier one's).
+            kick: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).ctx(|| "eventfd".into())?,
+            call: EventFd::new(libc::EFD_CLOEXEC).ctx(|| "eventfd".into())?,
         })
     }
 }

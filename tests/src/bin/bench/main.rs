@@ -21,7 +21,9 @@ const FILL_FREE_MEMORY: &str = "avail=$(awk '/MemAvailable/ {print int($2/1024) 
 const POLL: Duration = Duration::from_millis(20);
 
 mod control_flood;
+mod density;
 mod discard_native;
+mod fleet;
 mod guest_app_inflate;
 mod qemu_builtin;
 mod scheduler_hung_guests;
@@ -29,7 +31,9 @@ mod vm_inflate;
 mod vm_scaling;
 
 use control_flood::control_flood;
+use density::density;
 use discard_native::discard_native;
+use fleet::Fleet;
 use guest_app_inflate::guest_app_inflate;
 use qemu_builtin::{qemu_builtin_inflate, wait_builtin};
 use scheduler_hung_guests::scheduler_hung_guests;
@@ -45,6 +49,7 @@ const BENCHES: &[Bench] = &[
     ("guest_app_inflate", guest_app_inflate),
     ("control_flood", control_flood),
     ("vm_scaling", vm_scaling),
+    ("density", density),
 ];
 
 fn main() {

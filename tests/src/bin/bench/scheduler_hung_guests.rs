@@ -24,24 +24,8 @@ pub(super) fn scheduler_hung_guests() -> Result<()> {
     const PERIOD: Duration = Duration::from_millis(500);
     const DEADLINE: Duration = Duration::from_secs(1);
     let started_setup = Instant::now();
-    let mut backends = Vec::with_capacity(GUESTS);
-    let mut frontends = Vec::with_capacity(GUESTS);
-    for i in 0..GUESTS {
-        let b = Backend::start(
-            &format!("hung{i}"),
-            &["--no-stats", "--no-free-page-reporting"],
-        )?;
-        let ram = guest_ram(256 * MIB)?;
-        let fe = TestFrontend::connect(&b.socket, &ram)?;
-        backends.push(b);
-        frontends.push((fe, ram));
-    }
-    let memory = backends[0].status()?.guest_ram_bytes;
-    if memory == 0 {
-        return Err(balloon_lab::LabError::Other(
-            "the backend has no memory table from its frontend".into(),
-        ));
-    }
+    let fleet = Fleet::start("hung", GUESTS, 256 * MIB)?;
+    let (backends, memory) = (&fleet.backends, fleet.guest_ram_bytes);
     let hung: Vec<FakeBackend> = (0..HUNG)
         .map(|_| FakeBackend::hung())
         .collect::<std::io::Result<_>>()
