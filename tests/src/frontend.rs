@@ -46,6 +46,28 @@ pub fn data_pages(ram: &MemfdRam) -> u64 {
     data_len(ram) / PAGE
 }
 
+/// Waits until exactly `expected` bytes of `ram` are allocated: the backend discards beside
+/// its queue (a buffer returns before its pages are punched), so memory leaves a little later.
+pub fn wait_allocated(ram: &MemfdRam, expected: u64) -> Result<()> {
+    crate::wait::wait_for(
+        "the guest RAM's allocated size",
+        Duration::from_secs(60),
+        Duration::from_micros(200),
+        || {
+            let now = ram.allocated();
+            Ok(if now == expected {
+                crate::wait::Poll::Ready(())
+            } else {
+                crate::wait::Poll::Pending(format!(
+                    "{} KiB, want {} KiB",
+                    now >> 10,
+                    expected >> 10
+                ))
+            })
+        },
+    )
+}
+
 fn vhost_err(what: &str, e: vhost::Error) -> LabError {
     LabError::Other(format!("vhost-user {what}: {e}"))
 }

@@ -3,30 +3,10 @@
 //! vhost-user device cannot survive (see docs/qemu-vhost-user-base-reconnect.md).
 
 use balloon_lab::backend::Backend;
-use balloon_lab::frontend::{guest_ram, MemfdRam, TestFrontend};
-use balloon_lab::wait::{wait_for, Poll};
+use balloon_lab::frontend::{guest_ram, wait_allocated, MemfdRam, TestFrontend};
 use balloon_lab::MIB;
-use std::time::Duration;
 
 const PAGE: u64 = 4096;
-
-/// Discards run beside the queue (the buffer returns first), so wait for the memory to leave.
-fn wait_allocated(ram: &MemfdRam, expected: u64) {
-    wait_for(
-        "the memfd's allocated size",
-        Duration::from_secs(20),
-        Duration::from_millis(5),
-        || {
-            let now = ram.allocated();
-            Ok(if now == expected {
-                Poll::Ready(())
-            } else {
-                Poll::Pending(format!("{now} bytes, want {expected}"))
-            })
-        },
-    )
-    .unwrap();
-}
 
 const NO_EXTRA_QUEUES: &[&str] = &["--no-stats", "--no-free-page-reporting"];
 
@@ -49,7 +29,7 @@ impl HalfInflated {
         let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
         let pfns: Vec<u32> = (0..(target / PAGE) as u32).collect();
         fe.inflate(&ram, &pfns[..pfns.len() / 2]).unwrap();
-        wait_allocated(&ram, full - target / 2);
+        wait_allocated(&ram, full - target / 2).unwrap();
         HalfInflated {
             ram,
             fe,
@@ -73,7 +53,7 @@ fn inflate_discards_exactly_the_named_pages_and_skips_hostile_ones() {
     fe.inflate(&ram, &contiguous).unwrap();
     let scattered: Vec<u32> = (0..1000).map(|i| 8192 + 2 * i).collect();
     fe.inflate(&ram, &scattered).unwrap();
-    wait_allocated(&ram, full - (4096 + 1000) * PAGE);
+    wait_allocated(&ram, full - (4096 + 1000) * PAGE).unwrap();
     let s = backend.status().unwrap();
     assert_eq!(s.ballooned_bytes, (4096 + 1000) * PAGE);
     assert_eq!(s.reclaimed_bytes, (4096 + 1000) * PAGE);
@@ -124,7 +104,7 @@ fn a_killed_backend_restarts_with_its_target_and_serves_a_new_connection() {
     let (num_pages, _) = fe.config().unwrap();
     assert_eq!(u64::from(num_pages) * PAGE, target);
     fe.inflate(&ram, rest).unwrap();
-    wait_allocated(&ram, full - target);
+    wait_allocated(&ram, full - target).unwrap();
     let s = backend.status().unwrap();
     assert!(s.device_started);
     // A new connection whose rings start at 0 is a new driver: the pages the old process
@@ -154,7 +134,7 @@ fn behind_the_keeper_a_killed_backend_is_replaced_on_the_same_frontend_connectio
     assert_eq!(u64::from(num_pages) * PAGE, target);
     // Its rings resume where the old process left them: the next buffers come back.
     fe.inflate(&ram, rest).unwrap();
-    wait_allocated(&ram, full - target);
+    wait_allocated(&ram, full - target).unwrap();
     let s = backend.status().unwrap();
     assert!(s.device_started, "{s:?}");
     // The tracking survived the crash (it lives in the page file beside the state file).

@@ -1,7 +1,7 @@
 //! Guests whose RAM lives on 2 MiB huge pages (a memfd with hugetlb=on, and a file on a
-//! hugetlbfs mount), as vhost-user deployments usually run them. The host can take back only whole huge pages: these
-//! tests measure how much of what the guest gives really returns, and check that no huge page
-//! the guest still uses is ever discarded.
+//! hugetlbfs mount), as vhost-user deployments usually run them. The host can take back only
+//! whole huge pages: these tests measure how much of what the guest gives really returns, and
+//! check that no huge page the guest still uses is ever discarded.
 //!
 //! Each test reserves its huge pages and gives them back when it ends; they run one at a time.
 

@@ -7,7 +7,9 @@
 use balloon_lab::backend::Backend;
 use balloon_lab::bench::{median, BenchResult};
 use balloon_lab::error::IoContext;
-use balloon_lab::frontend::{data_len, data_pages, guest_ram, MemfdRam, TestFrontend};
+use balloon_lab::frontend::{
+    data_len, data_pages, guest_ram, wait_allocated, MemfdRam, TestFrontend,
+};
 use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::{BuiltinBalloon, Result, Vm, VmConfig, MIB};
 use serde_json::json;
