@@ -239,6 +239,7 @@ fn backend_status() -> impl Strategy<Value = BackendStatus> {
             any::<u64>(),
             any::<bool>(),
             any::<u64>(),
+            any::<u64>(),
         ),
         (any::<bool>(), any::<u64>(), proptest::option::of(stats())),
         (
@@ -258,6 +259,7 @@ fn backend_status() -> impl Strategy<Value = BackendStatus> {
             reported_free_bytes: b.2,
             discard_enabled: b.3,
             discard_errors: b.4,
+            discard_calls: b.5,
             config_change_channel: c.0,
             stats_interval_seconds: c.1,
             stats: c.2,

@@ -119,6 +119,10 @@ pub struct BackendStatus {
     pub discard_enabled: bool,
     /// Discards the host refused (the pages stay allocated).
     pub discard_errors: u64,
+    /// Discard calls made (grows): each ends in a TLB-shootdown round on the VMM's CPUs, so
+    /// bytes per call says how well discards merge.
+    #[serde(default)]
+    pub discard_calls: u64,
     /// Whether the backend can tell the driver about target changes (the backend request
     /// channel was found).
     pub config_change_channel: bool,

@@ -24,6 +24,7 @@ impl Balloon {
             reported_free_bytes: self.counters.reported_free_bytes,
             discard_enabled: self.discard_enabled,
             discard_errors: self.counters.discard_errors + self.worker_count(|c| &c.discard_errors),
+            discard_calls: self.counters.discard_calls + self.worker_count(|c| &c.discard_calls),
             config_change_channel: self.channel.is_some(),
             stats_interval_seconds: self.stats_interval_seconds,
             stats: self.stats.as_ref().map(|(at, s)| GuestStatsSnapshot {

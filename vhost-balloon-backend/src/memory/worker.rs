@@ -1,7 +1,10 @@
 //! Discarding off the queue's path. The inflate handler hands its discards to this worker and
 //! returns the buffer at once, so the guest driver goes on allocating its next pages while the
 //! host frees the previous ones (on another core), and pending discards of neighbouring buffers
-//! merge into fewer, larger ones.
+//! merge into fewer, larger ones. The worker lets them gather for a moment first (`GATHER`):
+//! every discard call, however small, ends in a TLB-shootdown round on each CPU that runs the
+//! VMM's vCPUs, and buffer by buffer those rounds were 35% of the backend's CPU under a TCG
+//! guest inflating 1 MiB at a time.
 //!
 //! Safety: a ballooned page is the guest's again only after it deflates it and the device
 //! acknowledges that. `withdraw` runs in the deflate handler before that acknowledgement: it
@@ -12,10 +15,19 @@
 use super::DiscardJob;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How long pending discards may gather before the worker runs them: memory leaving the host
+/// this much later costs nothing, one call instead of twenty saves their shootdown rounds.
+const GATHER: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 struct Queue {
     pending: Vec<DiscardJob>,
+    /// Bytes in `pending` (before merging): enough of them end the gathering at once.
+    pending_bytes: u64,
+    /// Callers waiting in `flush`, which must not wait for the gathering too.
+    flushers: usize,
     /// The batch being worked through, one piece at a time (withdrawals cut it too).
     taken: std::collections::VecDeque<DiscardJob>,
     /// Guest physical ranges [start, end) being discarded right now.
@@ -36,6 +48,8 @@ pub struct DiscardWorker {
     queue: Mutex<Queue>,
     changed: Condvar,
     pub counters: WorkerCounters,
+    /// How long discards gather (`GATHER`; zero for a worker without a thread).
+    gather: Duration,
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
@@ -50,7 +64,14 @@ impl DiscardWorker {
 
     /// Starts the worker thread.
     pub fn start() -> std::io::Result<Arc<Self>> {
-        let worker = Arc::new(DiscardWorker::new());
+        Self::start_gathering(GATHER)
+    }
+
+    fn start_gathering(gather: Duration) -> std::io::Result<Arc<Self>> {
+        let worker = Arc::new(DiscardWorker {
+            gather,
+            ..DiscardWorker::new()
+        });
         let w = worker.clone();
         std::thread::Builder::new()
             .name("discard".into())
@@ -66,7 +87,10 @@ impl DiscardWorker {
         if jobs.is_empty() {
             return;
         }
-        self.lock().pending.extend(jobs);
+        let mut q = self.lock();
+        q.pending_bytes += jobs.iter().map(|j| j.len).sum::<u64>();
+        q.pending.extend(jobs);
+        drop(q);
         self.changed.notify_all();
     }
 
@@ -79,6 +103,7 @@ impl DiscardWorker {
         for job in q.pending.drain(..) {
             split_around(job, gpa_ranges, &mut kept);
         }
+        q.pending_bytes = kept.iter().map(|j| j.len).sum();
         q.pending = kept;
         let mut kept = Vec::with_capacity(q.taken.len());
         for job in q.taken.drain(..) {
@@ -100,6 +125,7 @@ impl DiscardWorker {
         let mut q = self.lock();
         let dropped = !q.pending.is_empty() || !q.taken.is_empty();
         q.pending.clear();
+        q.pending_bytes = 0;
         q.taken.clear();
         while !q.in_flight.is_empty() {
             q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
@@ -110,9 +136,12 @@ impl DiscardWorker {
     /// Waits until every submitted discard is done.
     pub fn flush(&self) {
         let mut q = self.lock();
+        q.flushers += 1;
+        self.changed.notify_all();
         while !q.pending.is_empty() || !q.taken.is_empty() || !q.in_flight.is_empty() {
             q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
         }
+        q.flushers -= 1;
     }
 
     pub fn shutdown(&self) {
@@ -132,6 +161,7 @@ impl DiscardWorker {
                 while q.pending.is_empty() && !q.shutdown {
                     q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
+                q = self.gather(q);
                 if q.shutdown {
                     return;
                 }
@@ -139,6 +169,24 @@ impl DiscardWorker {
             }
             self.execute();
         }
+    }
+
+    /// Lets pending discards gather for up to `self.gather`, or until they fill a piece of
+    /// `MAX_JOB_BYTES`, someone flushes, or the worker shuts down.
+    fn gather<'a>(&self, mut q: MutexGuard<'a, Queue>) -> MutexGuard<'a, Queue> {
+        let deadline = Instant::now() + self.gather;
+        while !q.shutdown && q.flushers == 0 && q.pending_bytes < MAX_JOB_BYTES {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            q = self
+                .changed
+                .wait_timeout(q, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        q
     }
 
     /// Runs whatever is pending now, on the caller's thread.
@@ -151,6 +199,7 @@ impl DiscardWorker {
     /// the batch being worked through.
     fn take(q: &mut Queue) {
         let jobs = split(merge(std::mem::take(&mut q.pending)));
+        q.pending_bytes = 0;
         q.taken.extend(jobs);
     }
 
@@ -306,6 +355,53 @@ mod tests {
             8 * MIB
         );
         assert_eq!(worker.counters.discard_calls.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn buffers_arriving_one_by_one_gather_into_one_discard_and_flush_does_not_wait() {
+        let (ram, mut map, _) = setup();
+        // Far longer than the test: only the flush can end the gathering.
+        let worker = DiscardWorker::start_gathering(Duration::from_secs(600)).unwrap();
+        for b in 0..8u64 {
+            worker.submit(jobs_for(
+                &mut map,
+                &[PfnRange {
+                    start: b * 256,
+                    count: 256,
+                }],
+            ));
+        }
+        let t = Instant::now();
+        worker.flush();
+        assert!(t.elapsed() < Duration::from_secs(60));
+        assert_eq!(ram.allocated(), 0);
+        assert_eq!(worker.counters.discard_calls.load(Ordering::Relaxed), 1);
+        worker.shutdown();
+    }
+
+    #[test]
+    fn gathering_ends_once_a_piece_is_full() {
+        let ram = TestRam::new(64 * MIB);
+        let mut map = GuestMemoryMap::default();
+        map.replace_regions(vec![ram.region(0, 0, 64 * MIB, PAGE_SIZE)]);
+        let worker = DiscardWorker::start_gathering(Duration::from_secs(600)).unwrap();
+        worker.submit(jobs_for(
+            &mut map,
+            &[PfnRange {
+                start: 0,
+                count: MAX_JOB_BYTES / PAGE_SIZE,
+            }],
+        ));
+        // No flush: the worker goes as soon as a whole piece is pending.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ram.allocated() > 64 * MIB - MAX_JOB_BYTES {
+            assert!(
+                Instant::now() < deadline,
+                "the full piece was not discarded"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        worker.shutdown();
     }
 
     #[test]
