@@ -6,7 +6,9 @@
 //! Each test reserves its huge pages and gives them back when it ends; they run one at a time.
 
 use balloon_lab::backend::Backend;
-use balloon_lab::hugepages::{HugePages, Reservation, HUGE_PAGE};
+use balloon_lab::hugepages::{
+    app_returns, driver_returns, settled_allocation, HugePages, Reservation, APP_PORT, HUGE_PAGE,
+};
 use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::{GuestRam, Vm, VmConfig, MIB};
 use std::time::Duration;
@@ -39,28 +41,6 @@ fn boot(name: &str, ram: GuestRam, backend: &Backend) -> Vm {
     Vm::start(config).expect("boot the mini guest on huge pages")
 }
 
-/// Host memory behind the guest once the backend's discards have settled: the guest RAM
-/// allocated on the host and the backend's reclaimed count read twice alike, 200 ms apart.
-fn settled_allocation(vm: &Vm, backend: &Backend) -> u64 {
-    let mut last = None;
-    wait_for(
-        "the discards to settle",
-        Duration::from_secs(20),
-        Duration::from_millis(200),
-        || {
-            let now = (vm.ram_allocated()?, backend.status()?.reclaimed_bytes);
-            let settled = last == Some(now);
-            last = Some(now);
-            Ok(if settled {
-                Poll::Ready(now.0)
-            } else {
-                Poll::Pending(format!("allocated {} MiB", now.0 / MIB))
-            })
-        },
-    )
-    .unwrap()
-}
-
 /// Writes `mib` MiB of random data to /tmp/NAME in the guest and returns its checksum.
 fn keep(vm: &mut Vm, name: &str, mib: u64) -> String {
     vm.agent
@@ -90,17 +70,16 @@ fn the_driver_returns_whole_huge_pages_and_deflate_never_loses_guest_data(ram: G
     // The guest touches most of its memory and keeps 64 MiB of data through all that follows.
     vm.touch_and_free(700).unwrap();
     let kept = keep(&mut vm, "kept", 64);
-    let before = settled_allocation(&vm, &backend);
     let pool_free_before = balloon_lab::hugepages::free_pages().unwrap();
     let balloon = 512 * MIB;
-    backend.set_target(balloon).unwrap();
-    let status = backend
-        .wait_actual(balloon, Duration::from_secs(120))
-        .unwrap();
+    let (measured, status) = driver_returns(&vm, &backend, balloon).unwrap();
     assert_eq!(status.ballooned_bytes, balloon);
-    let after = settled_allocation(&vm, &backend);
-    let returned = before.saturating_sub(after);
-    let share = returned as f64 / balloon as f64;
+    let (before, after, returned, share) = (
+        measured.before,
+        measured.after,
+        measured.bytes(),
+        measured.share(),
+    );
     let pool_freed = balloon_lab::hugepages::free_pages()
         .unwrap()
         .saturating_sub(pool_free_before);
@@ -159,7 +138,7 @@ fn free_page_reporting_returns_whole_huge_pages_the_guest_freed(ram: GuestRam) {
     vm.agent
         .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null")
         .unwrap();
-    let full = settled_allocation(&vm, &backend);
+    let full = settled_allocation(&vm, &backend).unwrap();
     let kept = keep(&mut vm, "kept", 32);
     vm.agent.sh("rm /tmp/fill").unwrap();
     let after = wait_for(
@@ -199,38 +178,20 @@ fn the_app_returns_nearly_all_it_holds_in_whole_huge_pages(ram: GuestRam) {
     let mut config = config(&format!("huge-app-{ram:?}"), ram, &backend);
     config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
     let mut vm = Vm::start(config).expect("boot the mini guest on huge pages");
-    // Huge pages only for programs that ask (as many distributions set it): the app asks.
-    let thp = vm
-        .agent
-        .sh("echo madvise > /sys/kernel/mm/transparent_hugepage/enabled && cat /sys/kernel/mm/transparent_hugepage/enabled")
-        .unwrap();
     vm.touch_and_free(700).unwrap();
     let kept = keep(&mut vm, "kept", 64);
-    // Scatter the guest's free memory: 120 MiB of one-page files, every other one removed,
-    // leaves 60 MiB of single free pages among used ones, which base-page claims pick up first.
-    vm.agent
-        .sh("mkdir /tmp/frag && cd /tmp/frag && i=0; while [ $i -lt 30720 ]; do echo > $i; i=$((i+1)); done; rm -f *[02468]")
-        .unwrap();
-    vm.agent
-        .spawn(
-            "balloon-guest --connect serial:/dev/virtio-ports/org.balloon.app > /tmp/app.log 2>&1",
-        )
-        .unwrap();
-    backend
-        .wait_app("the app to connect", |s| s.app.connected)
-        .unwrap();
-    let before = settled_allocation(&vm, &backend);
-
     let held = 256 * MIB;
-    backend.set_app_target(held).unwrap();
-    backend
-        .wait_app("the app to hold 256 MiB", |s| {
-            s.app.ballooned_bytes == held && s.app.held_bytes == held
-        })
+    let measured = app_returns(&mut vm, &backend, held).unwrap();
+    let (before, after, returned, share) = (
+        measured.before,
+        measured.after,
+        measured.bytes(),
+        measured.share(),
+    );
+    let thp = vm
+        .agent
+        .sh("cat /sys/kernel/mm/transparent_hugepage/enabled")
         .unwrap();
-    let after = settled_allocation(&vm, &backend);
-    let returned = before.saturating_sub(after);
-    let share = returned as f64 / held as f64;
     let guest_thp = vm
         .agent
         .sh("grep AnonHugePages /proc/meminfo")
@@ -267,8 +228,6 @@ fn the_app_returns_nearly_all_it_holds_in_whole_huge_pages(ram: GuestRam) {
     let log = vm.agent.sh("cat /tmp/app.log").unwrap();
     assert!(!log.contains("ERROR"), "{log}");
 }
-
-const APP_PORT: &str = "org.balloon.app";
 
 /// Each test on both kinds of huge-page RAM QEMU offers.
 macro_rules! on_hugetlb_memfd_and_hugetlbfs {
