@@ -88,10 +88,16 @@ impl DiscardWorker {
             return;
         }
         let mut q = self.lock();
+        let (was_idle, was_short) = (q.pending.is_empty(), q.pending_bytes < MAX_JOB_BYTES);
         q.pending_bytes += jobs.iter().map(|j| j.len).sum::<u64>();
         q.pending.extend(jobs);
+        // Only the worker waits for jobs, and only these end its wait: the first job, or a
+        // piece's worth gathered. (A wake per 1 MiB buffer would switch to it for nothing.)
+        let wake = was_idle || (was_short && q.pending_bytes >= MAX_JOB_BYTES);
         drop(q);
-        self.changed.notify_all();
+        if wake {
+            self.changed.notify_all();
+        }
     }
 
     /// The guest takes back the pages in `gpa_ranges` ([start, end) byte ranges): forget their
@@ -335,19 +341,25 @@ mod tests {
         (ram, map, DiscardWorker::new())
     }
 
-    #[test]
-    fn deferred_discards_merge_and_complete() {
-        let (ram, mut map, worker) = setup();
-        // Eight driver-sized buffers queue up (the guest was faster than the worker).
-        for b in 0..8u64 {
+    /// `count` buffers of 256 neighbouring PFNs (1 MiB), one after another, as the Linux
+    /// driver sends them.
+    fn submit_driver_buffers(worker: &DiscardWorker, map: &mut GuestMemoryMap, count: u64) {
+        for b in 0..count {
             worker.submit(jobs_for(
-                &mut map,
+                map,
                 &[PfnRange {
                     start: b * 256,
                     count: 256,
                 }],
             ));
         }
+    }
+
+    #[test]
+    fn deferred_discards_merge_and_complete() {
+        let (ram, mut map, worker) = setup();
+        // Eight driver-sized buffers queue up (the guest was faster than the worker).
+        submit_driver_buffers(&worker, &mut map, 8);
         worker.process_pending();
         assert_eq!(ram.allocated(), 0);
         assert_eq!(
@@ -362,15 +374,7 @@ mod tests {
         let (ram, mut map, _) = setup();
         // Far longer than the test: only the flush can end the gathering.
         let worker = DiscardWorker::start_gathering(Duration::from_secs(600)).unwrap();
-        for b in 0..8u64 {
-            worker.submit(jobs_for(
-                &mut map,
-                &[PfnRange {
-                    start: b * 256,
-                    count: 256,
-                }],
-            ));
-        }
+        submit_driver_buffers(&worker, &mut map, 8);
         let t = Instant::now();
         worker.flush();
         assert!(t.elapsed() < Duration::from_secs(60));
