@@ -142,8 +142,11 @@ impl TestFrontend {
         let pf = fe
             .get_protocol_features()
             .map_err(|e| vhost_err("GET_PROTOCOL_FEATURES", e))?;
+        // As QEMU: with REPLY_ACK every request waits for the backend's acknowledgement.
         fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ),
+            pf & (VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK),
         )
         .map_err(|e| vhost_err("SET_PROTOCOL_FEATURES", e))?;
         fe.set_mem_table(&[VhostUserMemoryRegionInfo {
@@ -250,6 +253,17 @@ impl TestFrontend {
             self.send_pfns(ram, 1, batch)?;
         }
         Ok(())
+    }
+
+    /// Writes the config's `actual` (the balloon size in pages), as the driver does.
+    pub fn set_actual(&mut self, pages: u32) -> Result<()> {
+        self.fe
+            .set_config(
+                4,
+                vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+                &pages.to_le_bytes(),
+            )
+            .map_err(|e| vhost_err("SET_CONFIG", e))
     }
 
     /// Reads the backend's config space (num_pages, actual).

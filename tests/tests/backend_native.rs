@@ -5,6 +5,7 @@
 use balloon_lab::backend::Backend;
 use balloon_lab::frontend::{guest_ram, wait_allocated, MemfdRam, TestFrontend};
 use balloon_lab::MIB;
+use std::time::Duration;
 
 const PAGE: u64 = 4096;
 
@@ -146,6 +147,52 @@ fn behind_the_keeper_a_killed_backend_is_replaced_on_the_same_frontend_connectio
     // 16 MiB in buffers of 256 pages: 16 buffers went back before the crash.
     assert!(log.contains("ring 0 resumes at 16"), "{log}");
     assert_eq!(log.matches("frontend connected").count(), 1, "{log}");
+}
+
+#[test]
+fn behind_the_keeper_config_reads_and_writes_are_answered_while_no_backend_is_attached() {
+    // QEMU reads the config space through the backend in a vCPU thread, cloud-hypervisor
+    // panics when such a read fails: neither may wait for a backend to come back.
+    let mut backend = Backend::start_behind_keeper("keeper-config", NO_EXTRA_QUEUES).unwrap();
+    let HalfInflated {
+        ram,
+        mut fe,
+        full,
+        target,
+        pfns,
+    } = HalfInflated::new(&backend);
+    let (target_pages, half) = ((target / PAGE) as u32, (pfns.len() / 2) as u32);
+    fe.set_actual(half).unwrap();
+    assert_eq!(fe.config().unwrap(), (target_pages, half));
+
+    backend.kill();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let frontend = std::thread::spawn(move || {
+        let mut accesses = || -> balloon_lab::Result<_> {
+            let before = fe.config()?;
+            fe.set_actual(half + 1)?;
+            Ok((before, fe.config()?))
+        };
+        let _ = tx.send(accesses().map_err(|e| e.to_string()));
+        fe
+    });
+    let (before, after) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("config accesses answered within 20 s while no backend is attached")
+        .unwrap();
+    assert_eq!(before, (target_pages, half), "the last values seen");
+    assert_eq!(after, (target_pages, half + 1), "the write made meanwhile");
+    let mut fe = frontend.join().unwrap();
+
+    // The write made while no backend was attached reaches the next one.
+    backend.restart().unwrap();
+    let s = backend.status().unwrap();
+    assert!(s.actual_from_driver, "{s:?}");
+    assert_eq!(s.actual_bytes, u64::from(half + 1) * PAGE, "{s:?}");
+    // And the device goes on.
+    fe.inflate(&ram, &pfns[pfns.len() / 2..]).unwrap();
+    wait_allocated(&ram, full - target).unwrap();
+    assert_eq!(fe.config().unwrap().0, target_pages);
 }
 
 #[test]

@@ -20,10 +20,12 @@
 //! backend that died in the middle of writing a message there would leave the frontend a torn
 //! one (our balloon writes 12-byte messages in one call and never waits for replies there).
 
+use crate::config_space::{Answer, ConfigSpace};
 use crate::journal::Journal;
 use crate::message::{
     self, can_be_acked, expects_reply, features_after, has_inherent_reply, is_reply_to, request,
-    Message, MessageError, FLAG_NEED_REPLY, PROTOCOL_FEATURES_KEPT, VIRTIO_F_RING_PACKED,
+    Message, MessageError, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_1, PROTOCOL_FEATURES_KEPT,
+    VIRTIO_F_RING_PACKED,
 };
 use balloon_protocol::socket::{Access, SocketPath};
 use rustix::event::{PollFd, PollFlags};
@@ -103,6 +105,10 @@ pub struct Keeper {
     frontend: Option<UnixStream>,
     backend: Option<UnixStream>,
     journal: Journal,
+    /// The config space as last seen, for reads while no backend is attached.
+    config: ConfigSpace,
+    /// Whether a read during this outage was answered with bytes never seen (logged once).
+    warned_unknown_config: bool,
     wake: Option<OwnedFd>,
     /// Set by SIGTERM or SIGINT: the loop ends and the sockets are removed.
     terminate: Arc<AtomicBool>,
@@ -187,6 +193,8 @@ impl Keeper {
             frontend: None,
             backend: None,
             journal: Journal::default(),
+            config: ConfigSpace::default(),
+            warned_unknown_config: false,
             wake: None,
             terminate: Arc::new(AtomicBool::new(false)),
         })
@@ -300,6 +308,7 @@ impl Keeper {
         match self.replay(&stream) {
             Ok(count) => {
                 log::info!("backend connected: replayed {count} messages of the frontend's");
+                self.warned_unknown_config = false;
                 for fd in self.journal.ring_eventfds() {
                     nudge(fd);
                 }
@@ -426,6 +435,11 @@ impl Keeper {
             msg
         };
         for attempt in 0..MAX_ATTEMPTS {
+            if self.backend.is_none() {
+                if let Some(outcome) = self.answer_without_backend(msg, frontend_wants_ack)? {
+                    return Ok(outcome);
+                }
+            }
             self.wait_for_backend()?;
             if attempt > 0 {
                 log::info!("request {} sent again to the new backend", msg.request);
@@ -438,6 +452,7 @@ impl Keeper {
                 continue;
             }
             if !inherent && !ack {
+                self.note_config(msg, None);
                 return Ok(Outcome::Accepted(None));
             }
             let mut reply = match message::recv(backend) {
@@ -461,6 +476,7 @@ impl Keeper {
             if inherent {
                 filter_reply(msg, &mut reply);
             }
+            self.note_config(msg, Some(&reply));
             if inherent || frontend_wants_ack {
                 let frontend = self
                     .frontend
@@ -480,11 +496,87 @@ impl Keeper {
         Err(CarryError::GaveUp)
     }
 
+    /// Keeps what a config access the backend answered shows of the config space: the bytes
+    /// it read, or (once accepted) the bytes the frontend wrote.
+    /// (`reply`: none when the backend was not asked for one.)
+    fn note_config(&mut self, msg: &Message, reply: Option<&Message>) {
+        let carried = match (msg.request, reply) {
+            (request::GET_CONFIG, Some(reply)) => &reply.payload,
+            (request::SET_CONFIG, None) => &msg.payload,
+            (request::SET_CONFIG, Some(ack)) if ack.u64_at(0) == Some(0) => &msg.payload,
+            _ => return,
+        };
+        if let Err(e) = self.config.learn(carried) {
+            // Debug: a frontend that always words its accesses so would fill the log.
+            log::debug!(
+                "request {}: {e}; not kept for reads while no backend is attached",
+                msg.request
+            );
+        }
+    }
+
+    /// While no backend is attached, config reads are answered from what the keeper saw and
+    /// config writes go into the journal for the next backend (and are acknowledged if asked):
+    /// neither may wait, a VMM waits for them in the guest's vCPU. `None`: the request waits
+    /// for a backend (everything else, and anything before the first backend set the device
+    /// up).
+    fn answer_without_backend(
+        &mut self,
+        msg: &Message,
+        frontend_wants_ack: bool,
+    ) -> Result<Option<Outcome>, CarryError> {
+        if self.journal.entries().is_empty() {
+            return Ok(None);
+        }
+        let reply = match msg.request {
+            request::GET_CONFIG => match self.config.answer(msg) {
+                Ok((reply, how)) => {
+                    if how == Answer::PartlyUnknown && !self.warned_unknown_config {
+                        self.warned_unknown_config = true;
+                        log::warn!(
+                            "config read while no backend is attached, of bytes no backend \
+                             showed: they read as zeros"
+                        );
+                    }
+                    Some(reply)
+                }
+                Err(e) => {
+                    log::warn!("config read while no backend is attached: {e}; it waits");
+                    return Ok(None);
+                }
+            },
+            request::SET_CONFIG => {
+                if let Err(e) = self.config.learn(&msg.payload) {
+                    log::warn!("config write while no backend is attached: {e}; it waits");
+                    return Ok(None);
+                }
+                frontend_wants_ack.then(|| {
+                    Message::new(
+                        request::SET_CONFIG,
+                        FLAG_VERSION_1 | FLAG_REPLY,
+                        0u64.to_le_bytes().to_vec(),
+                    )
+                })
+            }
+            _ => return Ok(None),
+        };
+        if let Some(reply) = reply {
+            let frontend = self
+                .frontend
+                .as_ref()
+                .ok_or_else(|| CarryError::Frontend("gone".into()))?;
+            message::send(frontend, &reply).map_err(|e| CarryError::Frontend(e.to_string()))?;
+        }
+        // A write is journalled by the caller (replayed to the next backend); a read is not.
+        Ok(Some(Outcome::Accepted(None)))
+    }
+
     /// The frontend closed: forget its device state and let the backend reset too.
     fn frontend_gone(&mut self, why: &str) {
         log::info!("frontend disconnected ({why}); the backend connection is closed so it resets");
         self.frontend = None;
         self.backend = None;
         self.journal.clear();
+        self.config.clear();
     }
 }

@@ -5,6 +5,7 @@
 //! to a restarted backend (docs/qemu-vhost-user-base-reconnect.md), so without this a backend
 //! crash or upgrade takes the VM's device down for good.
 
+pub mod config_space;
 pub mod journal;
 pub mod keeper;
 pub mod message;
