@@ -110,6 +110,8 @@ pub struct VmConfig {
     /// Modules the mini image inserts at boot.
     pub modules: Vec<String>,
     pub extra_args: Vec<String>,
+    /// Extra guest kernel parameters.
+    pub kernel_args: Vec<String>,
     /// A guest reboot restarts the guest (QEMU resets the machine) instead of ending QEMU.
     pub allow_reboot: bool,
 }
@@ -128,6 +130,7 @@ impl VmConfig {
             vsock: None,
             modules: vec!["virtio_balloon".into()],
             extra_args: Vec::new(),
+            kernel_args: Vec::new(),
             allow_reboot: false,
         }
     }
@@ -141,6 +144,10 @@ impl VmConfig {
         let mut cmdline = String::from("console=ttyS0 panic=-1 loglevel=4");
         if self.image == Image::Mini {
             cmdline.push_str(&format!(" lab.modules={}", self.modules.join(",")));
+        }
+        for arg in &self.kernel_args {
+            cmdline.push(' ');
+            cmdline.push_str(arg);
         }
         let p = |name: &str| run_dir.join(name).display().to_string();
         let mut a: Vec<String> = vec![
@@ -409,6 +416,26 @@ impl Vm {
             .collect())
     }
 
+    /// Reads our balloon device's config space (num_pages, actual) from the guest, as its
+    /// driver does: 32-bit reads of the device-specific registers of the virtio-pci device
+    /// (PCI id 1af4:1045), found through its capabilities. QEMU serves such a read in the
+    /// vCPU thread, asking the backend. Needs the guest kernel parameter `iomem=relaxed`
+    /// (the driver holds the registers, /dev/mem refuses them otherwise).
+    pub fn balloon_config(&mut self, timeout: Duration) -> Result<(u32, u32)> {
+        let out = self.agent.run_timeout(BALLOON_CONFIG_READ, timeout)?;
+        let words: Vec<u32> = out
+            .stdout
+            .split_whitespace()
+            .filter_map(|w| u32::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+            .collect();
+        match (out.success(), words.as_slice()) {
+            (true, [num_pages, actual]) => Ok((*num_pages, *actual)),
+            _ => Err(LabError::Other(format!(
+                "reading the balloon config in the guest: {out:?}"
+            ))),
+        }
+    }
+
     /// Makes the guest write `mib` MiB of tmpfs and free them again, so that the host holds
     /// memory the guest no longer uses.
     pub fn touch_and_free(&mut self, mib: u64) -> Result<()> {
@@ -418,6 +445,23 @@ impl Vm {
         Ok(())
     }
 }
+
+/// Busybox shell: the virtio-pci capability of type 4 (device config) names a BAR and an
+/// offset; `devmem` reads num_pages and actual there.
+const BALLOON_CONFIG_READ: &str = r#"set -e
+d=$(grep -l 0x1045 /sys/bus/pci/devices/*/device | head -n 1); d=${d%/device}
+at() { od -An -tu$2 -j$1 -N$2 "$d/config" | tr -d ' '; }
+p=$(at 52 1); bar=; off=
+while [ "$p" -ne 0 ]; do
+  if [ "$(at $p 1)" -eq 9 ] && [ "$(at $((p + 3)) 1)" -eq 4 ]; then
+    bar=$(at $((p + 4)) 1); off=$(at $((p + 8)) 4)
+  fi
+  p=$(at $((p + 1)) 1)
+done
+[ -n "$bar" ]
+base=$(sed -n "$((bar + 1))p" "$d/resource" | cut -d' ' -f1)
+devmem $((base + off)) 32
+devmem $((base + off + 4)) 32"#;
 
 fn serial_tail(run_dir: &Path) -> String {
     let log = std::fs::read_to_string(run_dir.join("serial.log")).unwrap_or_default();

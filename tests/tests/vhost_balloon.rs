@@ -281,6 +281,53 @@ fn a_backend_killed_mid_inflate_restarts_behind_the_keeper_and_the_inflation_com
 }
 
 #[test]
+fn behind_the_keeper_the_guest_reads_the_balloon_config_while_the_backend_is_down() {
+    // QEMU serves a guest's config read in the vCPU thread by asking the backend: with the
+    // backend down the keeper answers, or the guest would stop until a backend is back.
+    let mut backend =
+        Backend::start_behind_keeper("config-read", &["--no-free-page-reporting"]).unwrap();
+    let mut config = VmConfig::new("config-read");
+    config.vhost_user_balloon = Some(backend.device());
+    // Lets the test read the device's registers through /dev/mem beside the driver.
+    config.kernel_args = vec!["iomem=relaxed".into()];
+    let mut vm = Vm::start(config).expect("boot");
+    let balloon = 256 * MIB;
+    backend.set_target(balloon).unwrap();
+    backend
+        .wait_actual(balloon, Duration::from_secs(120))
+        .unwrap();
+    let pages = (balloon / 4096) as u32;
+    let read = vm.balloon_config(Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        read,
+        (pages, pages),
+        "num_pages and actual from the backend"
+    );
+
+    backend.kill();
+    let read = vm
+        .balloon_config(Duration::from_secs(20))
+        .expect("the guest's config read answered within 20 s while no backend is attached");
+    assert_eq!(
+        read,
+        (pages, pages),
+        "the keeper's answer: the last values seen"
+    );
+    assert!(vm.agent.sh("echo alive").unwrap().contains("alive"));
+
+    backend.restart().unwrap();
+    backend.set_target(0).unwrap();
+    let status = backend.wait_actual(0, Duration::from_secs(120)).unwrap();
+    assert_eq!(status.ballooned_bytes, 0, "{status:?}");
+    assert_eq!(vm.balloon_config(Duration::from_secs(60)).unwrap(), (0, 0));
+    vm.touch_and_free(600).unwrap();
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+    assert!(vm.is_running());
+    let log = backend.keeper_log();
+    assert_eq!(log.matches("frontend connected").count(), 1, "{log}");
+}
+
+#[test]
 fn after_a_guest_reboot_only_the_new_kernels_balloon_is_tracked_and_discarded() {
     // A guest that reboots does not give its balloon back: the backend only sees the device
     // start again. The pages the old kernel ballooned are the new kernel's; if the backend
