@@ -37,6 +37,40 @@ pub enum DriverConfig {
     },
     /// cloud-hypervisor's REST API socket.
     CloudHypervisor { api_socket: PathBuf },
+    /// A libvirt domain's balloon, through virsh (drivers/libvirt.rs).
+    Libvirt {
+        /// The libvirt connection URI, e.g. "qemu:///system".
+        uri: String,
+        domain: String,
+        /// How often QEMU asks the guest for statistics (libvirt's balloon period); 0 leaves
+        /// it as it is. Default 5.
+        #[serde(default)]
+        stats_interval_seconds: Option<u64>,
+        /// The virsh program (default: `virsh` on PATH).
+        #[serde(default)]
+        virsh: Option<PathBuf>,
+    },
+}
+
+/// `[[libvirt]]`: the running domains of a libvirt daemon become guests without a line each
+/// (see discovery.rs). A domain named by a `[[guest]]` entry keeps that entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtDiscovery {
+    pub uri: String,
+    /// A regular expression a domain's name must match (anywhere in it: anchor it with ^...$).
+    pub domains: Option<String>,
+    /// Only domains that carry a metadata element in this XML namespace (`virsh metadata
+    /// --uri`), e.g. one an orchestrator sets on the domains to balloon.
+    pub metadata_uri: Option<String>,
+    pub min: Option<Size>,
+    pub max: Option<Size>,
+    #[serde(default = "default_shares")]
+    pub shares: u64,
+    #[serde(default)]
+    pub stats_interval_seconds: Option<u64>,
+    #[serde(default)]
+    pub virsh: Option<PathBuf>,
 }
 
 /// One guest: its sizes and shares, and the driver that moves its balloon. The simulator's
@@ -84,6 +118,9 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     #[serde(default, rename = "guest")]
     pub guests: Vec<GuestConfig>,
+    /// Libvirt daemons whose domains are discovered at start (added to `guests`).
+    #[serde(default)]
+    pub libvirt: Vec<LibvirtDiscovery>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +159,8 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the config as a whole; run again once discovered guests are added.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.tick_seconds.is_nan() || self.tick_seconds <= 0.0 {
             return bad(format!("tick_seconds {} must be > 0", self.tick_seconds));
@@ -139,6 +177,13 @@ impl Config {
             return bad("budget: give exactly one of `bytes` or `reserve`".into());
         }
         self.policy.validate().map_err(ConfigError::Invalid)?;
+        for d in &self.libvirt {
+            if let Some(pattern) = &d.domains {
+                if let Err(e) = regex::Regex::new(pattern) {
+                    return bad(format!("libvirt {}: domains {pattern:?}: {e}", d.uri));
+                }
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for g in &self.guests {
             if !names.insert(&g.name) {

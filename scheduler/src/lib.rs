@@ -5,6 +5,7 @@ pub mod api;
 pub mod api_server;
 pub mod config;
 pub mod daemon;
+pub mod discovery;
 pub mod drivers;
 pub mod engine;
 #[cfg(test)]

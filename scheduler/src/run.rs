@@ -63,8 +63,9 @@ fn handle_signals(mut signals: Signals, shared: Arc<Shared>) -> Result<(), RunEr
 }
 
 pub fn run(config_path: &Path, trace: Option<PathBuf>) -> Result<(), RunError> {
-    let config = Config::load(config_path)?;
+    let mut config = Config::load(config_path)?;
     let signals = register_signals()?;
+    crate::discovery::add_discovered(&mut config)?;
     let guests: Vec<Guest> = config
         .guests
         .iter()

@@ -59,9 +59,11 @@ pub mod fake_backend;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fake_ch;
 pub mod http;
+pub mod libvirt;
 pub mod pool;
 pub mod qmp;
 pub mod unix;
+pub mod virsh;
 
 use crate::config::DriverConfig;
 
@@ -84,5 +86,21 @@ pub fn from_config(config: &DriverConfig, memory_bytes: u64) -> Box<dyn BalloonD
         DriverConfig::CloudHypervisor { api_socket } => Box::new(
             cloud_hypervisor::CloudHypervisorDriver::new(api_socket.clone()),
         ),
+        DriverConfig::Libvirt {
+            uri,
+            domain,
+            stats_interval_seconds,
+            virsh,
+        } => {
+            let mut v = virsh::Virsh::new(uri);
+            if let Some(program) = virsh {
+                v.program = program.clone();
+            }
+            Box::new(
+                libvirt::LibvirtDriver::new(v, domain.clone()).with_stats_interval(
+                    stats_interval_seconds.unwrap_or(libvirt::DEFAULT_STATS_INTERVAL_SECONDS),
+                ),
+            )
+        }
     }
 }
