@@ -148,7 +148,9 @@ apt_proxy_aptopts() {
 }
 
 do_host() {
-    local want=(mmdebstrap cpio xz-utils zstd e2fsprogs) missing=()
+    # libvirt: the daemon and virsh for the libvirt tests (scripts/libvirtd-lab.sh); without
+    # recommends, which would bring Debian's own QEMU.
+    local want=(mmdebstrap cpio xz-utils zstd e2fsprogs libvirt-daemon libvirt-clients) missing=()
     local p status
     for p in "${want[@]}"; do
         status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) || status=""

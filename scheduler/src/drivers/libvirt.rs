@@ -5,12 +5,13 @@
 //! driver = { kind = "libvirt", uri = "qemu:///system", domain = "web-1" }
 //! ```
 //!
-//! - Reading: `virsh domstats --balloon DOMAIN`. `balloon.maximum` is the domain's memory and
-//!   `balloon.current` what the guest has now (KiB), so the balloon is their difference.
-//!   The guest's statistics: `balloon.usable` (the guest's MemAvailable), `balloon.available`
-//!   (its MemTotal), `balloon.swap_in` (KiB), `balloon.major_fault`, `balloon.last-update`
-//!   (host UNIX seconds). Without them the statistics period is off: the driver sets it once
-//!   (`virsh dommemstat --period N --live`).
+//! - Reading: `virsh dommemstat DOMAIN` (libvirt asks QEMU there and then: `actual`, what the
+//!   guest has now in KiB, and the guest's statistics), and once `virsh domstats --balloon
+//!   DOMAIN` for `balloon.maximum`, the domain's memory (its `balloon.current` trails
+//!   dommemstat by seconds after a change). The balloon is the maximum minus `actual`. The
+//!   statistics: `usable` (the guest's MemAvailable), `available` (its MemTotal), `swap_in`
+//!   (KiB), `major_fault`, `last_update` (host UNIX seconds). The statistics period is set once
+//!   (`virsh dommemstat --period N --live`): without it QEMU keeps the guest's first figures.
 //! - Setting: `virsh setmem DOMAIN KiB --live`, virDomainSetMemory: the memory the guest is to
 //!   keep, i.e. the maximum minus the balloon.
 //! - libvirt reports no target apart from the actual size (it updates the domain's current
@@ -38,35 +39,39 @@ fn kib(stats: &BTreeMap<String, String>, key: &str) -> Option<u64> {
     stats.get(key)?.trim().parse().ok()
 }
 
-/// The reading from a domain's `domstats --balloon` figures, at host time `now` (UNIX s).
-fn reading_of(stats: &BTreeMap<String, String>, now: u64) -> Result<DriverReading, DriverError> {
-    let (Some(maximum), Some(current)) =
-        (kib(stats, "balloon.maximum"), kib(stats, "balloon.current"))
-    else {
+/// Parses `virsh dommemstat` output: one `name value` pair a line.
+fn parse_dommemstat(out: &str) -> BTreeMap<String, String> {
+    out.lines()
+        .filter_map(|l| l.trim().split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// The reading from a domain's `dommemstat` figures and its memory (`maximum_kib`), at host
+/// time `now` (UNIX s).
+fn reading_of(
+    memstat: &BTreeMap<String, String>,
+    maximum_kib: u64,
+    now: u64,
+) -> Result<DriverReading, DriverError> {
+    let Some(actual) = kib(memstat, "actual") else {
         return Err(DriverError::Protocol(
-            "domstats has no balloon.maximum or balloon.current (no balloon device?)".into(),
+            "dommemstat has no `actual` (no balloon device?)".into(),
         ));
     };
-    let guest = match (
-        kib(stats, "balloon.usable"),
-        kib(stats, "balloon.last-update"),
-    ) {
+    let guest = match (kib(memstat, "usable"), kib(memstat, "last_update")) {
         (Some(usable), Some(updated)) if updated > 0 => Some(RawGuestStats {
             available_bytes: usable.saturating_mul(1024),
-            total_bytes: kib(stats, "balloon.available")
-                .unwrap_or(0)
-                .saturating_mul(1024),
-            swap_in: kib(stats, "balloon.swap_in")
-                .unwrap_or(0)
-                .saturating_mul(1024),
-            major_faults: kib(stats, "balloon.major_fault").unwrap_or(0),
+            total_bytes: kib(memstat, "available").unwrap_or(0).saturating_mul(1024),
+            swap_in: kib(memstat, "swap_in").unwrap_or(0).saturating_mul(1024),
+            major_faults: kib(memstat, "major_fault").unwrap_or(0),
             age_seconds: Some(now.saturating_sub(updated) as f64),
         }),
         _ => None,
     };
     Ok(DriverReading {
         target_bytes: None,
-        actual_bytes: maximum.saturating_sub(current).saturating_mul(1024),
+        actual_bytes: maximum_kib.saturating_sub(actual).saturating_mul(1024),
         stats: guest,
     })
 }
@@ -105,34 +110,37 @@ impl LibvirtDriver {
         );
         Ok(())
     }
+
+    /// The domain's memory, read once (it changes only with memory hot-plug).
+    fn maximum_kib(&mut self) -> Result<u64, DriverError> {
+        if let Some(m) = self.maximum_kib {
+            return Ok(m);
+        }
+        let stats = self.virsh.balloon_stats(&self.domain)?;
+        let m = kib(&stats, "balloon.maximum").ok_or_else(|| {
+            DriverError::Protocol("domstats has no balloon.maximum (no balloon device?)".into())
+        })?;
+        self.maximum_kib = Some(m);
+        Ok(m)
+    }
 }
 
 impl BalloonDriver for LibvirtDriver {
     fn read(&mut self) -> Result<DriverReading, DriverError> {
-        let stats = self.virsh.balloon_stats(&self.domain)?;
+        let maximum = self.maximum_kib()?;
+        if !self.stats_period_set && self.stats_interval > 0 {
+            self.set_stats_period()?;
+        }
+        let out = self.virsh.run(&["dommemstat", "--", &self.domain])?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let reading = reading_of(&stats, now)?;
-        self.maximum_kib = kib(&stats, "balloon.maximum");
-        if reading.stats.is_none() && !self.stats_period_set && self.stats_interval > 0 {
-            self.set_stats_period()?;
-        }
-        Ok(reading)
+        reading_of(&parse_dommemstat(&out), maximum, now)
     }
 
     fn set_balloon(&mut self, balloon_bytes: u64) -> Result<(), DriverError> {
-        let maximum = match self.maximum_kib {
-            Some(m) => m,
-            None => {
-                self.read()?;
-                self.maximum_kib.ok_or_else(|| {
-                    DriverError::Protocol("the domain's maximum memory is unknown".into())
-                })?
-            }
-        };
-        let keep_kib = maximum.saturating_sub(balloon_bytes / 1024);
+        let keep_kib = self.maximum_kib()?.saturating_sub(balloon_bytes / 1024);
         self.virsh.run(&[
             "setmem",
             "--live",
@@ -152,30 +160,19 @@ impl BalloonDriver for LibvirtDriver {
 mod tests {
     use super::*;
 
-    fn stats(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    /// What `virsh dommemstat` printed for a 1 GiB lab domain after `setmem 786432`.
+    const MEMSTAT: &str = "actual 786432\nswap_in 8\nswap_out 0\nmajor_fault 77\n\
+                           minor_fault 1322\nunused 665196\navailable 729040\nusable 594232\n\
+                           last_update 1000\ndisk_caches 20200\nrss 280024\n";
 
     #[test]
     fn the_balloon_is_the_maximum_minus_what_the_guest_has_and_statistics_are_bytes() {
-        let s = stats(&[
-            ("balloon.current", "786432"),
-            ("balloon.maximum", "1048576"),
-            ("balloon.usable", "500000"),
-            ("balloon.available", "760000"),
-            ("balloon.swap_in", "8"),
-            ("balloon.major_fault", "77"),
-            ("balloon.last-update", "1000"),
-        ]);
-        let r = reading_of(&s, 1004).unwrap();
+        let r = reading_of(&parse_dommemstat(MEMSTAT), 1048576, 1004).unwrap();
         assert_eq!(r.target_bytes, None);
         assert_eq!(r.actual_bytes, 256 << 20);
         let g = r.stats.unwrap();
-        assert_eq!(g.available_bytes, 500000 * 1024);
-        assert_eq!(g.total_bytes, 760000 * 1024);
+        assert_eq!(g.available_bytes, 594232 * 1024);
+        assert_eq!(g.total_bytes, 729040 * 1024);
         assert_eq!(g.swap_in, 8192);
         assert_eq!(g.major_faults, 77);
         assert_eq!(g.age_seconds, Some(4.0));
@@ -183,34 +180,22 @@ mod tests {
 
     #[test]
     fn without_statistics_or_without_a_balloon() {
-        let r = reading_of(
-            &stats(&[
-                ("balloon.current", "1048576"),
-                ("balloon.maximum", "1048576"),
-            ]),
-            9,
-        )
-        .unwrap();
+        // Only `actual` and `rss`: the guest sent no statistics (yet).
+        let r = reading_of(&parse_dommemstat("actual 1048576\nrss 1\n"), 1048576, 9).unwrap();
         assert_eq!((r.actual_bytes, r.stats), (0, None));
-        // last-update 0: QEMU never got figures from the guest.
+        // last_update 0: QEMU never got figures from the guest.
         let r = reading_of(
-            &stats(&[
-                ("balloon.current", "1"),
-                ("balloon.maximum", "2"),
-                ("balloon.usable", "1"),
-                ("balloon.last-update", "0"),
-            ]),
+            &parse_dommemstat("actual 1\nusable 1\nlast_update 0\n"),
+            2,
             9,
         )
         .unwrap();
         assert_eq!(r.stats, None);
-        assert!(reading_of(&stats(&[("balloon.current", "x")]), 9).is_err());
-        // A current above the maximum (a hot-plugged DIMM) is no negative balloon.
-        let r = reading_of(
-            &stats(&[("balloon.current", "3"), ("balloon.maximum", "2")]),
-            9,
-        )
-        .unwrap();
+        // No balloon device: only rss.
+        assert!(reading_of(&parse_dommemstat("rss 276088\n"), 2, 9).is_err());
+        assert!(reading_of(&parse_dommemstat("actual x\n"), 2, 9).is_err());
+        // More than the maximum (a hot-plugged DIMM) is no negative balloon.
+        let r = reading_of(&parse_dommemstat("actual 3\n"), 2, 9).unwrap();
         assert_eq!(r.actual_bytes, 0);
     }
 }
