@@ -16,6 +16,7 @@ pub mod frontend;
 pub mod host;
 pub mod hugepages;
 pub mod lab;
+pub mod libvirt;
 pub mod qmp;
 pub mod scheduler;
 pub mod vm;
