@@ -213,6 +213,11 @@ fn no_guest_process_without_the_secret_can_discard_guest_memory() {
     assert_eq!(g.status().app.ballooned_bytes, 256 * PAGE);
 }
 
+/// What an answer may take while a peer misbehaves beside it: well under the 2 s the backend
+/// gives a write to a peer that does not read, which is what a request stuck behind that
+/// peer would wait (a loaded 2-core CI machine has shown 262 ms without any such wait).
+const PROMPT: Duration = Duration::from_secs(1);
+
 /// The longest a status or config read took while `work` ran beside it.
 fn slowest_answers_while(g: &mut Guest, work: impl FnOnce() + Send) -> (Duration, Duration) {
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -281,14 +286,8 @@ fn a_guest_app_that_never_reads_cannot_freeze_its_backend() {
             }
         })
     };
-    assert!(
-        status < Duration::from_millis(100),
-        "status took {status:?}"
-    );
-    assert!(
-        config < Duration::from_millis(100),
-        "a config read took {config:?}"
-    );
+    assert!(status < PROMPT, "status took {status:?}");
+    assert!(config < PROMPT, "a config read took {config:?}");
     // The peer that did not read was dropped.
     assert!(!g.backend.status().unwrap().app.connected);
     drop(app);
@@ -319,14 +318,8 @@ fn a_huge_app_message_does_not_hold_up_config_reads() {
         app.send(&allowed).unwrap();
         assert!(matches!(answer(app), HostMessage::Ack { seq: 2 }));
     });
-    assert!(
-        status < Duration::from_millis(100),
-        "status took {status:?}"
-    );
-    assert!(
-        config < Duration::from_millis(100),
-        "config took {config:?}"
-    );
+    assert!(status < PROMPT, "status took {status:?}");
+    assert!(config < PROMPT, "config took {config:?}");
     assert_eq!(g.status().app.ballooned_bytes, most * PAGE);
 }
 
