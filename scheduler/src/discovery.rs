@@ -21,14 +21,6 @@ use crate::drivers::virsh::Virsh;
 use crate::drivers::DriverError;
 use regex::Regex;
 
-fn virsh_for(section: &LibvirtDiscovery) -> Virsh {
-    let mut v = Virsh::new(&section.uri);
-    if let Some(program) = &section.virsh {
-        v.program = program.clone();
-    }
-    v
-}
-
 /// The guest entry for domain `name` of `section`, whose memory is `memory_bytes`.
 fn guest_for(section: &LibvirtDiscovery, name: &str, memory_bytes: u64) -> GuestConfig {
     GuestConfig {
@@ -52,7 +44,7 @@ fn discover_section(
     section: &LibvirtDiscovery,
     taken: &[String],
 ) -> Result<Vec<GuestConfig>, DriverError> {
-    let virsh = virsh_for(section);
+    let virsh = Virsh::new(&section.uri, section.virsh.as_deref());
     // Checked when the config was read.
     let pattern = section
         .domains
@@ -70,11 +62,7 @@ fn discover_section(
                 continue;
             }
         }
-        let stats = virsh.balloon_stats(&name)?;
-        let Some(max_kib) = stats
-            .get("balloon.maximum")
-            .and_then(|v| v.parse::<u64>().ok())
-        else {
+        let Some(max_kib) = virsh.memory_kib(&name)? else {
             log::warn!(
                 "libvirt {}: domain {name} has no balloon (balloon.maximum): left out",
                 section.uri

@@ -68,12 +68,15 @@ pub fn total(s: &SchedulerStatus) -> u64 {
     })
 }
 
+/// Every guest's allocation in the latest tick, for progress messages.
 pub fn describe(s: &SchedulerStatus) -> String {
-    let parts: Vec<String> = GUESTS
-        .iter()
-        .map(|g| format!("{g}={}M", alloc(s, g) / MIB))
-        .collect();
-    parts.join(" ")
+    s.last.as_ref().map_or("no tick yet".into(), |r| {
+        r.guests
+            .iter()
+            .map(|g| format!("{}={}M", g.name, g.allocation_bytes / MIB))
+            .collect::<Vec<_>>()
+            .join(" ")
+    })
 }
 
 /// A guest's workload: grow to `mib` MiB of tmpfs in 100 MiB steps.

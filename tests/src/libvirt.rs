@@ -7,6 +7,8 @@ use crate::error::IoContext;
 use crate::lab;
 use crate::wait::{wait_for, Poll};
 use crate::{LabError, Result};
+use scheduler::drivers::libvirt::parse_dommemstat;
+use scheduler::drivers::virsh::Virsh;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -22,16 +24,11 @@ pub struct Libvirtd {
     child: Child,
 }
 
-fn virsh_at(uri: &str, args: &[&str]) -> Result<std::process::Output> {
-    Command::new("virsh")
-        .arg("--quiet")
-        .arg("--connect")
-        .arg(uri)
-        .args(args)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .output()
-        .ctx(|| "running virsh (scripts/lab.sh host installs it)".into())
+/// virsh against the daemon at `uri`, through the scheduler's runner (deadline included).
+fn virsh_at(uri: &str, args: &[&str]) -> Result<String> {
+    Virsh::new(uri, None)
+        .run(args)
+        .map_err(|e| LabError::Other(format!("virsh {}: {e}", args.join(" "))))
 }
 
 impl Libvirtd {
@@ -66,11 +63,9 @@ impl Libvirtd {
                         std::fs::read_to_string(d.dir.join("libvirtd.out")).unwrap_or_default()
                     )));
                 }
-                let out = virsh_at(&d.uri, &["list", "--name"])?;
-                Ok(if out.status.success() {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending(String::from_utf8_lossy(&out.stderr).into_owned())
+                Ok(match virsh_at(&d.uri, &["list", "--name"]) {
+                    Ok(_) => Poll::Ready(()),
+                    Err(e) => Poll::Pending(e.to_string()),
                 })
             },
         )?;
@@ -79,16 +74,7 @@ impl Libvirtd {
 
     /// Runs virsh against this daemon; its output, or an error with virsh's message.
     pub fn virsh(&self, args: &[&str]) -> Result<String> {
-        let out = virsh_at(&self.uri, args)?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(LabError::Other(format!(
-                "virsh {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )))
-        }
+        virsh_at(&self.uri, args)
     }
 
     /// Defines and starts a domain from one of examples/libvirt/'s files and waits for its
@@ -197,12 +183,9 @@ impl Domain {
     /// `virsh dommemstat`: name -> value (KiB, or counts).
     pub fn memstat(&self) -> Result<std::collections::BTreeMap<String, u64>> {
         let out = virsh_at(&self.uri, &["dommemstat", &self.name])?;
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let (k, v) = l.trim().split_once(' ')?;
-                Some((k.to_string(), v.trim().parse().ok()?))
-            })
+        Ok(parse_dommemstat(&out)
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
             .collect())
     }
 }

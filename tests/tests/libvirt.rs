@@ -2,7 +2,7 @@
 //! scripts/libvirtd-lab.sh), with the domains from examples/libvirt/ under TCG on QEMU 11.
 
 use balloon_lab::backend::Backend;
-use balloon_lab::demo::{grow_command, SHRINK_COMMAND};
+use balloon_lab::demo::{alloc, describe, grow_command, SHRINK_COMMAND};
 use balloon_lab::libvirt::{Domain, Libvirtd, STOCK_BALLOON_XML, VHOST_BALLOON_XML};
 use balloon_lab::scheduler::SchedulerProcess;
 use balloon_lab::wait::{wait_for, Poll};
@@ -11,23 +11,6 @@ use scheduler::api::SchedulerStatus;
 use std::time::{Duration, Instant};
 
 const MEMORY_MIB: u64 = 512;
-
-fn alloc(s: &SchedulerStatus, name: &str) -> u64 {
-    s.last
-        .as_ref()
-        .and_then(|r| r.guests.iter().find(|g| g.name == name))
-        .map_or(0, |g| g.allocation_bytes)
-}
-
-fn describe(s: &SchedulerStatus) -> String {
-    s.last.as_ref().map_or("no tick yet".into(), |r| {
-        r.guests
-            .iter()
-            .map(|g| format!("{}={}M", g.name, g.allocation_bytes / MIB))
-            .collect::<Vec<_>>()
-            .join(" ")
-    })
-}
 
 /// What libvirt says the guest has (`virsh dommemstat` actual), in bytes.
 fn libvirt_actual(d: &Domain) -> u64 {

@@ -478,11 +478,7 @@ impl Keeper {
             }
             self.note_config(msg, Some(&reply));
             if inherent || frontend_wants_ack {
-                let frontend = self
-                    .frontend
-                    .as_ref()
-                    .ok_or_else(|| CarryError::Frontend("gone".into()))?;
-                message::send(frontend, &reply).map_err(|e| CarryError::Frontend(e.to_string()))?;
+                self.reply_to_frontend(&reply)?;
             }
             return Ok(if inherent {
                 Outcome::Accepted(Some(reply.payload))
@@ -494,6 +490,14 @@ impl Keeper {
             });
         }
         Err(CarryError::GaveUp)
+    }
+
+    fn reply_to_frontend(&self, reply: &Message) -> Result<(), CarryError> {
+        let frontend = self
+            .frontend
+            .as_ref()
+            .ok_or_else(|| CarryError::Frontend("gone".into()))?;
+        message::send(frontend, reply).map_err(|e| CarryError::Frontend(e.to_string()))
     }
 
     /// Keeps what a config access the backend answered shows of the config space: the bytes
@@ -561,11 +565,7 @@ impl Keeper {
             _ => return Ok(None),
         };
         if let Some(reply) = reply {
-            let frontend = self
-                .frontend
-                .as_ref()
-                .ok_or_else(|| CarryError::Frontend("gone".into()))?;
-            message::send(frontend, &reply).map_err(|e| CarryError::Frontend(e.to_string()))?;
+            self.reply_to_frontend(&reply)?;
         }
         // A write is journalled by the caller (replayed to the next backend); a read is not.
         Ok(Some(Outcome::Accepted(None)))

@@ -40,7 +40,7 @@ fn kib(stats: &BTreeMap<String, String>, key: &str) -> Option<u64> {
 }
 
 /// Parses `virsh dommemstat` output: one `name value` pair a line.
-fn parse_dommemstat(out: &str) -> BTreeMap<String, String> {
+pub fn parse_dommemstat(out: &str) -> BTreeMap<String, String> {
     out.lines()
         .filter_map(|l| l.trim().split_once(' '))
         .map(|(k, v)| (k.to_string(), v.trim().to_string()))
@@ -116,8 +116,7 @@ impl LibvirtDriver {
         if let Some(m) = self.maximum_kib {
             return Ok(m);
         }
-        let stats = self.virsh.balloon_stats(&self.domain)?;
-        let m = kib(&stats, "balloon.maximum").ok_or_else(|| {
+        let m = self.virsh.memory_kib(&self.domain)?.ok_or_else(|| {
             DriverError::Protocol("domstats has no balloon.maximum (no balloon device?)".into())
         })?;
         self.maximum_kib = Some(m);

@@ -91,16 +91,11 @@ pub fn from_config(config: &DriverConfig, memory_bytes: u64) -> Box<dyn BalloonD
             domain,
             stats_interval_seconds,
             virsh,
-        } => {
-            let mut v = virsh::Virsh::new(uri);
-            if let Some(program) = virsh {
-                v.program = program.clone();
-            }
-            Box::new(
-                libvirt::LibvirtDriver::new(v, domain.clone()).with_stats_interval(
+        } => Box::new(
+            libvirt::LibvirtDriver::new(virsh::Virsh::new(uri, virsh.as_deref()), domain.clone())
+                .with_stats_interval(
                     stats_interval_seconds.unwrap_or(libvirt::DEFAULT_STATS_INTERVAL_SECONDS),
                 ),
-            )
-        }
+        ),
     }
 }

@@ -13,7 +13,7 @@
 use super::DriverError;
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use wait_timeout::ChildExt;
@@ -47,9 +47,10 @@ fn read_beside(pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<
 }
 
 impl Virsh {
-    pub fn new(uri: &str) -> Self {
+    /// A daemon at `uri`, reached with `program` (default: `virsh` on PATH).
+    pub fn new(uri: &str, program: Option<&Path>) -> Self {
         Virsh {
-            program: PathBuf::from("virsh"),
+            program: program.map_or_else(|| PathBuf::from("virsh"), Path::to_path_buf),
             uri: uri.to_string(),
             timeout: DEFAULT_TIMEOUT,
         }
@@ -107,14 +108,13 @@ impl Virsh {
         }
     }
 
-    /// `virsh domstats --balloon DOMAIN`: the domain's balloon figures.
-    pub fn balloon_stats(&self, domain: &str) -> Result<BTreeMap<String, String>, DriverError> {
+    /// The domain's memory in KiB (`virsh domstats --balloon`: `balloon.maximum`); `None` for
+    /// a domain without a balloon.
+    pub fn memory_kib(&self, domain: &str) -> Result<Option<u64>, DriverError> {
         let out = self.run(&["domstats", "--balloon", "--", domain])?;
         Ok(parse_domstats(&out)
-            .into_iter()
-            .next()
-            .map(|(_, stats)| stats)
-            .unwrap_or_default())
+            .first()
+            .and_then(|(_, stats)| stats.get("balloon.maximum")?.trim().parse().ok()))
     }
 
     /// The names of the running domains.
@@ -181,8 +181,7 @@ mod tests {
         let path = dir.path().join("virsh");
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let mut v = Virsh::new("test:///default");
-        v.program = path;
+        let mut v = Virsh::new("test:///default", Some(&path));
         v.timeout = Duration::from_millis(500);
         (dir, v)
     }
