@@ -9,7 +9,7 @@
 #   scripts/lab.sh guest-bins the project's static guest binaries (cargo, +crt-static)
 #   scripts/lab.sh mini       guest image "mini": kernel + busybox initramfs + agent + guest binaries
 #   scripts/lab.sh debian     guest image "debian": trixie + systemd as an ext4 image (on demand)
-#   scripts/lab.sh vsock      vhost-device-vsock (crates.io) for the guest app's vsock tests
+#   scripts/lab.sh vsock      vhost-device-vsock (cargo install) for the guest app's vsock tests
 #   scripts/lab.sh all        host qemu kernel vsock guest-bins mini
 #
 # Why a separate rootfs: QEMU 10 (bookworm-backports) cannot create the generic vhost-user device,
@@ -290,7 +290,7 @@ do_kernel() {
 }
 
 # vhost-device-vsock, the rust-vmm vhost-user vsock device with the hybrid-vsock convention
-# (a guest connecting to host port P reaches the Unix socket UDS_PATH_P), from crates.io.
+# (a guest connecting to host port P reaches the Unix socket UDS_PATH_P), installed by cargo from its registry.
 VSOCK_DEVICE_VERSION=0.3.0
 do_vsock() {
     local bin=$LAB/tools/bin/vhost-device-vsock
@@ -298,9 +298,9 @@ do_vsock() {
     if [ -x "$bin" ]; then have=$("$bin" --version 2>/dev/null) || have=""; fi
     case $have in *"$VSOCK_DEVICE_VERSION"*) return ;; esac
     command -v cargo >/dev/null || die "cargo is missing"
-    log "installing vhost-device-vsock $VSOCK_DEVICE_VERSION from crates.io (about 30 s)"
+    log "installing vhost-device-vsock $VSOCK_DEVICE_VERSION with cargo install (about 30 s)"
     cargo install --quiet --locked vhost-device-vsock --version "$VSOCK_DEVICE_VERSION" \
-        --root "$LAB/tools" || die "cargo install vhost-device-vsock failed (is crates.io reachable?)"
+        --root "$LAB/tools" || die "cargo install vhost-device-vsock failed (is the Rust package registry reachable?)"
 }
 
 do_guest_bins() {
