@@ -85,6 +85,14 @@ pub fn memfd_allocated(pid: u32) -> Result<u64> {
     }
 }
 
+/// Bytes allocated to a file (a guest RAM file on tmpfs or hugetlbfs): what its holes gave back.
+pub fn file_allocated(path: &std::path::Path) -> Result<u64> {
+    Ok(std::fs::metadata(path)
+        .ctx(|| format!("stat {}", path.display()))?
+        .blocks()
+        * 512)
+}
+
 /// Parses /proc/meminfo-style text into (key, bytes) pairs.
 pub fn parse_meminfo(text: &str) -> std::collections::BTreeMap<String, u64> {
     text.lines()

@@ -178,12 +178,7 @@ impl HugetlbfsMount {
 
     /// Bytes of huge pages allocated to `file` in this mount.
     pub fn allocated(&self, file: &str) -> Result<u64> {
-        use std::os::unix::fs::MetadataExt;
-        let path = self.dir.join(file);
-        Ok(std::fs::metadata(&path)
-            .ctx(|| format!("stat {}", path.display()))?
-            .blocks()
-            * 512)
+        crate::host::file_allocated(&self.dir.join(file))
     }
 }
 

@@ -70,7 +70,7 @@ pub struct VhostUserBalloon {
 }
 
 /// What backs guest RAM (always shared memory, which a vhost-user backend can map).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum GuestRam {
     /// A memfd of base pages (examples/qemu/guest-ram.args).
     #[default]
@@ -79,8 +79,21 @@ pub enum GuestRam {
     /// (`hugepages::HugePages`).
     HugetlbMemfd,
     /// A file on a hugetlbfs of 2 MiB pages that the harness mounts for the guest
-    /// (examples/qemu/guest-ram-hugetlbfs.args); reserve the pages first.
+    /// (examples/qemu/guest-ram-file.args); reserve the pages first.
     HugetlbfsFile,
+    /// A file of base pages the test names (`shm_ram_file`), so that a backend given
+    /// `--guest-memory-file` maps the same one (examples/qemu/guest-ram-file.args). Removed
+    /// when the VM ends.
+    File(PathBuf),
+}
+
+/// A path on /dev/shm (a tmpfs: the file's pages count as QEMU's RssShmem) for a guest's RAM
+/// file, unique to this test process and `name`.
+pub fn shm_ram_file(name: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/dev/shm/balloon-lab-{name}-{}.ram",
+        std::process::id()
+    ))
 }
 
 /// The guest RAM file's name in its hugetlbfs mount.
@@ -185,9 +198,12 @@ impl VmConfig {
         let ram_args = match self.ram {
             GuestRam::Memfd => GUEST_RAM_ARGS,
             GuestRam::HugetlbMemfd => GUEST_RAM_HUGETLB_ARGS,
-            GuestRam::HugetlbfsFile => GUEST_RAM_HUGETLBFS_ARGS,
+            GuestRam::HugetlbfsFile | GuestRam::File(_) => GUEST_RAM_FILE_ARGS,
         };
-        let mem_path = hugetlbfs_dir(run_dir).join(HUGETLBFS_RAM_FILE);
+        let mem_path = match &self.ram {
+            GuestRam::File(path) => path.clone(),
+            _ => hugetlbfs_dir(run_dir).join(HUGETLBFS_RAM_FILE),
+        };
         a.extend(example_args(
             ram_args,
             &[
@@ -259,7 +275,7 @@ pub fn example_args(text: &str, vars: &[(&str, String)]) -> Vec<String> {
 
 const GUEST_RAM_ARGS: &str = include_str!("../../examples/qemu/guest-ram.args");
 const GUEST_RAM_HUGETLB_ARGS: &str = include_str!("../../examples/qemu/guest-ram-hugetlb.args");
-const GUEST_RAM_HUGETLBFS_ARGS: &str = include_str!("../../examples/qemu/guest-ram-hugetlbfs.args");
+const GUEST_RAM_FILE_ARGS: &str = include_str!("../../examples/qemu/guest-ram-file.args");
 const VHOST_BALLOON_ARGS: &str = include_str!("../../examples/qemu/vhost-balloon.args");
 
 fn on_off(b: bool) -> &'static str {
@@ -290,7 +306,7 @@ impl Vm {
         let run_dir = lab::run_dir(&config.name)?;
         let hugetlbfs = match config.ram {
             GuestRam::HugetlbfsFile => Some(HugetlbfsMount::mount(&hugetlbfs_dir(&run_dir))?),
-            GuestRam::Memfd | GuestRam::HugetlbMemfd => None,
+            GuestRam::Memfd | GuestRam::HugetlbMemfd | GuestRam::File(_) => None,
         };
         let args = config.args(&run_dir)?;
         std::fs::write(run_dir.join("qemu.cmdline"), args.join(" "))
@@ -388,9 +404,10 @@ impl Vm {
 
     /// Bytes of guest RAM the host really holds (the allocated blocks of its memfd or file).
     pub fn ram_allocated(&self) -> Result<u64> {
-        match &self.hugetlbfs {
-            Some(mount) => mount.allocated(HUGETLBFS_RAM_FILE),
-            None => host::memfd_allocated(self.pid()),
+        match (&self.hugetlbfs, &self.config.ram) {
+            (Some(mount), _) => mount.allocated(HUGETLBFS_RAM_FILE),
+            (None, GuestRam::File(path)) => host::file_allocated(path),
+            (None, _) => host::memfd_allocated(self.pid()),
         }
     }
 
@@ -404,11 +421,11 @@ impl Vm {
     }
 
     /// The devices the guest's virtio_balloon driver is bound to (e.g. "virtio2"), empty when
-    /// it is bound to none.
+    /// it is bound to none or not loaded at all.
     pub fn balloon_driver_devices(&mut self) -> Result<Vec<String>> {
         let listing = self
             .agent
-            .sh("ls /sys/bus/virtio/drivers/virtio_balloon/")?;
+            .sh("d=/sys/bus/virtio/drivers/virtio_balloon; if [ -d $d ]; then ls $d; fi")?;
         Ok(listing
             .split_whitespace()
             .filter(|entry| entry.starts_with("virtio"))
@@ -439,8 +456,11 @@ impl Vm {
     /// Makes the guest write `mib` MiB of tmpfs and free them again, so that the host holds
     /// memory the guest no longer uses.
     pub fn touch_and_free(&mut self, mib: u64) -> Result<()> {
+        // A tmpfs of its own: the image's /tmp may be small (Debian's is half of RAM).
         self.agent.sh(&format!(
-            "dd if=/dev/zero of=/tmp/fill bs=1M count={mib} 2>/dev/null && rm /tmp/fill"
+            "d=$(mktemp -d) && mount -t tmpfs -o size={}M fill $d && \
+             dd if=/dev/zero of=$d/fill bs=1M count={mib} 2>/dev/null; r=$?; umount $d; rmdir $d; exit $r",
+            mib + 1
         ))?;
         Ok(())
     }
@@ -483,6 +503,9 @@ impl Drop for Vm {
         let _ = self.child.wait();
         // With QEMU gone, the guest RAM file and its mount can go.
         self.hugetlbfs = None;
+        if let GuestRam::File(path) = &self.config.ram {
+            let _ = std::fs::remove_file(path);
+        }
         if std::thread::panicking() {
             eprintln!(
                 "VM {} kept its run directory for inspection: {}",

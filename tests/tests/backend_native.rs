@@ -203,3 +203,45 @@ fn sigterm_shuts_down_cleanly() {
     assert!(!backend.control_socket.exists());
     assert!(!backend.socket.exists());
 }
+
+#[test]
+fn a_memory_table_that_disagrees_with_the_guest_memory_file_is_refused_and_one_that_agrees_is_taken(
+) {
+    use std::os::fd::AsRawFd;
+    let ram = guest_ram(64 * MIB).unwrap();
+    // The frontend's own memfd, named through /proc as a VMM's memory file would be by path.
+    let file = format!("/proc/{}/fd/{}", std::process::id(), ram.as_raw_fd());
+    let mut args = NO_EXTRA_QUEUES.to_vec();
+    args.extend(["--guest-memory-file", &file, "--guest-memory-layout", "q35"]);
+    let backend = Backend::start("memfile", &args).unwrap();
+    // Opened at startup: the app could name pages before any table.
+    let s = backend.status().unwrap();
+    assert!(s.app.reclaimable && s.guest_ram_bytes == ram.len(), "{s:?}");
+
+    // Another file behind the table: refused, and nothing of it is taken.
+    let other = guest_ram(64 * MIB).unwrap();
+    // (The backend ends the connection; whether SET_MEM_TABLE itself or a later request
+    // fails depends on the acknowledgements negotiated.)
+    if let Ok(mut refused) = TestFrontend::connect(&backend.socket, &other) {
+        assert!(
+            refused.config().is_err(),
+            "a table on another file was accepted"
+        );
+    }
+    assert!(
+        backend.log().contains("disagrees with --guest-memory-file"),
+        "{}",
+        backend.log()
+    );
+    assert!(!backend.status().unwrap().device_started);
+
+    // The backend stays up and takes the table that describes the file.
+    let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
+    ram.populate();
+    let full = ram.allocated();
+    backend.set_target(MIB).unwrap();
+    let pfns: Vec<u32> = (0..(MIB / PAGE) as u32).collect();
+    fe.inflate(&ram, &pfns).unwrap();
+    wait_allocated(&ram, full - MIB).unwrap();
+    assert!(backend.status().unwrap().device_started);
+}

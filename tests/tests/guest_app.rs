@@ -329,3 +329,92 @@ fn the_app_talks_over_vsock_with_the_hybrid_convention_and_only_with_the_vms_sec
         .unwrap();
     assert_eq!(vm.agent.oom_kills().unwrap(), 0);
 }
+
+/// The app alone: a guest whose kernel refuses virtio_balloon (blacklisted), with the app
+/// started by its systemd unit and the backend given the guest's memory file, since no memory
+/// table ever arrives without a driver. Memory goes out and comes back, and an app killed with
+/// -9 mid-inflate leaves nothing counted.
+#[test]
+fn without_a_balloon_driver_the_app_returns_memory_through_the_guest_memory_file() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let ram = balloon_lab::vm::shm_ram_file("nodriver");
+    let ram_arg = ram.display().to_string();
+    let backend = Backend::start(
+        "nodriver",
+        &[
+            "--guest-memory-file",
+            &ram_arg,
+            "--guest-memory-layout",
+            "q35",
+        ],
+    )
+    .unwrap();
+    let mut config = VmConfig::new("nodriver");
+    config.image = balloon_lab::Image::Debian;
+    config.cpus = 2;
+    config.ram = balloon_lab::GuestRam::File(ram);
+    // The device is there, but no driver binds it.
+    config.vhost_user_balloon = Some(backend.device());
+    config.kernel_args = vec!["modprobe.blacklist=virtio_balloon".into()];
+    config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+    let mut vm = Vm::start(config).unwrap();
+    backend
+        .wait_app("the unit's app to connect", |s| s.app.connected)
+        .unwrap();
+    assert!(vm.balloon_driver_devices().unwrap().is_empty());
+    let s = backend.status().unwrap();
+    assert!(!s.device_started, "no driver, so no memory table: {s:?}");
+    assert!(s.app.reclaimable, "{:?}", s.app);
+    vm.touch_and_free(600).unwrap();
+    let before = vm.host_memory().unwrap().rss_shmem;
+
+    let app_balloon = 400 * MIB;
+    backend.set_app_target(app_balloon).unwrap();
+    backend
+        .wait_app("the app to hold 400 MiB", |s| {
+            s.app.ballooned_bytes == app_balloon && s.app.held_bytes == app_balloon
+        })
+        .unwrap();
+    let after = vm.host_memory().unwrap().rss_shmem;
+    let dropped = before.saturating_sub(after);
+    eprintln!(
+        "RssShmem {} -> {} MiB: {:.3} of the app balloon",
+        before / MIB,
+        after / MIB,
+        dropped as f64 / app_balloon as f64
+    );
+    assert!(
+        dropped * 10 >= app_balloon * 9,
+        "RssShmem dropped by {} MiB",
+        dropped / MIB
+    );
+
+    // Deflate: everything back, and the guest uses it again.
+    backend.set_app_target(0).unwrap();
+    backend
+        .wait_app("the app to give everything back", |s| {
+            s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
+        })
+        .unwrap();
+    vm.touch_and_free(600).unwrap();
+
+    // Killed with -9 mid-inflate: the kernel frees what it pinned, the backend counts none of
+    // it; the unit restarts the app, which then holds only what a new target asks.
+    backend.set_app_target(app_balloon).unwrap();
+    backend
+        .wait_app("the app to be inflating", |s| s.app.ballooned_bytes > 0)
+        .unwrap();
+    vm.agent
+        .sh("systemctl kill -s KILL balloon-guest.service")
+        .unwrap();
+    backend.set_app_target(0).unwrap();
+    backend
+        .wait_app("the killed app's pages to be the guest's again", |s| {
+            s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
+        })
+        .unwrap();
+    vm.touch_and_free(600).unwrap();
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+    let s = backend.status().unwrap();
+    assert_eq!(s.rejected.pages_outside_ram, 0, "{s:?}");
+}

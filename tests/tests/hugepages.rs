@@ -63,7 +63,7 @@ fn the_driver_returns_whole_huge_pages_and_deflate_never_loses_guest_data(ram: G
         &["--no-free-page-reporting"],
     )
     .unwrap();
-    let mut vm = boot(&format!("huge-driver-{ram:?}"), ram, &backend);
+    let mut vm = boot(&format!("huge-driver-{ram:?}"), ram.clone(), &backend);
     let status = backend.status().unwrap();
     assert!(status.device_started, "{status:?}");
 
@@ -134,7 +134,7 @@ fn free_page_reporting_returns_whole_huge_pages_the_guest_freed(ram: GuestRam) {
     let _ = env_logger::builder().is_test(true).try_init();
     let Some(_pages) = reserve() else { return };
     let backend = Backend::start(&format!("huge-report-{ram:?}"), &[]).unwrap();
-    let mut vm = boot(&format!("huge-report-{ram:?}"), ram, &backend);
+    let mut vm = boot(&format!("huge-report-{ram:?}"), ram.clone(), &backend);
     vm.agent
         .sh("dd if=/dev/zero of=/tmp/fill bs=1M count=600 2>/dev/null")
         .unwrap();
@@ -175,7 +175,7 @@ fn the_app_returns_nearly_all_it_holds_in_whole_huge_pages(ram: GuestRam) {
     let Some(_pages) = reserve() else { return };
     let backend =
         Backend::start(&format!("huge-app-{ram:?}"), &["--no-free-page-reporting"]).unwrap();
-    let mut config = config(&format!("huge-app-{ram:?}"), ram, &backend);
+    let mut config = config(&format!("huge-app-{ram:?}"), ram.clone(), &backend);
     config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
     let mut vm = Vm::start(config).expect("boot the mini guest on huge pages");
     vm.touch_and_free(700).unwrap();

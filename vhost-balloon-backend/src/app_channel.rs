@@ -15,7 +15,8 @@
 //! connection closes, or when the app has been silent for `SILENCE` (it reports its state every
 //! second; the server closes a connection that sends no line for that long).
 
-use crate::balloon::Balloon;
+use crate::balloon::{refresh_app_file, Balloon};
+use crate::memory::file::MemoryFile;
 use crate::vhu_balloon::lock;
 use balloon_protocol::app::{decode, encode, AppMessage, HostMessage, MAX_LINE_BYTES};
 use balloon_protocol::lines::{Flow, Limits, LineServer, Outbox, RateLimitedLog, Service, Session};
@@ -101,6 +102,7 @@ enum PeerState {
 pub struct AppChannel {
     balloon: Arc<Mutex<Balloon>>,
     secret: Option<AppSecret>,
+    memory_file: Option<Arc<Mutex<MemoryFile>>>,
     next_session: AtomicU64,
     refusals: Arc<Mutex<RateLimitedLog>>,
 }
@@ -108,6 +110,7 @@ pub struct AppChannel {
 pub struct AppSession {
     balloon: Arc<Mutex<Balloon>>,
     secret: Option<AppSecret>,
+    memory_file: Option<Arc<Mutex<MemoryFile>>>,
     outbox: Outbox,
     id: u64,
     state: PeerState,
@@ -115,10 +118,15 @@ pub struct AppSession {
 }
 
 impl AppChannel {
-    pub fn new(balloon: Arc<Mutex<Balloon>>, secret: Option<AppSecret>) -> Self {
+    pub fn new(
+        balloon: Arc<Mutex<Balloon>>,
+        secret: Option<AppSecret>,
+        memory_file: Option<Arc<Mutex<MemoryFile>>>,
+    ) -> Self {
         AppChannel {
             balloon,
             secret,
+            memory_file,
             next_session: AtomicU64::new(1),
             refusals: Arc::new(Mutex::new(RateLimitedLog::new(Duration::from_secs(10)))),
         }
@@ -147,6 +155,7 @@ impl Service for AppChannel {
         AppSession {
             balloon: self.balloon.clone(),
             secret: self.secret.clone(),
+            memory_file: self.memory_file.clone(),
             outbox,
             id: self.next_session.fetch_add(1, Ordering::Relaxed),
             state: PeerState::Unauthenticated,
@@ -184,6 +193,13 @@ impl AppSession {
             }
         }
         self.state = PeerState::App { pid };
+        // An app in a guest without a balloon driver names its pages in the memory file,
+        // which its VMM has created (or recreated, for a new guest) by now.
+        if let Some(file) = &self.memory_file {
+            if let Err(e) = refresh_app_file(file, &self.balloon) {
+                log::warn!("guest app (pid {pid}): {e}");
+            }
+        }
         lock(&self.balloon).app_hello(self.id, pid, self.outbox.clone());
         Flow::Continue
     }
@@ -254,10 +270,15 @@ impl Session for AppSession {
 }
 
 /// Serves the app channel on `listener` until it fails.
-pub fn serve(listener: UnixListener, balloon: Arc<Mutex<Balloon>>, secret: Option<AppSecret>) {
+pub fn serve(
+    listener: UnixListener,
+    balloon: Arc<Mutex<Balloon>>,
+    secret: Option<AppSecret>,
+    memory_file: Option<Arc<Mutex<MemoryFile>>>,
+) {
     let server = Arc::new(LineServer::new(
         "app channel",
-        Arc::new(AppChannel::new(balloon, secret)),
+        Arc::new(AppChannel::new(balloon, secret, memory_file)),
         limits(),
     ));
     server.serve(listener);

@@ -2,9 +2,10 @@
 //! frontend again after it disconnects, so QEMU's reconnect-ms and backend restarts work).
 
 use crate::app_channel::AppSecret;
-use crate::balloon::{Balloon, BalloonError};
+use crate::balloon::{refresh_app_file, Balloon, BalloonError};
 use crate::control::{self, ControlHandler};
 use crate::device::features::FeatureChoice;
+use crate::memory::file::MemoryFile;
 use crate::memory::worker::DiscardWorker;
 use crate::options::Options;
 use crate::state::PersistentState;
@@ -193,6 +194,15 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         .set_interval(balloon.stats_interval_seconds)
         .map_err(DaemonError::Timer)?;
     let balloon = Arc::new(Mutex::new(balloon));
+    let memory_file = options.guest_memory.clone().map(|(path, layout)| {
+        let file = Arc::new(Mutex::new(MemoryFile::new(path, layout)));
+        // The VMM may not have created it yet: then the first app to connect opens it.
+        match refresh_app_file(&file, &balloon) {
+            Ok(()) => {}
+            Err(e) => log::info!("{e}: opened when the guest app connects"),
+        }
+        file
+    });
 
     if let Some(path) = &options.control_socket {
         let listener = bind_socket(path, Access::OWNER_ONLY, &cleanup)?;
@@ -210,6 +220,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     if let Some(path) = &options.app_socket {
         let listener = bind_socket(path, vmm_access, &cleanup)?;
         let b = balloon.clone();
+        let file = memory_file.clone();
         if app_secret.is_none() {
             log::warn!(
                 "guest app channel without --app-secret-file: safe only behind virtio-serial \
@@ -218,22 +229,25 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         }
         std::thread::Builder::new()
             .name("app-channel".into())
-            .spawn(move || crate::app_channel::serve(listener, b, app_secret))
+            .spawn(move || crate::app_channel::serve(listener, b, app_secret, file))
             .map_err(DaemonError::Thread)?;
         log::info!("guest app channel on {}", path.display());
     }
 
-    let backend = VhostUserBalloon::new(balloon, stats_timer);
+    let Some(socket) = &options.socket else {
+        log::info!("no vhost-user socket: serving the guest app over the guest memory file only");
+        // The other threads serve; a signal ends the process.
+        loop {
+            std::thread::park();
+        }
+    };
+    let backend = VhostUserBalloon::new(balloon, stats_timer, memory_file);
     // In client mode the socket is the frontend's (or a keeper's): not ours to create or
     // remove.
     let mut listener = if options.client {
         None
     } else {
-        Some(Listener::from(bind_socket(
-            &options.socket,
-            vmm_access,
-            &cleanup,
-        )?))
+        Some(Listener::from(bind_socket(socket, vmm_access, &cleanup)?))
     };
     loop {
         let mut daemon = VhostUserDaemon::new(
@@ -252,7 +266,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
                 )
                 .map_err(DaemonError::Timer)?;
         }
-        log::info!("waiting for the frontend on {}", options.socket.display());
+        log::info!("waiting for the frontend on {}", socket.display());
         match listener.as_mut() {
             Some(listener) => {
                 if let Err(e) = daemon.start(listener) {
@@ -260,7 +274,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
                     continue;
                 }
             }
-            None => connect_to_frontend(&mut daemon, &options.socket)?,
+            None => connect_to_frontend(&mut daemon, socket)?,
         }
         log::info!("frontend connected");
         let result = daemon.wait();

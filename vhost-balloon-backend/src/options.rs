@@ -1,5 +1,6 @@
 //! Command line and TOML config. Every option can be given in either; the command line wins.
 
+use crate::memory::file::MemoryLayout;
 use balloon_protocol::config_file::{self, ConfigFileError};
 use balloon_protocol::Size;
 use clap::Parser;
@@ -17,9 +18,22 @@ use std::path::PathBuf;
 )]
 pub struct Cli {
     /// vhost-user socket to listen on (QEMU: -chardev socket,path=...; cloud-hypervisor:
-    /// --generic-vhost-user socket=...).
+    /// --generic-vhost-user socket=...). Optional with --guest-memory-file: then the guest
+    /// app alone can balloon a VM that has no vhost-user balloon device.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// The VMM's guest RAM file (QEMU `memory-backend-file,mem-path=FILE,share=on`,
+    /// cloud-hypervisor `--memory-zone file=FILE,shared=on`), so that the guest app's pages
+    /// can be named and returned without a balloon driver in the guest. Opened when an app
+    /// connects (the VMM creates it); needs --guest-memory-layout.
+    #[arg(long)]
+    pub guest_memory_file: Option<PathBuf>,
+    /// Where the file's bytes are in guest-physical memory: `q35` or `pc` (QEMU's machines,
+    /// without max-ram-below-4g), `cloud-hypervisor` (x86_64, one memory zone), or regions
+    /// `GPA:SIZE@OFFSET,...` (e.g. `0:2G@0,4G:2G@2G`). Never guessed: a wrong layout would
+    /// discard live guest memory, so a memory table that disagrees with it is refused.
+    #[arg(long)]
+    pub guest_memory_layout: Option<MemoryLayout>,
     /// Connect to --socket as a client instead of listening on it: for a frontend that is the
     /// server (QEMU `-chardev socket,server=on`), which then accepts a restarted backend.
     /// The backend retries until the frontend's socket accepts it.
@@ -89,14 +103,25 @@ pub struct Cli {
 pub enum OptionsError {
     #[error("config {0}")]
     File(#[from] ConfigFileError),
-    #[error("--socket is required (or `socket` in the config file)")]
+    #[error(
+        "--socket is required (or `socket` in the config file), unless --guest-memory-file \
+         is given"
+    )]
     NoSocket,
+    #[error(
+        "--guest-memory-file needs --guest-memory-layout (q35, pc, cloud-hypervisor or regions)"
+    )]
+    NoLayout,
+    #[error("--guest-memory-layout without --guest-memory-file")]
+    NoMemoryFile,
 }
 
 /// Everything the backend needs to run, resolved.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub socket: PathBuf,
+    /// None: no VMM connection, the app over the guest memory file only.
+    pub socket: Option<PathBuf>,
+    pub guest_memory: Option<(PathBuf, MemoryLayout)>,
     pub client: bool,
     pub control_socket: Option<PathBuf>,
     pub app_socket: Option<PathBuf>,
@@ -118,8 +143,18 @@ impl Cli {
     pub fn resolve(self) -> Result<Options, OptionsError> {
         let config = self.config.clone();
         let o = config_file::layered(self, config.as_deref())?;
+        let guest_memory = match (o.guest_memory_file, o.guest_memory_layout) {
+            (Some(file), Some(layout)) => Some((file, layout)),
+            (Some(_), None) => return Err(OptionsError::NoLayout),
+            (None, Some(_)) => return Err(OptionsError::NoMemoryFile),
+            (None, None) => None,
+        };
+        if o.socket.is_none() && guest_memory.is_none() {
+            return Err(OptionsError::NoSocket);
+        }
         Ok(Options {
-            socket: o.socket.ok_or(OptionsError::NoSocket)?,
+            socket: o.socket,
+            guest_memory,
             client: o.client.unwrap_or(false),
             control_socket: o.control_socket,
             app_socket: o.app_socket,
@@ -158,7 +193,7 @@ mod tests {
         )
         .unwrap();
         let o = resolve(&["--config", config, "--stats-interval", "2"]).unwrap();
-        assert_eq!(o.socket, PathBuf::from("/run/a.sock"));
+        assert_eq!(o.socket, Some(PathBuf::from("/run/a.sock")));
         assert_eq!(o.stats_interval, 2);
         assert_eq!(o.target, Some(256 << 20));
         assert!(!o.discard && o.stats && o.deflate_on_oom);
@@ -179,13 +214,50 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_memory_file_needs_its_layout_and_makes_the_socket_optional() {
+        let o = resolve(&[
+            "--guest-memory-file",
+            "/dev/shm/vm1.ram",
+            "--guest-memory-layout",
+            "q35",
+        ])
+        .unwrap();
+        assert_eq!(o.socket, None);
+        assert_eq!(
+            o.guest_memory,
+            Some((PathBuf::from("/dev/shm/vm1.ram"), MemoryLayout::Q35))
+        );
+        assert!(matches!(
+            resolve(&["--guest-memory-file", "/dev/shm/vm1.ram"]),
+            Err(OptionsError::NoLayout)
+        ));
+        assert!(matches!(
+            resolve(&["--socket", "/s", "--guest-memory-layout", "pc"]),
+            Err(OptionsError::NoMemoryFile)
+        ));
+        assert!(Cli::try_parse_from(["x", "--guest-memory-layout", "q36"]).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("b.toml");
+        std::fs::write(
+            &cfg,
+            "guest_memory_file = \"/f\"\nguest_memory_layout = \"0:1G@0,4G:1G@1G\"\n",
+        )
+        .unwrap();
+        let o = resolve(&["--config", cfg.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            o.guest_memory.unwrap().1.to_string(),
+            "0x0:0x40000000@0x0,0x100000000:0x40000000@0x40000000"
+        );
+    }
+
+    #[test]
     fn the_shipped_example_config_is_valid() {
         let example = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../examples/vhost-balloon-backend.toml"
         );
         let o = resolve(&["--config", example]).unwrap();
-        assert_eq!(o.socket, PathBuf::from("/run/vhost-balloon/vm1.sock"));
+        assert_eq!(o.socket, Some(PathBuf::from("/run/vhost-balloon/vm1.sock")));
         assert_eq!(o.target, Some(0));
         assert!(o.discard && o.free_page_reporting);
     }

@@ -1,8 +1,9 @@
 //! The vhost-user glue: the `VhostUserBackend` implementation that moves chains from the vrings
 //! into the device model (balloon.rs) and results back, nothing more.
 
-use crate::balloon::{drain_queue, request_stats, Balloon};
+use crate::balloon::{drain_queue, refresh_app_file, request_stats, Balloon};
 use crate::device::QueueKind;
+use crate::memory::file::MemoryFile;
 use crate::memory::{discard::host_page_size, Backing, GuestRegion};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -79,17 +80,44 @@ pub struct VhostUserBalloon {
     event_idx: Arc<AtomicBool>,
     /// Kept so the vhost crate's end of the channel stays open as long as ours.
     backend_req: Arc<Mutex<Option<Backend>>>,
+    /// The guest memory file, when given: every memory table must agree with it.
+    memory_file: Option<Arc<Mutex<MemoryFile>>>,
 }
 
 impl VhostUserBalloon {
-    pub fn new(balloon: Arc<Mutex<Balloon>>, stats_timer: Arc<StatsTimer>) -> Self {
+    pub fn new(
+        balloon: Arc<Mutex<Balloon>>,
+        stats_timer: Arc<StatsTimer>,
+        memory_file: Option<Arc<Mutex<MemoryFile>>>,
+    ) -> Self {
         VhostUserBalloon {
             balloon,
             stats_timer,
             mem: Arc::new(Mutex::new(None)),
             event_idx: Arc::new(AtomicBool::new(false)),
             backend_req: Arc::new(Mutex::new(None)),
+            memory_file,
         }
+    }
+
+    /// A table must describe the guest memory file given on the command line, if one was:
+    /// otherwise the app's pages and the driver's could name different memory.
+    fn check_table_against_file(&self, regions: &[GuestRegion]) -> io::Result<()> {
+        let Some(file) = &self.memory_file else {
+            return Ok(());
+        };
+        // The VMM created (or recreated) the file by the time it sends a table.
+        if let Err(e) = refresh_app_file(file, &self.balloon) {
+            log::warn!("{e}");
+        }
+        let checked = file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check_table(regions);
+        checked.map_err(|e| {
+            log::error!("{e}");
+            io::Error::other(e.to_string())
+        })
     }
 
     /// The event id of the statistics timer in the worker's epoll set (ids up to num_queues
@@ -299,6 +327,7 @@ impl VhostUserBackend for VhostUserBalloon {
 
     fn update_memory(&self, atomic: GuestMemoryMmapAtomic) -> io::Result<()> {
         let regions = regions_of(&atomic.memory());
+        self.check_table_against_file(&regions)?;
         let save = {
             let mut balloon = lock(&self.balloon);
             for r in &regions {
@@ -315,10 +344,7 @@ impl VhostUserBackend for VhostUserBalloon {
                 );
             }
             balloon.set_memory(regions);
-            balloon
-                .app
-                .memory
-                .replace_regions(regions_of(&atomic.memory()));
+            balloon.set_app_table_regions(regions_of(&atomic.memory()));
             balloon.unsaved_settings()
         };
         // Targets cut to guest RAM are saved off the device lock.

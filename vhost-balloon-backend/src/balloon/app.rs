@@ -3,15 +3,29 @@
 //! app_channel.rs for the connection). The app is trusted no further than its target.
 
 use super::{Balloon, BalloonError};
-use crate::memory::{merge_ranges, GuestMemoryMap, PfnRange};
+use crate::memory::file::{MemoryFile, MemoryFileError};
+use crate::memory::{merge_ranges, GuestMemoryMap, GuestRegion, PfnRange};
 use balloon_protocol::app::{encode, HostMessage, PageRange, MAX_RANGES_PER_MESSAGE};
 use balloon_protocol::bytes_to_pages;
 use balloon_protocol::lines::Outbox;
+use std::sync::Mutex;
+
+/// Where the app's pages are named.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum AppRam {
+    /// In the vhost-user memory table (the driver started the device).
+    #[default]
+    Table,
+    /// In the guest memory file given on the command line (memory::file), which a memory
+    /// table must then agree with; the table never replaces it.
+    File,
+}
 
 /// The guest app's side of the device (see app_channel.rs).
 #[derive(Default)]
 pub struct AppBalloon {
     pub memory: GuestMemoryMap,
+    pub ram: AppRam,
     /// The app connection that said hello (and passed authentication), if any.
     pub peer: Option<AppPeer>,
     pub target_bytes: u64,
@@ -32,7 +46,10 @@ pub struct AppPeer {
 /// Why the app's pages were refused; nothing changed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AppRangeError {
-    #[error("no memory table: the guest has not started the balloon device")]
+    #[error(
+        "no guest memory map: the guest has not started the balloon device and no guest \
+         memory file is open"
+    )]
     NoMemoryTable,
     #[error("{0} ranges in one message (at most {max})", max = MAX_RANGES_PER_MESSAGE)]
     TooManyRanges(usize),
@@ -63,7 +80,39 @@ pub fn app_ranges(ranges: &[PageRange]) -> Result<Vec<PfnRange>, AppRangeError> 
     Ok(merge_ranges(checked))
 }
 
+/// Opens or reopens the guest memory file (off the device lock: it is file I/O) and gives new
+/// regions to the app's balloon.
+pub fn refresh_app_file(
+    file: &Mutex<MemoryFile>,
+    balloon: &Mutex<Balloon>,
+) -> Result<(), MemoryFileError> {
+    let fresh = file.lock().unwrap_or_else(|e| e.into_inner()).refresh()?;
+    if let Some(regions) = fresh {
+        crate::vhu_balloon::lock(balloon).set_app_file_regions(regions);
+    }
+    Ok(())
+}
+
 impl Balloon {
+    /// The app's pages are named in the guest memory file's regions from now on. A file the
+    /// VMM replaced belongs to a new guest: whatever an app held in the old one is gone.
+    pub fn set_app_file_regions(&mut self, regions: Vec<GuestRegion>) {
+        if self.app.memory.ballooned_pages() > 0 {
+            self.app_gone();
+        }
+        self.app.memory.replace_regions(regions);
+        self.app.ram = AppRam::File;
+        self.clamp_targets_to_ram();
+    }
+
+    /// A memory table arrived: the app's pages are named in it unless the memory file names
+    /// them (the table was checked against the file by then).
+    pub fn set_app_table_regions(&mut self, regions: Vec<GuestRegion>) {
+        if self.app.ram == AppRam::Table {
+            self.app.memory.replace_regions(regions);
+        }
+    }
+
     /// Sends the app its target, if one is connected. Never blocks: a peer whose queue is
     /// full does not read, and is dropped (its pages are the guest's again).
     pub fn send_app_target(&mut self) {
@@ -135,7 +184,7 @@ impl Balloon {
     /// go to the worker, off this lock (the app asks before reusing a page, and `app_deflate`
     /// withdraws them first).
     pub fn app_inflated(&mut self, ranges: &[PageRange]) -> Result<(), AppRangeError> {
-        if self.memory.is_empty() {
+        if self.app.memory.is_empty() {
             return Err(AppRangeError::NoMemoryTable);
         }
         let ranges = app_ranges(ranges)?;

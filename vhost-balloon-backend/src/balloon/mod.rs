@@ -10,7 +10,7 @@ mod queues;
 mod settings;
 mod status;
 
-pub use app::{app_ranges, AppBalloon, AppPeer, AppRangeError};
+pub use app::{app_ranges, refresh_app_file, AppBalloon, AppPeer, AppRam, AppRangeError};
 use lifecycle::{Action, Event, Lifecycle};
 pub use queues::{drain_queue, request_stats};
 
@@ -333,7 +333,7 @@ impl Balloon {
     /// Targets accepted while guest RAM was unknown (a restarted backend, a target set before
     /// the VM started) are cut to RAM once it is known; the cut is saved.
     fn clamp_targets_to_ram(&mut self) {
-        let ram = self.memory.ram_bytes();
+        let ram = self.guest_ram_bytes();
         if ram == 0 {
             return;
         }
@@ -358,9 +358,14 @@ impl Balloon {
         }
     }
 
+    /// Guest RAM as far as it is known: from the memory table, or the guest memory file.
+    pub fn guest_ram_bytes(&self) -> u64 {
+        self.memory.ram_bytes().max(self.app.memory.ram_bytes())
+    }
+
     /// A balloon cannot be larger than guest RAM (once the memory table is known).
     fn check_target(&self, target_bytes: u64) -> Result<(), BalloonError> {
-        let ram = self.memory.ram_bytes();
+        let ram = self.guest_ram_bytes();
         if ram > 0 && target_bytes > ram {
             return Err(BalloonError::TargetTooLarge {
                 requested: target_bytes,

@@ -10,7 +10,7 @@ impl Balloon {
     pub fn status(&self) -> BackendStatus {
         BackendStatus {
             device_started: self.device_started(),
-            guest_ram_bytes: self.memory.ram_bytes(),
+            guest_ram_bytes: self.guest_ram_bytes(),
             target_bytes: pages_to_bytes(u64::from(self.config.num_pages)),
             actual_bytes: if self.actual_from_driver {
                 pages_to_bytes(u64::from(self.config.actual))
@@ -41,10 +41,11 @@ impl Balloon {
                 held_bytes: self.app.held_bytes,
                 stalled: self.app.stalled,
                 psi_some_avg10: self.app.psi_some_avg10,
-                reclaimable: !self.memory.is_empty(),
-                note: self.memory.is_empty().then(|| {
-                    "the guest has not started the balloon device, so the backend has no \
-                     memory table: app pages cannot be reclaimed (load virtio_balloon in the guest)"
+                reclaimable: !self.app.memory.is_empty(),
+                note: self.app.memory.is_empty().then(|| {
+                    "the guest has not started the balloon device and no --guest-memory-file \
+                     is open, so app pages cannot be named: load virtio_balloon in the guest or \
+                     give the backend the VMM's memory file and its layout"
                         .to_string()
                 }),
             },

@@ -6,6 +6,7 @@
 
 pub mod bitmap;
 pub mod discard;
+pub mod file;
 pub mod persist;
 pub mod ranges;
 pub mod worker;
