@@ -45,6 +45,7 @@ fn scheduler_tick() -> std::io::Result<()> {
                         major_faults: i,
                         age_seconds: Some(1.0),
                     }),
+                    split: None,
                 }),
             )
         })

@@ -23,7 +23,14 @@ pub struct BudgetConfig {
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum DriverConfig {
     /// Our vhost-balloon-backend's control socket.
-    Backend { control_socket: PathBuf },
+    Backend {
+        control_socket: PathBuf,
+        /// Which of the backend's mechanisms balloon the guest: "driver", "app", "both"
+        /// (the driver first, the app for what it cannot take), or "auto" (the default:
+        /// whatever the guest has).
+        #[serde(default)]
+        balloon: crate::drivers::split::BalloonMechanism,
+    },
     /// QEMU's built-in virtio-balloon over QMP.
     Qmp {
         socket: PathBuf,

@@ -201,8 +201,9 @@ impl Engine {
         let trace_guests = snapshot
             .guests
             .iter()
+            .zip(inputs)
             .zip(send.iter().zip(states.iter().zip(&decisions)))
-            .map(|(g, (plan, (state, decided)))| TraceGuest {
+            .map(|((g, (_, reading)), (plan, (state, decided)))| TraceGuest {
                 name: g.spec.name.clone(),
                 memory_bytes: g.spec.memory_bytes,
                 allocation_bytes: g.allocation_bytes(),
@@ -213,6 +214,7 @@ impl Engine {
                 decided_allocation_bytes: *decided,
                 sent_balloon_bytes: *plan,
                 state: *state,
+                balloon_split: reading.and_then(|r| r.split),
             })
             .collect();
         let trace = TraceRecord {
@@ -302,6 +304,7 @@ mod tests {
             target_bytes: Some(300 * MIB),
             actual_bytes: 280 * MIB,
             stats: None,
+            split: None,
         };
         let out = e.tick(0.0, host(), &[(spec("a"), Some(reading))]);
         // Static wants 512 MiB allocated: a 512 MiB balloon, reached from 300 in one capped
@@ -326,6 +329,7 @@ mod tests {
             target_bytes: Some(0),
             actual_bytes: 0,
             stats: None,
+            split: None,
         };
         let out = e.tick(0.0, host(), &[(spec("a"), Some(reading))]);
         assert_eq!(out.send, vec![Some(124 * MIB)]);
@@ -361,6 +365,7 @@ mod tests {
                         total_bytes: 2048 * MIB - b,
                         ..Default::default()
                     }),
+                    split: None,
                 })
             };
             let inputs = [
@@ -431,6 +436,7 @@ mod tests {
                 target_bytes: Some(target * MIB),
                 actual_bytes: actual * MIB,
                 stats: None,
+                split: None,
             })
         };
         let out = e.tick(

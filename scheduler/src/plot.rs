@@ -227,6 +227,7 @@ mod tests {
             decided_allocation_bytes: allocation_mib * MIB,
             sent_balloon_bytes: None,
             state: GuestCondition::Ok,
+            balloon_split: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The status table `balloonctl status` and `watch` print (and the demo shows).
 
 use crate::api::SchedulerStatus;
+use crate::drivers::split::{BalloonMechanism, BalloonSplit};
 
 pub fn mib(b: u64) -> String {
     format!("{}M", b >> 20)
@@ -52,8 +53,30 @@ pub fn table(s: &SchedulerStatus) -> String {
             progress,
             g.state
         ));
+        if let Some(line) = g.balloon_split.as_ref().and_then(split_line) {
+            out.push_str(&line);
+        }
     }
     out
+}
+
+/// The driver's and the app's parts of a balloon, under its guest's row, where an app takes
+/// part.
+fn split_line(s: &BalloonSplit) -> Option<String> {
+    if s.mechanism == BalloonMechanism::Driver && s.app_target_bytes == 0 {
+        return None;
+    }
+    let stalled = |yes: bool| if yes { " stalled" } else { "" };
+    Some(format!(
+        "  {}: driver {} of {}{}, app {} of {}{}\n",
+        s.mechanism,
+        mib(s.driver_actual_bytes),
+        mib(s.driver_target_bytes),
+        stalled(s.driver_stalled),
+        mib(s.app_actual_bytes),
+        mib(s.app_target_bytes),
+        stalled(s.app_stalled)
+    ))
 }
 
 #[cfg(test)]
@@ -86,6 +109,7 @@ mod tests {
                     decided_allocation_bytes: 1280 << 20,
                     sent_balloon_bytes: None,
                     state: GuestCondition::Unreachable,
+                    balloon_split: None,
                 }],
             }),
             ..Default::default()
@@ -107,5 +131,33 @@ mod tests {
         let feasible = table(&status(false));
         assert!(!feasible.contains("INFEASIBLE"), "{feasible}");
         assert!(feasible.lines().nth(1).unwrap().starts_with("GUEST"));
+    }
+
+    #[test]
+    fn the_driver_and_app_parts_show_under_their_guest() {
+        let mut s = status(false);
+        let split = BalloonSplit {
+            mechanism: BalloonMechanism::Both,
+            driver_target_bytes: 151 << 20,
+            driver_actual_bytes: 151 << 20,
+            app_target_bytes: 249 << 20,
+            app_actual_bytes: 200 << 20,
+            driver_stalled: true,
+            app_stalled: false,
+        };
+        s.last.as_mut().unwrap().guests[0].balloon_split = Some(split);
+        let text = table(&s);
+        assert_eq!(
+            text.lines().nth(3),
+            Some("  both: driver 151M of 151M stalled, app 200M of 249M"),
+            "{text}"
+        );
+        // A driver-only balloon adds no line.
+        s.last.as_mut().unwrap().guests[0].balloon_split = Some(BalloonSplit {
+            mechanism: BalloonMechanism::Driver,
+            app_target_bytes: 0,
+            ..split
+        });
+        assert_eq!(table(&s).lines().count(), 3);
     }
 }

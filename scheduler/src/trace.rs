@@ -47,6 +47,9 @@ pub struct TraceGuest {
     /// The balloon target sent this tick, if any was sent.
     pub sent_balloon_bytes: Option<u64>,
     pub state: GuestCondition,
+    /// Our backend's driver and app shares of the balloon, their progress and stalls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_split: Option<crate::drivers::split::BalloonSplit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -18,13 +18,14 @@
 //! `balloon_protocol::ControlClient`: that client has no timeouts and reads reply lines without
 //! a length limit, and one backend that stops answering must not stall the scheduler's tick.
 
+use super::split::{BalloonMechanism, Splitter, Targets};
 use super::unix::{read_line_bounded, TimedStream};
 use super::{BalloonDriver, DriverError, DriverReading, RawGuestStats};
 use balloon_protocol::control::{BackendStatus, ControlMessage};
 use balloon_protocol::{ControlReply, ControlRequest};
 use std::io::{BufReader, Write};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -35,6 +36,9 @@ pub struct BackendDriver {
     path: PathBuf,
     timeout: Duration,
     conn: Option<BufReader<TimedStream>>,
+    splitter: Splitter,
+    /// The last status read, for splitting the next size.
+    last: Option<BackendStatus>,
 }
 
 impl BackendDriver {
@@ -50,7 +54,51 @@ impl BackendDriver {
             path,
             timeout,
             conn: None,
+            splitter: Splitter::new(BalloonMechanism::Auto),
+            last: None,
         }
+    }
+
+    /// Which of the backend's mechanisms hold the balloon (see split.rs).
+    pub fn with_mechanism(mut self, mode: BalloonMechanism) -> Self {
+        self.splitter = Splitter::new(mode);
+        self
+    }
+
+    fn status(&mut self) -> Result<BackendStatus, DriverError> {
+        let reply = self.request(ControlRequest::Status {})?;
+        reply.status.ok_or_else(|| {
+            DriverError::Protocol(format!(
+                "the backend at {} answered status without one",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// Sends the two targets, the one that shrinks first, so that together they never
+    /// exceed the size asked for. The driver's is always sent (a resend is how a size is
+    /// retried); the app's only when it changes or is not zero, so a backend without an app
+    /// is asked nothing about one.
+    fn send_targets(&mut self, s: &BackendStatus, t: Targets) -> Result<(), DriverError> {
+        let driver = ControlRequest::SetTarget {
+            target_bytes: t.driver_bytes,
+        };
+        let app = (t.app_bytes != s.app.target_bytes || t.app_bytes > 0).then_some(
+            ControlRequest::SetAppTarget {
+                target_bytes: t.app_bytes,
+            },
+        );
+        let driver_first = t.driver_bytes < s.target_bytes;
+        if driver_first {
+            self.request(driver.clone())?;
+        }
+        if let Some(app) = app {
+            self.request(app)?;
+        }
+        if !driver_first {
+            self.request(driver)?;
+        }
+        Ok(())
     }
 
     /// Whether a connection is open (it is dropped after a failure).
@@ -115,29 +163,46 @@ pub fn reading_from_status(status: &BackendStatus) -> DriverReading {
         })
     });
     DriverReading {
-        target_bytes: Some(status.target_bytes),
-        actual_bytes: status.actual_bytes,
+        target_bytes: Some(status.target_bytes + status.app.target_bytes),
+        actual_bytes: status.actual_bytes + status.app.ballooned_bytes,
         stats,
+        split: None,
     }
 }
 
 impl BalloonDriver for BackendDriver {
     fn read(&mut self) -> Result<DriverReading, DriverError> {
-        let reply = self.request(ControlRequest::Status {})?;
-        let status = reply.status.ok_or_else(|| {
-            DriverError::Protocol(format!(
-                "the backend at {} answered status without one",
-                self.path.display()
-            ))
-        })?;
-        Ok(reading_from_status(&status))
+        let mut status = self.status()?;
+        let now = Instant::now();
+        self.splitter.observe(&status, now);
+        if self.splitter.hand_over_due(&status) {
+            // The driver stalled short of its share: the app takes the rest of the same size.
+            let total = status.target_bytes + status.app.target_bytes;
+            let targets = self.splitter.targets(total, &status, now);
+            log::info!(
+                "{}: the driver stalled at {} MiB; the app is asked for {} MiB",
+                self.describe(),
+                status.actual_bytes >> 20,
+                targets.app_bytes >> 20
+            );
+            self.send_targets(&status, targets)?;
+            status = self.status()?;
+        }
+        let mut reading = reading_from_status(&status);
+        reading.split = Some(self.splitter.split_of(&status));
+        self.last = Some(status);
+        Ok(reading)
     }
 
     fn set_balloon(&mut self, balloon_bytes: u64) -> Result<(), DriverError> {
-        self.request(ControlRequest::SetTarget {
-            target_bytes: balloon_bytes,
-        })
-        .map(|_| ())
+        let status = match self.last.take() {
+            Some(s) => s,
+            None => self.status()?,
+        };
+        let targets = self
+            .splitter
+            .targets(balloon_bytes, &status, Instant::now());
+        self.send_targets(&status, targets)
     }
 
     fn describe(&self) -> String {

@@ -93,6 +93,7 @@ impl BalloonDriver for CloudHypervisorDriver {
             target_bytes: Some(target),
             actual_bytes: actual,
             stats,
+            split: None,
         })
     }
 

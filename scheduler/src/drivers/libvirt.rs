@@ -73,6 +73,7 @@ fn reading_of(
         target_bytes: None,
         actual_bytes: maximum_kib.saturating_sub(actual).saturating_mul(1024),
         stats: guest,
+        split: None,
     })
 }
 

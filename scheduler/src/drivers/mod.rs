@@ -24,6 +24,9 @@ pub struct DriverReading {
     /// Balloon size reached, in bytes.
     pub actual_bytes: u64,
     pub stats: Option<RawGuestStats>,
+    /// How the balloon is split between our backend's driver and app (None elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<split::BalloonSplit>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,7 @@ pub mod http;
 pub mod libvirt;
 pub mod pool;
 pub mod qmp;
+pub mod split;
 pub mod unix;
 pub mod virsh;
 
@@ -71,9 +75,10 @@ use crate::config::DriverConfig;
 /// is not up yet is reported unreachable instead of stopping the scheduler.
 pub fn from_config(config: &DriverConfig, memory_bytes: u64) -> Box<dyn BalloonDriver> {
     match config {
-        DriverConfig::Backend { control_socket } => {
-            Box::new(backend::BackendDriver::new(control_socket.clone()))
-        }
+        DriverConfig::Backend {
+            control_socket,
+            balloon,
+        } => Box::new(backend::BackendDriver::new(control_socket.clone()).with_mechanism(*balloon)),
         DriverConfig::Qmp {
             socket,
             device,

@@ -49,6 +49,7 @@ impl BalloonDriver for Gated {
             target_bytes: Some(0),
             actual_bytes: 4096,
             stats: None,
+            split: None,
         })
     }
     fn set_balloon(&mut self, b: u64) -> Result<(), DriverError> {

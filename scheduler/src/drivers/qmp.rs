@@ -336,6 +336,7 @@ impl BalloonDriver for QmpDriver {
             target_bytes: None,
             actual_bytes: memory_bytes - actual_memory,
             stats,
+            split: None,
         })
     }
 

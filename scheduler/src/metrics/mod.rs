@@ -131,7 +131,8 @@ pub fn render(status: &SchedulerStatus) -> String {
     let pinned =
         |g: &TraceGuest| status.pinned.contains_key(&g.name) || g.state == GuestCondition::Pinned;
     type Field<'a> = Box<dyn Fn(&TraceGuest) -> Option<u64> + 'a>;
-    let per_guest: [(&str, &str, Field); 8] = [
+    let split = |g: &TraceGuest| g.balloon_split;
+    let per_guest: [(&str, &str, Field); 13] = [
         (
             "memory_bytes",
             "Configured guest memory.",
@@ -171,6 +172,31 @@ pub fn render(status: &SchedulerStatus) -> String {
             "reachable",
             "1 if the guest's driver answered.",
             Box::new(|g| Some(u64::from(g.state != GuestCondition::Unreachable))),
+        ),
+        (
+            "driver_balloon_bytes",
+            "Our backend's guests: the part of the balloon the virtio_balloon driver holds.",
+            Box::new(move |g| split(g).map(|s| s.driver_actual_bytes)),
+        ),
+        (
+            "app_balloon_bytes",
+            "Our backend's guests: the part of the balloon the guest app holds.",
+            Box::new(move |g| split(g).map(|s| s.app_actual_bytes)),
+        ),
+        (
+            "app_target_bytes",
+            "Our backend's guests: the part of the balloon asked of the guest app.",
+            Box::new(move |g| split(g).map(|s| s.app_target_bytes)),
+        ),
+        (
+            "driver_stalled",
+            "Our backend's guests: 1 if the driver stopped short of its part.",
+            Box::new(move |g| split(g).map(|s| u64::from(s.driver_stalled))),
+        ),
+        (
+            "app_stalled",
+            "Our backend's guests: 1 if the guest app cannot take more.",
+            Box::new(move |g| split(g).map(|s| u64::from(s.app_stalled))),
         ),
     ];
     for (suffix, help, field) in per_guest {

@@ -17,6 +17,7 @@ fn guest(name: &str, state: GuestCondition, available: Option<u64>) -> TraceGues
         decided_allocation_bytes: 3 << 28,
         sent_balloon_bytes: None,
         state,
+        balloon_split: None,
     }
 }
 

@@ -244,6 +244,7 @@ pub fn run(scenario: &Scenario) -> SimOutcome {
                         major_faults: m.swapped_in_pages,
                         age_seconds: Some(0.0),
                     }),
+                    split: None,
                 };
                 (s.clone(), Some(reading))
             })
