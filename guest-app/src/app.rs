@@ -34,13 +34,7 @@ pub struct Settings {
     pub reserve: u64,
 }
 
-/// MemAvailable from /proc/meminfo, in bytes.
-pub fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
+use crate::meminfo::mem_available;
 
 pub struct App {
     settings: Settings,
@@ -291,6 +285,7 @@ impl App {
             rate_bytes_per_s: self.rate.rate(),
             psi_some_avg10: psi,
             stalled: self.stalled,
+            meminfo: crate::meminfo::read(),
         })
     }
 

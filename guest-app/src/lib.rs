@@ -7,6 +7,7 @@
 pub mod app;
 pub mod caps;
 pub mod chunk;
+pub mod meminfo;
 pub mod pagemap;
 pub mod psi;
 pub mod rate;

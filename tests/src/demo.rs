@@ -1,12 +1,19 @@
-//! The three-guest setup the demo and its VM test share: three 512 MiB mini guests behind our
-//! backend, and balloon-scheduler over them with examples/demo/scheduler.toml.
+//! The three-guest setup the demo and its VM test share: three 512 MiB guests behind our
+//! backend, and balloon-scheduler over them with examples/demo/scheduler.toml. Guests a and b
+//! are mini guests ballooned by the virtio_balloon driver; c is a Debian guest whose kernel
+//! refuses virtio_balloon, ballooned by the user-level app alone (started by its systemd unit,
+//! its pages named in the guest's memory file).
 
 use crate::backend::Backend;
 use crate::scheduler::SchedulerProcess;
-use crate::{Result, Vm, VmConfig, MIB};
+use crate::{GuestRam, Image, Result, Vm, VmConfig, MIB};
 use scheduler::api::SchedulerStatus;
 
 pub const GUESTS: [&str; 3] = ["a", "b", "c"];
+/// The guest ballooned by the app alone.
+pub const APP_GUEST: &str = "c";
+/// The virtio-serial port the app's unit connects to.
+const APP_PORT: &str = "org.balloon.app";
 pub const MEMORY_MIB: u64 = 512;
 /// Below the guests' 1536 MiB together.
 pub const BUDGET_MIB: u64 = 1100;
@@ -24,10 +31,27 @@ impl ThreeGuests {
         let mut backends = Vec::new();
         let mut vms = Vec::new();
         for name in GUESTS {
-            let backend = Backend::start(name, &["--stats-interval", "1"])?;
+            let mut args = vec!["--stats-interval".to_string(), "1".into()];
             let mut config = VmConfig::new(name);
+            if name == APP_GUEST {
+                let ram = crate::vm::shm_ram_file(name);
+                args.extend([
+                    "--guest-memory-file".into(),
+                    ram.display().to_string(),
+                    "--guest-memory-layout".into(),
+                    "q35".into(),
+                ]);
+                config.ram = GuestRam::File(ram);
+                config.image = Image::Debian;
+                config.kernel_args = vec!["modprobe.blacklist=virtio_balloon".into()];
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let backend = Backend::start(name, &args)?;
             config.mem_mib = MEMORY_MIB;
             config.vhost_user_balloon = Some(backend.device());
+            if name == APP_GUEST {
+                config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+            }
             vms.push(Vm::start(config)?);
             backends.push(backend);
             on_boot(name);
@@ -79,12 +103,19 @@ pub fn describe(s: &SchedulerStatus) -> String {
     })
 }
 
-/// A guest's workload: grow to `mib` MiB of tmpfs in 100 MiB steps.
+/// A guest's workload: grow to `mib` MiB of tmpfs in 100 MiB steps, on a tmpfs of its own
+/// (an image's /tmp may be capped, Debian's at half of RAM); `WORKLOAD_DONE` exists once it
+/// is all written.
 pub fn grow_command(mib: u64) -> String {
     format!(
-        "i=0; while [ $i -lt {} ]; do i=$((i+1)); dd if=/dev/zero of=/tmp/ws$i bs=1M count=100 2>/dev/null; sleep 3; done; touch /tmp/ws.done",
+        "mkdir -p /run/ws && {{ grep -q ' /run/ws ' /proc/mounts || mount -t tmpfs -o size=100% ws /run/ws; }} && \
+         i=0; while [ $i -lt {} ]; do i=$((i+1)); dd if=/dev/zero of=/run/ws/$i bs=1M count=100 2>/dev/null; sleep 3; done; touch {WORKLOAD_DONE}",
         mib / 100
     )
 }
 
-pub const SHRINK_COMMAND: &str = "rm -f /tmp/ws*";
+/// The guest command that says whether the workload is all written.
+pub const WORKLOAD_DONE_TEST: &str = "test -e /run/ws.done";
+const WORKLOAD_DONE: &str = "/run/ws.done";
+
+pub const SHRINK_COMMAND: &str = "rm -f /run/ws/* /run/ws.done";

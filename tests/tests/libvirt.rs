@@ -2,7 +2,7 @@
 //! scripts/libvirtd-lab.sh), with the domains from examples/libvirt/ under TCG on QEMU 11.
 
 use balloon_lab::backend::Backend;
-use balloon_lab::demo::{alloc, describe, grow_command, SHRINK_COMMAND};
+use balloon_lab::demo::{alloc, describe, grow_command, SHRINK_COMMAND, WORKLOAD_DONE_TEST};
 use balloon_lab::libvirt::{Domain, Libvirtd, STOCK_BALLOON_XML, VHOST_BALLOON_XML};
 use balloon_lab::scheduler::SchedulerProcess;
 use balloon_lab::wait::{wait_for, Poll};
@@ -93,7 +93,7 @@ fn the_scheduler_discovers_libvirt_domains_and_moves_memory_as_the_workload_move
         Duration::from_millis(500),
         || {
             let s = sched.status()?;
-            let done = b.agent().run("test -e /tmp/ws.done")?.success();
+            let done = b.agent().run(WORKLOAD_DONE_TEST)?.success();
             Ok(
                 if done && alloc(&s, "lv-b") >= b_before + 100 * MIB && fits(&s) {
                     Poll::Ready(s)

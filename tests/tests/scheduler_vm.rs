@@ -4,6 +4,7 @@
 
 use balloon_lab::demo::{
     alloc, describe, grow_command, total, ThreeGuests, BUDGET_MIB, GUESTS, SHRINK_COMMAND,
+    WORKLOAD_DONE_TEST,
 };
 use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::MIB;
@@ -44,7 +45,7 @@ fn memory_follows_a_growing_and_shrinking_workload_within_budget() {
         Duration::from_millis(500),
         || {
             let s = lab.scheduler.status()?;
-            let done = lab.vms[2].agent.run("test -e /tmp/ws.done")?.success();
+            let done = lab.vms[2].agent.run(WORKLOAD_DONE_TEST)?.success();
             Ok(
                 if done && alloc(&s, "c") >= 450 * MIB && total(&s) <= budget + slack {
                     Poll::Ready(s)

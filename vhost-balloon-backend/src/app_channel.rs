@@ -250,11 +250,18 @@ impl Session for AppSession {
                         held_bytes,
                         psi_some_avg10,
                         stalled,
+                        meminfo,
                         ..
                     } => {
                         balloon.app.held_bytes = held_bytes;
                         balloon.app.psi_some_avg10 = psi_some_avg10.filter(is_pressure);
                         balloon.app.stalled = stalled;
+                        // Figures no guest of this size could have are dropped, not passed
+                        // on to the scheduler's policy.
+                        let ram = balloon.guest_ram_bytes();
+                        balloon.app.meminfo = meminfo
+                            .filter(|m| m.plausible(ram))
+                            .map(|m| (m, std::time::Instant::now()));
                     }
                 }
                 *pid

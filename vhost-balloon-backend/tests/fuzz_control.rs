@@ -5,6 +5,7 @@
 //! Cases per property: `PROPTEST_CASES` when set (`make fuzz` sets a large number), else the
 //! small default below, so that `cargo test` stays quick.
 
+use balloon_protocol::app::GuestMemInfo;
 use balloon_protocol::control::{
     AppStatus, BackendStatus, ControlMessage, ControlReply, ControlRequest, GuestStatsSnapshot,
     RejectedInput,
@@ -198,6 +199,7 @@ fn app_status() -> impl Strategy<Value = AppStatus> {
         proptest::option::of(finite()),
         any::<bool>(),
         proptest::option::of(any::<String>()),
+        proptest::option::of((any::<[u64; 4]>(), finite())),
     )
         .prop_map(
             |(
@@ -209,6 +211,7 @@ fn app_status() -> impl Strategy<Value = AppStatus> {
                 psi,
                 reclaimable,
                 note,
+                meminfo,
             )| {
                 AppStatus {
                     connected,
@@ -219,6 +222,17 @@ fn app_status() -> impl Strategy<Value = AppStatus> {
                     psi_some_avg10: psi,
                     reclaimable,
                     note,
+                    meminfo: meminfo.map(|(m, age)| {
+                        (
+                            GuestMemInfo {
+                                available_bytes: m[0],
+                                total_bytes: m[1],
+                                swap_in: m[2],
+                                major_faults: m[3],
+                            },
+                            age,
+                        )
+                    }),
                 }
             },
         )

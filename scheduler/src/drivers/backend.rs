@@ -151,7 +151,7 @@ impl BackendDriver {
 
 /// The reading a backend status gives.
 pub fn reading_from_status(status: &BackendStatus) -> DriverReading {
-    let stats = status.stats.as_ref().and_then(|s| {
+    let driver_stats = status.stats.as_ref().and_then(|s| {
         let value = |k: &str| s.values.get(k).copied();
         // Without MemAvailable the figures say nothing a policy can use.
         Some(RawGuestStats {
@@ -162,6 +162,15 @@ pub fn reading_from_status(status: &BackendStatus) -> DriverReading {
             age_seconds: s.age_seconds.is_finite().then_some(s.age_seconds.max(0.0)),
         })
     });
+    // A guest without a balloon driver has no statistics queue: its app's figures stand in.
+    let app_stats = status.app.meminfo.map(|(m, age)| RawGuestStats {
+        available_bytes: m.available_bytes,
+        total_bytes: m.total_bytes,
+        swap_in: m.swap_in,
+        major_faults: m.major_faults,
+        age_seconds: age.is_finite().then_some(age.max(0.0)),
+    });
+    let stats = driver_stats.or(app_stats);
     DriverReading {
         target_bytes: Some(status.target_bytes + status.app.target_bytes),
         actual_bytes: status.actual_bytes + status.app.ballooned_bytes,

@@ -5,10 +5,12 @@
 //! Ctrl-C stops everything (every process it started dies with it).
 
 use balloon_lab::demo::{
-    alloc, grow_command, total, ThreeGuests, BUDGET_MIB, GUESTS, MEMORY_MIB, SHRINK_COMMAND,
+    alloc, grow_command, total, ThreeGuests, APP_GUEST, BUDGET_MIB, GUESTS, MEMORY_MIB,
+    SHRINK_COMMAND, WORKLOAD_DONE_TEST,
 };
 use balloon_lab::{LabError, Result, MIB};
 use scheduler::api::SchedulerStatus;
+use scheduler::drivers::split::BalloonSplit;
 use scheduler::trace::TraceRecord;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,6 +104,9 @@ fn phase(
 /// What the summary reports, all from the trace.
 struct Summary {
     converged_at_s: Option<f64>,
+    /// The largest balloon the drivers together, and the app, held in one tick.
+    peak_driver: u64,
+    peak_app: u64,
     moved_to: Vec<(String, u64)>,
     peak_total: u64,
     over_budget_after_convergence: usize,
@@ -126,8 +131,23 @@ fn summarize(trace: &[TraceRecord], budget: u64) -> Summary {
             (g.to_string(), peak.saturating_sub(first))
         })
         .collect();
+    let peak = |part: fn(&BalloonSplit) -> u64| {
+        trace
+            .iter()
+            .map(|r| {
+                r.guests
+                    .iter()
+                    .filter_map(|g| g.balloon_split.as_ref())
+                    .map(part)
+                    .sum()
+            })
+            .max()
+            .unwrap_or(0)
+    };
     Summary {
         converged_at_s: converged.map(|i| trace[i].time_s),
+        peak_driver: peak(|s| s.driver_actual_bytes),
+        peak_app: peak(|s| s.app_actual_bytes),
         moved_to,
         peak_total: after.iter().map(total).max().unwrap_or(0),
         over_budget_after_convergence: after.iter().filter(|r| total(r) > budget + slack).count(),
@@ -139,8 +159,10 @@ fn run() -> Result<()> {
     let out_dir = balloon_lab::lab::repo_root().join("target/demo");
     std::fs::create_dir_all(&out_dir).map_err(|e| LabError::Other(e.to_string()))?;
     println!(
-        "Three {MEMORY_MIB} MiB guests (stock Linux virtio_balloon) on QEMU 11 under TCG, each with its own \
-         vhost-balloon-backend; balloon-scheduler (shares policy) keeps them within {BUDGET_MIB} MiB together."
+        "Three {MEMORY_MIB} MiB guests on QEMU 11 under TCG, each with its own vhost-balloon-backend: a and b \
+         ballooned by the stock Linux virtio_balloon driver, {APP_GUEST} (a Debian guest with virtio_balloon \
+         blacklisted) by the user-level app alone, started by its systemd unit; balloon-scheduler (shares \
+         policy) keeps them within {BUDGET_MIB} MiB together."
     );
     let started = Instant::now();
     let mut lab = ThreeGuests::start(|g| {
@@ -170,7 +192,7 @@ fn run() -> Result<()> {
         "b's workload grows to 300 MiB",
         Duration::from_secs(180),
         |lab, s| {
-            Ok(lab.vm("b").agent.run("test -e /tmp/ws.done")?.success()
+            Ok(lab.vm("b").agent.run(WORKLOAD_DONE_TEST)?.success()
                 && alloc(s, "b") >= 450 * MIB
                 && fits(s))
         },
@@ -183,7 +205,7 @@ fn run() -> Result<()> {
         "b frees its memory, c's grows",
         Duration::from_secs(180),
         |lab, s| {
-            Ok(lab.vm("c").agent.run("test -e /tmp/ws.done")?.success()
+            Ok(lab.vm("c").agent.run(WORKLOAD_DONE_TEST)?.success()
                 && alloc(s, "c") >= 450 * MIB
                 && alloc(s, "b") < 420 * MIB
                 && fits(s))
@@ -241,10 +263,15 @@ fn run() -> Result<()> {
         reclaimed / MIB,
         reported / MIB
     );
+    println!(
+        "  balloons at their largest:     {} MiB by the drivers (a, b), {} MiB by the app ({APP_GUEST})",
+        summary.peak_driver / MIB,
+        summary.peak_app / MIB
+    );
     println!("  OOM kills in the guests:       {ooms}");
     println!("  trace: {}", trace_copy.display());
     println!("  plot:  {}", svg.display());
-    if ooms > 0 || summary.converged_at_s.is_none() {
+    if ooms > 0 || summary.converged_at_s.is_none() || summary.peak_app == 0 {
         return Err(LabError::Other("the demo did not go as it should".into()));
     }
     Ok(())

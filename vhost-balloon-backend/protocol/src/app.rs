@@ -66,7 +66,33 @@ pub enum AppMessage {
         psi_some_avg10: Option<f64>,
         /// Inflation stopped short of the target (the guest could not give more).
         stalled: bool,
+        /// The guest's memory figures, for a scheduler that has no driver statistics.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        meminfo: Option<GuestMemInfo>,
     },
+}
+
+/// The guest's memory as the app reads it (/proc/meminfo, /proc/vmstat): what a balloon
+/// driver's statistics would say, for a guest without one. As untrusted as those.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestMemInfo {
+    /// MemAvailable.
+    pub available_bytes: u64,
+    /// MemTotal.
+    pub total_bytes: u64,
+    /// pswpin: pages swapped in since boot.
+    pub swap_in: u64,
+    /// pgmajfault: major faults since boot.
+    pub major_faults: u64,
+}
+
+impl GuestMemInfo {
+    /// Whether the figures can be a guest's of `ram_bytes` of RAM (0: not known yet).
+    pub fn plausible(&self, ram_bytes: u64) -> bool {
+        self.available_bytes <= self.total_bytes
+            && (ram_bytes == 0 || self.total_bytes <= ram_bytes)
+    }
 }
 
 /// A message on the wire.
@@ -121,6 +147,19 @@ pub fn decode<T: for<'de> Deserialize<'de>>(line: &str) -> Result<T, AppProtocol
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_figures_a_guest_of_that_size_could_have_are_plausible() {
+        let m = |available_bytes, total_bytes| GuestMemInfo {
+            available_bytes,
+            total_bytes,
+            ..Default::default()
+        };
+        assert!(m(100, 1000).plausible(1000));
+        assert!(m(100, 1000).plausible(0), "RAM not known yet");
+        assert!(!m(1001, 1000).plausible(0), "more available than total");
+        assert!(!m(100, 2000).plausible(1000), "more than the guest's RAM");
+    }
 
     #[test]
     fn round_trips() {

@@ -152,6 +152,9 @@ pub struct AppStatus {
     /// Whether app pages can be reclaimed; if not, `note` says why.
     pub reclaimable: bool,
     pub note: Option<String>,
+    /// The guest's memory figures from the app, and their age in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meminfo: Option<(crate::app::GuestMemInfo, f64)>,
 }
 
 #[cfg(test)]

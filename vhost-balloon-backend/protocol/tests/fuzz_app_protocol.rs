@@ -7,7 +7,7 @@
 //! small default below, so that `cargo test` stays quick.
 
 use balloon_protocol::app::{
-    decode, encode, AppMessage, AppProtocolError, Envelope, HostMessage, PageRange,
+    decode, encode, AppMessage, AppProtocolError, Envelope, GuestMemInfo, HostMessage, PageRange,
     APP_PROTOCOL_VERSION, MAX_LINE_BYTES, MAX_RANGES_PER_MESSAGE,
 };
 mod support;
@@ -55,7 +55,7 @@ const NAMES: Names = Names {
     fields: &FIELDS,
     tags: &TAGS,
 };
-const FIELDS: [&str; 16] = [
+const FIELDS: [&str; 19] = [
     "v",
     "type",
     "pid",
@@ -68,6 +68,9 @@ const FIELDS: [&str; 16] = [
     "rate_bytes_per_s",
     "psi_some_avg10",
     "stalled",
+    "meminfo",
+    "available_bytes",
+    "total_bytes",
     "bytes",
     "reason",
     "version",
@@ -125,14 +128,29 @@ fn app_message() -> impl Strategy<Value = AppMessage> {
             .prop_map(|(seq, ranges)| AppMessage::Inflated { seq, ranges }),
         (any::<u64>(), vec(range(), 0..16))
             .prop_map(|(seq, ranges)| AppMessage::Deflate { seq, ranges }),
-        (any::<u64>(), any::<u64>(), psi(), any::<bool>()).prop_map(
-            |(held_bytes, rate_bytes_per_s, psi_some_avg10, stalled)| AppMessage::State {
-                held_bytes,
-                rate_bytes_per_s,
-                psi_some_avg10,
-                stalled,
-            }
-        ),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            psi(),
+            any::<bool>(),
+            proptest::option::of(any::<[u64; 4]>())
+        )
+            .prop_map(
+                |(held_bytes, rate_bytes_per_s, psi_some_avg10, stalled, meminfo)| {
+                    AppMessage::State {
+                        held_bytes,
+                        rate_bytes_per_s,
+                        psi_some_avg10,
+                        stalled,
+                        meminfo: meminfo.map(|m| GuestMemInfo {
+                            available_bytes: m[0],
+                            total_bytes: m[1],
+                            swap_in: m[2],
+                            major_faults: m[3],
+                        }),
+                    }
+                }
+            ),
     ]
 }
 
@@ -168,7 +186,7 @@ fn app_shape(
         AppMessage::State { .. } => (
             "state",
             &["held_bytes", "rate_bytes_per_s", "stalled"],
-            &["psi_some_avg10"],
+            &["psi_some_avg10", "meminfo"],
         ),
     }
 }
@@ -264,7 +282,13 @@ fn check_app(input: &Value, m: &AppMessage) -> Result<(), TestCaseError> {
             rate_bytes_per_s,
             psi_some_avg10,
             stalled,
+            meminfo,
         } => {
+            if let Some(m) = meminfo {
+                let given = &obj["meminfo"];
+                prop_assert_eq!(given["available_bytes"].as_u64(), Some(m.available_bytes));
+                prop_assert_eq!(given["total_bytes"].as_u64(), Some(m.total_bytes));
+            }
             prop_assert_eq!(u64_field(obj, "held_bytes"), Some(*held_bytes));
             prop_assert_eq!(u64_field(obj, "rate_bytes_per_s"), Some(*rate_bytes_per_s));
             prop_assert_eq!(obj["stalled"].as_bool(), Some(*stalled));

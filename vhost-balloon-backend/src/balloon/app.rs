@@ -5,7 +5,7 @@
 use super::{Balloon, BalloonError};
 use crate::memory::file::{MemoryFile, MemoryFileError};
 use crate::memory::{merge_ranges, GuestMemoryMap, GuestRegion, PfnRange};
-use balloon_protocol::app::{encode, HostMessage, PageRange, MAX_RANGES_PER_MESSAGE};
+use balloon_protocol::app::{encode, GuestMemInfo, HostMessage, PageRange, MAX_RANGES_PER_MESSAGE};
 use balloon_protocol::bytes_to_pages;
 use balloon_protocol::lines::Outbox;
 use std::sync::Mutex;
@@ -32,6 +32,8 @@ pub struct AppBalloon {
     pub held_bytes: u64,
     pub stalled: bool,
     pub psi_some_avg10: Option<f64>,
+    /// The guest's memory figures from the app's last state, and when they came.
+    pub meminfo: Option<(GuestMemInfo, std::time::Instant)>,
 }
 
 /// The authenticated app connection.
@@ -176,6 +178,7 @@ impl Balloon {
         super::log_given_back(&ranges, "app balloon released");
         self.app.held_bytes = 0;
         self.app.stalled = false;
+        self.app.meminfo = None;
     }
 
     /// The app holds these pinned pages. Trusted no further than its target: every page must

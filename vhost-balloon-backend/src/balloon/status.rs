@@ -41,6 +41,10 @@ impl Balloon {
                 held_bytes: self.app.held_bytes,
                 stalled: self.app.stalled,
                 psi_some_avg10: self.app.psi_some_avg10,
+                meminfo: self
+                    .app
+                    .meminfo
+                    .map(|(m, at)| (m, at.elapsed().as_secs_f64())),
                 reclaimable: !self.app.memory.is_empty(),
                 note: self.app.memory.is_empty().then(|| {
                     "the guest has not started the balloon device and no --guest-memory-file \
