@@ -162,7 +162,8 @@ pub fn reading_from_status(status: &BackendStatus) -> DriverReading {
             age_seconds: s.age_seconds.is_finite().then_some(s.age_seconds.max(0.0)),
         })
     });
-    // A guest without a balloon driver has no statistics queue: its app's figures stand in.
+    // A guest without a balloon driver has no statistics queue, and a driver that went away
+    // leaves its last figures behind: the app's stand in when they are fresher.
     let app_stats = status.app.meminfo.map(|(m, age)| RawGuestStats {
         available_bytes: m.available_bytes,
         total_bytes: m.total_bytes,
@@ -170,7 +171,12 @@ pub fn reading_from_status(status: &BackendStatus) -> DriverReading {
         major_faults: m.major_faults,
         age_seconds: age.is_finite().then_some(age.max(0.0)),
     });
-    let stats = driver_stats.or(app_stats);
+    let age = |s: &Option<RawGuestStats>| s.and_then(|s| s.age_seconds).unwrap_or(f64::MAX);
+    let stats = match (driver_stats, app_stats) {
+        (Some(_), Some(_)) if age(&app_stats) < age(&driver_stats) => app_stats,
+        (None, _) => app_stats,
+        _ => driver_stats,
+    };
     DriverReading {
         target_bytes: Some(status.target_bytes + status.app.target_bytes),
         actual_bytes: status.actual_bytes + status.app.ballooned_bytes,
@@ -216,5 +222,58 @@ impl BalloonDriver for BackendDriver {
 
     fn describe(&self) -> String {
         format!("backend {}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use balloon_protocol::app::GuestMemInfo;
+    use balloon_protocol::control::GuestStatsSnapshot;
+
+    const MIB: u64 = 1 << 20;
+
+    fn status(driver_age: Option<f64>, app_age: Option<f64>) -> BackendStatus {
+        let mut s = BackendStatus {
+            target_bytes: 100 * MIB,
+            actual_bytes: 90 * MIB,
+            ..Default::default()
+        };
+        s.stats = driver_age.map(|age_seconds| GuestStatsSnapshot {
+            age_seconds,
+            values: [("available_memory".to_string(), 46 * MIB)]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        });
+        s.app.target_bytes = 50 * MIB;
+        s.app.ballooned_bytes = 40 * MIB;
+        s.app.meminfo = app_age.map(|age| {
+            (
+                GuestMemInfo {
+                    available_bytes: 300 * MIB,
+                    total_bytes: 1000 * MIB,
+                    ..Default::default()
+                },
+                age,
+            )
+        });
+        s
+    }
+
+    #[test]
+    fn the_balloon_is_both_parts_and_the_fresher_figures_win() {
+        let r = reading_from_status(&status(Some(0.5), None));
+        assert_eq!(r.target_bytes, Some(150 * MIB));
+        assert_eq!(r.actual_bytes, 130 * MIB);
+        assert_eq!(r.stats.unwrap().available_bytes, 46 * MIB);
+        // A guest without a driver: the app's figures.
+        let r = reading_from_status(&status(None, Some(1.0)));
+        assert_eq!(r.stats.unwrap().available_bytes, 300 * MIB);
+        // A driver that went away left figures that only age: the app's are fresher.
+        let r = reading_from_status(&status(Some(120.0), Some(1.0)));
+        assert_eq!(r.stats.unwrap().available_bytes, 300 * MIB);
+        let r = reading_from_status(&status(Some(1.0), Some(2.0)));
+        assert_eq!(r.stats.unwrap().available_bytes, 46 * MIB);
     }
 }

@@ -68,6 +68,9 @@ impl Targets {
 /// The driver has stalled when it grew by less than this within `DRIVER_STALL_WINDOW`.
 const DRIVER_PROGRESS_FLOOR: u64 = 4 << 20;
 pub const DRIVER_STALL_WINDOW: Duration = Duration::from_secs(3);
+/// After a stall, growth goes to the app for this long before the driver is tried first again
+/// (asking a driver that cannot move costs a stall window every time).
+pub const DRIVER_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Follows the driver's progress and splits sizes.
 #[derive(Debug)]
@@ -78,6 +81,8 @@ pub struct Splitter {
     /// driver target starts a new window).
     window_start: Option<(u64, Instant)>,
     driver_stalled: bool,
+    /// When the driver last stalled: growth goes to the app until `DRIVER_RETRY_AFTER`.
+    stalled_at: Option<Instant>,
 }
 
 impl Splitter {
@@ -91,13 +96,15 @@ impl Splitter {
             window,
             window_start: None,
             driver_stalled: false,
+            stalled_at: None,
         }
     }
 
-    /// The mechanisms in use for a guest in this state.
+    /// The mechanisms in use for a guest in this state: with `auto` and `both`, those the
+    /// guest has (a `both` guest without its driver, or without its app, uses the other).
     pub fn mechanism(&self, s: &BackendStatus) -> BalloonMechanism {
         match self.mode {
-            BalloonMechanism::Auto => {
+            BalloonMechanism::Auto | BalloonMechanism::Both => {
                 let app = s.app.connected && s.app.reclaimable;
                 match (s.device_started, app) {
                     (true, true) => BalloonMechanism::Both,
@@ -119,6 +126,7 @@ impl Splitter {
                     self.driver_stalled = false;
                 } else if now.duration_since(since) >= self.window {
                     self.driver_stalled = true;
+                    self.stalled_at = Some(now);
                 }
             }
             _ => {
@@ -156,7 +164,7 @@ impl Splitter {
                 driver_bytes: 0,
                 app_bytes: total,
             },
-            BalloonMechanism::Both => self.both(total, current, s),
+            BalloonMechanism::Both => self.both(total, current, s, now),
         };
         if next.driver_bytes != current.driver_bytes {
             // A new driver target: its progress is judged afresh.
@@ -167,7 +175,7 @@ impl Splitter {
         next
     }
 
-    fn both(&self, total: u64, current: Targets, s: &BackendStatus) -> Targets {
+    fn both(&self, total: u64, current: Targets, s: &BackendStatus, now: Instant) -> Targets {
         if total < current.total() {
             // Deflate: the app's share goes first.
             let app = current.app_bytes.saturating_sub(current.total() - total);
@@ -176,7 +184,10 @@ impl Splitter {
                 app_bytes: app,
             };
         }
-        if self.driver_stalled {
+        let stalled_lately = self
+            .stalled_at
+            .is_some_and(|at| now.duration_since(at) < DRIVER_RETRY_AFTER);
+        if self.driver_stalled || stalled_lately {
             // The driver keeps what it has; the app takes the rest.
             let driver = s.actual_bytes.min(current.driver_bytes);
             return Targets {
@@ -275,15 +286,34 @@ mod tests {
         let handed = status((151, 151), (249, 0));
         split.observe(&handed, at(6));
         assert!(!split.hand_over_due(&handed));
-        // More: the driver is asked again first (it may have room by now).
+        // More, soon after: the app again (asking the driver would cost a stall window).
         assert_eq!(
             targets(split.targets(450 * MIB, &handed, at(7))),
-            (201, 249)
+            (151, 299)
+        );
+        // A minute later the driver is asked first again (it may have room by now).
+        let later = status((151, 151), (299, 299));
+        assert_eq!(
+            targets(split.targets(500 * MIB, &later, at(66))),
+            (201, 299)
         );
         // Less: the app gives back first, then the driver.
-        let full = status((201, 201), (249, 249));
-        assert_eq!(targets(split.targets(300 * MIB, &full, at(8))), (201, 99));
-        assert_eq!(targets(split.targets(100 * MIB, &full, at(8))), (100, 0));
+        let full = status((201, 201), (299, 299));
+        assert_eq!(targets(split.targets(300 * MIB, &full, at(67))), (201, 99));
+        assert_eq!(targets(split.targets(100 * MIB, &full, at(67))), (100, 0));
+    }
+
+    #[test]
+    fn both_without_the_driver_or_without_the_app_uses_the_other() {
+        let now = Instant::now();
+        let mut split = Splitter::new(BalloonMechanism::Both);
+        let mut s = status((300, 300), (0, 0));
+        s.device_started = false;
+        assert_eq!(split.mechanism(&s), BalloonMechanism::App);
+        assert_eq!(targets(split.targets(300 * MIB, &s, now)), (0, 300));
+        let mut s = status((0, 0), (300, 300));
+        s.app.connected = false;
+        assert_eq!(targets(split.targets(300 * MIB, &s, now)), (300, 0));
     }
 
     #[test]
