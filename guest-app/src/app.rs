@@ -36,6 +36,14 @@ pub struct Settings {
 
 use crate::meminfo::mem_available;
 
+/// PSI "some avg10" (percent) at or under which the guest counts as calm: the rate may start
+/// from its headroom and double. Without PSI nothing says so, and the ramp stays additive.
+const CALM_PSI: f64 = 1.0;
+
+fn is_calm(psi: Option<f64>) -> bool {
+    psi.is_some_and(|p| p <= CALM_PSI)
+}
+
 pub struct App {
     settings: Settings,
     writer: Box<dyn Stream>,
@@ -48,6 +56,8 @@ pub struct App {
     stalled: bool,
     pressure_run: u32,
     last_state: Instant,
+    /// When the next chunk may be claimed (the rate's pacing).
+    next_step: Instant,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +128,7 @@ impl App {
             stalled: false,
             pressure_run: 0,
             last_state: Instant::now() - Duration::from_secs(10),
+            next_step: Instant::now(),
         };
         let secret = app.settings.secret.clone();
         let hello = app.send(AppMessage::Hello {
@@ -154,6 +165,13 @@ impl App {
         if let HostMessage::Target { bytes } = msg {
             if bytes != self.target {
                 log::info!("target {} MiB", bytes >> 20);
+                if bytes > self.held() && self.target <= self.held() {
+                    // A new inflation: start from what the guest can give now.
+                    let headroom = mem_available()
+                        .unwrap_or(0)
+                        .saturating_sub(self.settings.reserve);
+                    self.rate.start(headroom, is_calm(crate::psi::read()));
+                }
                 self.target = bytes;
                 self.stalled = false;
             }
@@ -175,7 +193,8 @@ impl App {
         }
     }
 
-    fn inflate_step(&mut self) -> Result<(), AppError> {
+    fn inflate_step(&mut self, calm: bool) -> Result<(), AppError> {
+        let started = Instant::now();
         let want = self.target - self.held();
         let step = (self.rate.rate() as f64 * self.settings.tick.as_secs_f64()) as u64;
         let len = want
@@ -208,7 +227,11 @@ impl App {
                 match self.wait_answer(seq)? {
                     Ok(()) => {
                         self.chunks.push(chunk);
-                        self.rate.success();
+                        // The next chunk comes when this one's share of the rate is used up
+                        // (at once if claiming it took longer).
+                        let pace = Duration::from_secs_f64(len as f64 / self.rate.rate() as f64);
+                        self.next_step = started + pace;
+                        self.rate.success(calm);
                     }
                     Err(reason) => {
                         log::warn!("host refused {} MiB: {reason}", len >> 20);
@@ -307,15 +330,22 @@ impl App {
             } else if self.held() > self.target {
                 self.deflate_one()?;
             } else if self.held() < self.target && !pressure {
-                self.inflate_step()?;
+                self.inflate_step(is_calm(psi))?;
             } else if pressure {
                 self.rate.failure();
             }
             if self.last_state.elapsed() >= Duration::from_secs(1) {
                 self.report_state(psi)?;
             }
-            // Pace: one step per tick, or sleep until the next one when idle.
-            if let Ok(m) = self.replies.recv_timeout(self.settings.tick) {
+            // Pace: while inflating, the next chunk when the rate allows; otherwise a tick.
+            let wait = if self.held() < self.target && !self.stalled {
+                self.next_step
+                    .saturating_duration_since(Instant::now())
+                    .min(self.settings.tick)
+            } else {
+                self.settings.tick
+            };
+            if let Ok(m) = self.replies.recv_timeout(wait) {
                 self.on_host(m);
             }
         }

@@ -20,7 +20,7 @@ struct Cli {
     #[arg(long, default_value = "16M", value_parser = parse_size)]
     min_rate: u64,
     /// Highest inflation rate (per second).
-    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
     max_rate: u64,
     /// Added to the rate after each chunk the guest gave without trouble.
     #[arg(long, default_value = "32M", value_parser = parse_size)]

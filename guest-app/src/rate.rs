@@ -1,6 +1,12 @@
-//! The adaptive inflation rate of the patent's balloon application: it starts at the minimum,
-//! rises by a fixed step after every chunk the guest gave without trouble, and is divided by a
-//! constant when an allocation fails or the guest shows memory pressure.
+//! The adaptive inflation rate of the patent's balloon application: it stays within [min, max],
+//! rises after every chunk the guest gave without trouble, and is divided by a constant when an
+//! allocation fails or the guest shows memory pressure.
+//!
+//! Two refinements make the ramp fast without weakening that contract. A new inflation starts
+//! from what the guest can give now (its available memory above the reserve, per second) when
+//! PSI shows it calm, not from the minimum. And while PSI stays calm the rate doubles after a
+//! chunk instead of adding one step. Any sign of pressure brings back the additive step, and a
+//! failure still divides the rate.
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateController {
@@ -28,8 +34,24 @@ impl RateController {
         self.rate
     }
 
-    pub fn success(&mut self) {
-        self.rate = (self.rate + self.step).min(self.max);
+    /// A chunk the guest gave without trouble; `calm`: PSI shows (next to) no pressure.
+    pub fn success(&mut self, calm: bool) {
+        let grown = if calm {
+            (self.rate.saturating_mul(2)).max(self.rate + self.step)
+        } else {
+            self.rate + self.step
+        };
+        self.rate = grown.min(self.max);
+    }
+
+    /// A new inflation: from `headroom` (bytes the guest can give without going under its
+    /// reserve) per second when calm, else from the minimum.
+    pub fn start(&mut self, headroom: u64, calm: bool) {
+        self.rate = if calm {
+            headroom.clamp(self.min, self.max)
+        } else {
+            self.min
+        };
     }
 
     pub fn failure(&mut self) {
@@ -47,13 +69,39 @@ mod tests {
         let mut seen = vec![r.rate()];
         for ok in [true, true, true, true, true, false, true, false, false] {
             if ok {
-                r.success()
+                r.success(false)
             } else {
                 r.failure()
             }
             seen.push(r.rate());
         }
         assert_eq!(seen, vec![10, 35, 60, 85, 100, 100, 25, 50, 12, 10]);
+    }
+
+    #[test]
+    fn a_calm_guest_starts_from_its_headroom_and_doubles() {
+        let mut r = RateController::new(16, 1000, 32, 4);
+        r.start(200, true);
+        assert_eq!(r.rate(), 200);
+        r.success(true);
+        assert_eq!(r.rate(), 400);
+        r.success(false);
+        assert_eq!(r.rate(), 432, "pressure: back to the additive step");
+        r.success(true);
+        r.success(true);
+        assert_eq!(r.rate(), 1000, "never above the maximum");
+        r.failure();
+        assert_eq!(r.rate(), 250);
+        // Not calm, or more headroom than the maximum: the bounds hold.
+        r.start(5000, false);
+        assert_eq!(r.rate(), 16);
+        r.start(5000, true);
+        assert_eq!(r.rate(), 1000);
+        r.start(0, true);
+        assert_eq!(r.rate(), 16);
+        // From the minimum, a calm doubling never grows by less than a step.
+        r.success(true);
+        assert_eq!(r.rate(), 48);
     }
 
     #[test]
