@@ -91,7 +91,8 @@ fn steps(records: &[TraceRecord], value: impl Fn(&TraceRecord) -> f64) -> Vec<(f
 }
 
 /// Draws each guest's allocation (solid), its used memory (thin, dashed, when the guest has
-/// statistics), the budget and the sum of the allocations (both stepped).
+/// statistics), the part of its balloon a guest app holds (dotted, where there is one), the
+/// budget and the sum of the allocations (both stepped).
 pub fn plot_trace(records: &[TraceRecord], out: &Path) -> Result<(), PlotError> {
     let last = records.last().ok_or(PlotError::Empty)?;
     let path = out.display().to_string();
@@ -162,6 +163,26 @@ pub fn plot_trace(records: &[TraceRecord], out: &Path) -> Result<(), PlotError> 
             .map_err(|e| draw(&e))?
             .label(format!("{name} allocation"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], solid));
+        // The part of the balloon the guest app holds (our backend's guests that have one).
+        let app = |r: &TraceRecord| {
+            guest(r)
+                .and_then(|g| g.balloon_split)
+                .map(|s| mib(s.app_actual_bytes))
+        };
+        if records.iter().any(|r| app(r).is_some_and(|v| v > 0.0)) {
+            let dotted = color.mix(0.8).stroke_width(1);
+            chart
+                .draw_series(
+                    segments(records, app)
+                        .into_iter()
+                        .map(|s| DashedPathElement::new(s, 2, 3, dotted)),
+                )
+                .map_err(|e| draw(&e))?
+                .label(format!("{name} app balloon"))
+                .legend(move |(x, y)| {
+                    DashedPathElement::new(vec![(x, y), (x + 20, y)], 2, 3, dotted)
+                });
+        }
         let used = segments(records, |r| guest(r).and_then(|g| g.used_bytes).map(mib));
         if used.is_empty() {
             continue;
@@ -243,6 +264,16 @@ mod tests {
                 if i >= 3 {
                     guests.push(guest("gamma & <co>", 256, None));
                 }
+                // beta's balloon is partly the app's.
+                guests[1].balloon_split = Some(crate::drivers::split::BalloonSplit {
+                    mechanism: crate::drivers::split::BalloonMechanism::Both,
+                    driver_target_bytes: 100 * MIB,
+                    driver_actual_bytes: 100 * MIB,
+                    app_target_bytes: 40 * i * MIB,
+                    app_actual_bytes: 40 * i * MIB,
+                    driver_stalled: i > 2,
+                    app_stalled: false,
+                });
                 TraceRecord {
                     time_s: 2.0 * i as f64,
                     policy: PolicyKind::Shares,
@@ -271,6 +302,7 @@ mod tests {
             "alpha used",
             "beta allocation",
             "beta used",
+            "beta app balloon",
             "gamma &amp; &lt;co&gt; allocation",
             "budget",
             "total allocated",
@@ -280,8 +312,9 @@ mod tests {
         ] {
             assert!(body.contains(text), "{text} missing");
         }
-        // gamma has no statistics: no "used" line or legend entry for it.
+        // gamma has no statistics: no "used" line or legend entry for it; alpha has no app.
         assert!(!body.contains("&lt;co&gt; used"));
+        assert!(!body.contains("alpha app balloon"));
     }
 
     #[test]
