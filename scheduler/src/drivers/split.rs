@@ -38,7 +38,7 @@ impl std::fmt::Display for BalloonMechanism {
 }
 
 /// What a guest's balloon consists of, as the trace, the status and /metrics show it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalloonSplit {
     /// The mechanisms in use now (never `auto`).
     pub mechanism: BalloonMechanism,
