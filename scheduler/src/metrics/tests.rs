@@ -276,3 +276,35 @@ fn before_the_first_tick_only_counters() {
     let empty = render(&SchedulerStatus::default());
     assert_eq!(parse(&empty).len(), 1, "{empty}");
 }
+
+#[test]
+fn the_driver_and_app_parts_are_gauges_for_guests_that_have_them() {
+    use crate::drivers::split::{BalloonMechanism, BalloonSplit};
+    let mut st = status();
+    if let Some(last) = st.last.as_mut() {
+        last.guests[0].balloon_split = Some(BalloonSplit {
+            mechanism: BalloonMechanism::Both,
+            driver_target_bytes: 100 << 20,
+            driver_actual_bytes: 90 << 20,
+            app_target_bytes: 60 << 20,
+            app_actual_bytes: 50 << 20,
+            driver_stalled: true,
+            app_stalled: false,
+        });
+    }
+    let samples = parse(&render(&st));
+    let v = |name: &str, guest: &str| {
+        value(
+            &samples,
+            &format!("balloon_scheduler_guest_{name}"),
+            Some(("guest", guest)),
+        )
+    };
+    assert_eq!(v("driver_balloon_bytes", "a"), Some((90u64 << 20) as f64));
+    assert_eq!(v("app_balloon_bytes", "a"), Some((50u64 << 20) as f64));
+    assert_eq!(v("app_target_bytes", "a"), Some((60u64 << 20) as f64));
+    assert_eq!(v("driver_stalled", "a"), Some(1.0));
+    assert_eq!(v("app_stalled", "a"), Some(0.0));
+    // A guest whose driver has no parts (QMP, cloud-hypervisor, libvirt) has none of these.
+    assert_eq!(v("app_balloon_bytes", "c"), None);
+}
