@@ -193,8 +193,12 @@ impl App {
         }
     }
 
+    /// Claims one chunk toward the target if the guest can give it. Whatever happens, the
+    /// next step waits for `next_step`: right after a claim only as long as the rate says,
+    /// otherwise a whole tick (so a step that claims nothing never spins).
     fn inflate_step(&mut self, calm: bool) -> Result<(), AppError> {
         let started = Instant::now();
+        self.next_step = started + self.settings.tick;
         let want = self.target - self.held();
         let step = (self.rate.rate() as f64 * self.settings.tick.as_secs_f64()) as u64;
         let len = want
@@ -319,6 +323,7 @@ impl App {
                 self.on_host(m);
             }
             let psi = crate::psi::read();
+            let mut inflating = false;
             let pressure = psi.is_some_and(|p| p > self.settings.psi_threshold);
             self.pressure_run = if pressure { self.pressure_run + 1 } else { 0 };
             if self.pressure_run >= self.settings.pressure_ticks {
@@ -331,14 +336,16 @@ impl App {
                 self.deflate_one()?;
             } else if self.held() < self.target && !pressure {
                 self.inflate_step(is_calm(psi))?;
+                inflating = true;
             } else if pressure {
                 self.rate.failure();
             }
             if self.last_state.elapsed() >= Duration::from_secs(1) {
                 self.report_state(psi)?;
             }
-            // Pace: while inflating, the next chunk when the rate allows; otherwise a tick.
-            let wait = if self.held() < self.target && !self.stalled {
+            // Pace: the next step when `inflate_step` said (sooner than a tick only right
+            // after a chunk was claimed); otherwise a tick, so pressure counts per tick.
+            let wait = if inflating {
                 self.next_step
                     .saturating_duration_since(Instant::now())
                     .min(self.settings.tick)

@@ -23,7 +23,11 @@ pub fn parse(meminfo: &str, vmstat: &str) -> Option<GuestMemInfo> {
     Some(GuestMemInfo {
         available_bytes: meminfo_field(meminfo, "MemAvailable")?,
         total_bytes: meminfo_field(meminfo, "MemTotal")?,
-        swap_in: vmstat_field(vmstat, "pswpin").unwrap_or(0),
+        // In bytes, as the balloon driver reports SWAP_IN (pages_to_bytes(PSWPIN)): a
+        // scheduler that switches between the two sources sees one counter.
+        swap_in: vmstat_field(vmstat, "pswpin")
+            .unwrap_or(0)
+            .saturating_mul(crate::pagemap::PAGE),
         major_faults: vmstat_field(vmstat, "pgmajfault").unwrap_or(0),
     })
 }
@@ -56,7 +60,7 @@ mod tests {
             Some(GuestMemInfo {
                 available_bytes: 600_000 * 1024,
                 total_bytes: 1_000_000 * 1024,
-                swap_in: 42,
+                swap_in: 42 * 4096,
                 major_faults: 1234,
             })
         );

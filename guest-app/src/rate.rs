@@ -19,6 +19,8 @@ pub struct RateController {
 
 impl RateController {
     pub fn new(min: u64, max: u64, step: u64, divisor: u64) -> Self {
+        // A rate of zero would never claim a page (and the pacing divides by the rate).
+        let min = min.max(1);
         let max = max.max(min);
         RateController {
             min,
@@ -110,5 +112,9 @@ mod tests {
         assert_eq!((r.rate(), r.max), (50, 50));
         r.failure();
         assert_eq!(r.rate(), 50);
+        let mut r = RateController::new(0, 0, 0, 4);
+        r.start(0, true);
+        r.failure();
+        assert_eq!(r.rate(), 1, "never zero");
     }
 }

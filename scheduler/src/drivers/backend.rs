@@ -163,7 +163,8 @@ pub fn reading_from_status(status: &BackendStatus) -> DriverReading {
         })
     });
     // A guest without a balloon driver has no statistics queue, and a driver that went away
-    // leaves its last figures behind: the app's stand in when they are fresher.
+    // leaves its last figures behind: the app's stand in then. Only then: the driver's are
+    // the guest kernel's own, and flipping between sources tick by tick would mix counters.
     let app_stats = status.app.meminfo.map(|(m, age)| RawGuestStats {
         available_bytes: m.available_bytes,
         total_bytes: m.total_bytes,
@@ -171,9 +172,12 @@ pub fn reading_from_status(status: &BackendStatus) -> DriverReading {
         major_faults: m.major_faults,
         age_seconds: age.is_finite().then_some(age.max(0.0)),
     });
-    let age = |s: &Option<RawGuestStats>| s.and_then(|s| s.age_seconds).unwrap_or(f64::MAX);
+    let stale_after = (3 * status.stats_interval_seconds).max(10) as f64;
+    let driver_stale = driver_stats
+        .and_then(|s| s.age_seconds)
+        .is_some_and(|age| age > stale_after);
     let stats = match (driver_stats, app_stats) {
-        (Some(_), Some(_)) if age(&app_stats) < age(&driver_stats) => app_stats,
+        (Some(_), Some(_)) if driver_stale => app_stats,
         (None, _) => app_stats,
         _ => driver_stats,
     };
@@ -262,7 +266,7 @@ mod tests {
     }
 
     #[test]
-    fn the_balloon_is_both_parts_and_the_fresher_figures_win() {
+    fn the_balloon_is_both_parts_and_the_app_stands_in_for_missing_or_stale_figures() {
         let r = reading_from_status(&status(Some(0.5), None));
         assert_eq!(r.target_bytes, Some(150 * MIB));
         assert_eq!(r.actual_bytes, 130 * MIB);
@@ -270,10 +274,11 @@ mod tests {
         // A guest without a driver: the app's figures.
         let r = reading_from_status(&status(None, Some(1.0)));
         assert_eq!(r.stats.unwrap().available_bytes, 300 * MIB);
-        // A driver that went away left figures that only age: the app's are fresher.
+        // A driver that went away left figures that only age: the app's stand in.
         let r = reading_from_status(&status(Some(120.0), Some(1.0)));
         assert_eq!(r.stats.unwrap().available_bytes, 300 * MIB);
-        let r = reading_from_status(&status(Some(1.0), Some(2.0)));
+        // A driver reporting at its interval keeps the source, however fresh the app's are.
+        let r = reading_from_status(&status(Some(4.0), Some(0.5)));
         assert_eq!(r.stats.unwrap().available_bytes, 46 * MIB);
     }
 }

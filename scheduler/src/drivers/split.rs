@@ -65,8 +65,10 @@ impl Targets {
     }
 }
 
-/// The driver has stalled when it grew by less than this within `DRIVER_STALL_WINDOW`.
-const DRIVER_PROGRESS_FLOOR: u64 = 4 << 20;
+/// The driver has stalled when it grew by less than this within `DRIVER_STALL_WINDOW`: the
+/// actuator's default stall rate (15 MB/s, over 4 s) over a shorter window, so that the app is
+/// asked before the actuator gives up on the whole balloon.
+const DRIVER_PROGRESS_FLOOR: u64 = 45_000_000;
 pub const DRIVER_STALL_WINDOW: Duration = Duration::from_secs(3);
 /// After a stall, growth goes to the app for this long before the driver is tried first again
 /// (asking a driver that cannot move costs a stall window every time).
@@ -166,11 +168,15 @@ impl Splitter {
             },
             BalloonMechanism::Both => self.both(total, current, s, now),
         };
-        if next.driver_bytes != current.driver_bytes {
-            // A new driver target: its progress is judged afresh.
+        if next.driver_bytes < current.driver_bytes || s.actual_bytes >= next.driver_bytes {
+            // A smaller driver target (a hand-over, a deflate), or one it has reached: its
+            // progress is judged afresh. A larger one while it is still short keeps the window:
+            // a ramp of growing targets must not hide a driver that does not move.
             self.window_start =
                 (s.actual_bytes < next.driver_bytes).then_some((s.actual_bytes, now));
             self.driver_stalled = false;
+        } else if self.window_start.is_none() && s.actual_bytes < next.driver_bytes {
+            self.window_start = Some((s.actual_bytes, now));
         }
         next
     }
@@ -202,11 +208,17 @@ impl Splitter {
     }
 
     /// Whether the targets should move without a new size: the driver stalled short of its
-    /// share while the app could take it.
+    /// share while the app could take it, or one mechanism went away (the driver stopped the
+    /// device, the app disconnected) and still has a part.
     pub fn hand_over_due(&self, s: &BackendStatus) -> bool {
-        self.mechanism(s) == BalloonMechanism::Both
-            && self.driver_stalled
-            && s.actual_bytes < s.target_bytes
+        match self.mechanism(s) {
+            BalloonMechanism::Both => self.driver_stalled && s.actual_bytes < s.target_bytes,
+            BalloonMechanism::App => self.mode != BalloonMechanism::App && s.target_bytes > 0,
+            BalloonMechanism::Driver => {
+                self.mode != BalloonMechanism::Driver && s.app.target_bytes > 0
+            }
+            BalloonMechanism::Auto => false,
+        }
     }
 }
 
@@ -310,10 +322,33 @@ mod tests {
         let mut s = status((300, 300), (0, 0));
         s.device_started = false;
         assert_eq!(split.mechanism(&s), BalloonMechanism::App);
+        // The driver's part is handed over at the next reading, without a new size.
+        assert!(split.hand_over_due(&s));
         assert_eq!(targets(split.targets(300 * MIB, &s, now)), (0, 300));
+        assert!(!split.hand_over_due(&status((0, 0), (300, 0))));
         let mut s = status((0, 0), (300, 300));
         s.app.connected = false;
         assert_eq!(targets(split.targets(300 * MIB, &s, now)), (300, 0));
+    }
+
+    #[test]
+    fn a_ramp_of_growing_targets_does_not_hide_a_driver_that_does_not_move() {
+        let t0 = Instant::now();
+        let mut split = Splitter::with_window(BalloonMechanism::Both, Duration::from_secs(3));
+        let mut current = status((0, 0), (0, 0));
+        let mut handed_at = None;
+        for i in 0..6u64 {
+            let t = t0 + Duration::from_secs(i);
+            let next = split.targets((i + 1) * 128 * MIB, &current, t);
+            if next.app_bytes > 0 && handed_at.is_none() {
+                handed_at = Some(i);
+                assert_eq!(next.driver_bytes, 10 * MIB, "it keeps what it has");
+            }
+            current = status((next.driver_bytes / MIB, 10), (next.app_bytes / MIB, 0));
+            split.observe(&current, t);
+        }
+        // Stuck at 10 MiB from 0 s: stalled at 3 s, the app asked at the next size.
+        assert_eq!(handed_at, Some(4));
     }
 
     #[test]
@@ -322,7 +357,7 @@ mod tests {
         let mut split = Splitter::with_window(BalloonMechanism::Both, Duration::from_secs(3));
         split.targets(400 * MIB, &status((0, 0), (0, 0)), t0);
         for i in 1..20u64 {
-            let s = status((400, 10 * i), (0, 0));
+            let s = status((400, 20 * i), (0, 0));
             split.observe(&s, t0 + Duration::from_secs(i));
             assert!(!split.hand_over_due(&s), "at {i} s");
         }

@@ -81,7 +81,7 @@ pub struct GuestMemInfo {
     pub available_bytes: u64,
     /// MemTotal.
     pub total_bytes: u64,
-    /// pswpin: pages swapped in since boot.
+    /// Bytes swapped in since boot (pswpin pages in bytes, as the balloon driver's SWAP_IN).
     pub swap_in: u64,
     /// pgmajfault: major faults since boot.
     pub major_faults: u64,
