@@ -52,6 +52,12 @@ pub struct Actuation {
 }
 
 impl GuestActuator {
+    /// The balloon changed hands (our backend's driver to its app, or back): the new holder
+    /// starts from nothing, so its progress is judged from now on, not from the old one's.
+    pub fn restart_progress(&mut self) {
+        self.progress.clear();
+    }
+
     /// The stall limit in force at `now`, for the policy's bounds.
     pub fn limit_at(&mut self, now: f64) -> Option<u64> {
         match self.limit {

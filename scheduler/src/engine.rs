@@ -114,6 +114,13 @@ impl Engine {
         let mut guests = Vec::with_capacity(inputs.len());
         for (spec, reading) in inputs {
             let mem = self.guests.entry(spec.name.clone()).or_default();
+            if reading
+                .as_ref()
+                .and_then(|r| r.split)
+                .is_some_and(|s| s.handed_over)
+            {
+                mem.actuator.restart_progress();
+            }
             let limit = mem.actuator.limit_at(time_s);
             let state = match reading {
                 Some(r) => {

@@ -87,6 +87,15 @@ pub enum GuestRam {
     File(PathBuf),
 }
 
+impl GuestRam {
+    /// Removes a `File`'s guest RAM once its QEMU is gone (nothing for the other kinds).
+    fn remove_file(&self) {
+        if let GuestRam::File(path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// A path on /dev/shm (a tmpfs: the file's pages count as QEMU's RssShmem) for a guest's RAM
 /// file, unique to this test process and `name`.
 pub fn shm_ram_file(name: &str) -> PathBuf {
@@ -340,6 +349,7 @@ impl Vm {
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
+                config.ram.remove_file();
                 return Err(e);
             }
         };
@@ -348,6 +358,7 @@ impl Vm {
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
+                config.ram.remove_file();
                 return Err(e);
             }
         };
@@ -503,9 +514,7 @@ impl Drop for Vm {
         let _ = self.child.wait();
         // With QEMU gone, the guest RAM file and its mount can go.
         self.hugetlbfs = None;
-        if let GuestRam::File(path) = &self.config.ram {
-            let _ = std::fs::remove_file(path);
-        }
+        self.config.ram.remove_file();
         if std::thread::panicking() {
             eprintln!(
                 "VM {} kept its run directory for inspection: {}",

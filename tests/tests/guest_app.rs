@@ -398,18 +398,39 @@ fn without_a_balloon_driver_the_app_returns_memory_through_the_guest_memory_file
         .unwrap();
     vm.touch_and_free(600).unwrap();
 
-    // Killed with -9 mid-inflate: the kernel frees what it pinned, the backend counts none of
-    // it; the unit restarts the app, which then holds only what a new target asks.
+    // Killed with -9 mid-inflate: the kernel frees what it pinned and the backend stops
+    // counting it, so the app the unit restarts can hold the whole target again (were the
+    // killed app's pages still counted, the new one's would be refused as over the target).
     backend.set_app_target(app_balloon).unwrap();
     backend
         .wait_app("the app to be inflating", |s| s.app.ballooned_bytes > 0)
         .unwrap();
+    let killed = vm
+        .agent
+        .sh("systemctl show -p MainPID --value balloon-guest.service")
+        .unwrap();
     vm.agent
         .sh("systemctl kill -s KILL balloon-guest.service")
         .unwrap();
+    backend
+        .wait_app("the restarted app to hold exactly the target", |s| {
+            s.app.connected
+                && s.app.ballooned_bytes == app_balloon
+                && s.app.held_bytes == app_balloon
+        })
+        .unwrap();
+    let restarted = vm
+        .agent
+        .sh("systemctl show -p MainPID --value balloon-guest.service")
+        .unwrap();
+    assert_ne!(
+        killed.trim(),
+        restarted.trim(),
+        "the unit restarted the app"
+    );
     backend.set_app_target(0).unwrap();
     backend
-        .wait_app("the killed app's pages to be the guest's again", |s| {
+        .wait_app("the app to give everything back", |s| {
             s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
         })
         .unwrap();

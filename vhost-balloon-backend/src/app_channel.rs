@@ -193,14 +193,19 @@ impl AppSession {
             }
         }
         self.state = PeerState::App { pid };
+        lock(&self.balloon).app_hello(self.id, pid, self.outbox.clone());
         // An app in a guest without a balloon driver names its pages in the memory file,
-        // which its VMM has created (or recreated, for a new guest) by now.
+        // which its VMM has created (or recreated, for a new guest) by now. After the hello,
+        // which dropped whatever an earlier app held, so a new file ends no connection; its
+        // pages arrive later on this same connection.
         if let Some(file) = &self.memory_file {
             if let Err(e) = refresh_app_file(file, &self.balloon) {
-                log::warn!("guest app (pid {pid}): {e}");
+                self.refusals
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .warn(|| format!("guest app (pid {pid}): {e}"));
             }
         }
-        lock(&self.balloon).app_hello(self.id, pid, self.outbox.clone());
         Flow::Continue
     }
 }

@@ -194,8 +194,8 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         .set_interval(balloon.stats_interval_seconds)
         .map_err(DaemonError::Timer)?;
     let balloon = Arc::new(Mutex::new(balloon));
-    let memory_file = options.guest_memory.clone().map(|(path, layout)| {
-        let file = Arc::new(Mutex::new(MemoryFile::new(path, layout)));
+    let memory_file = options.guest_memory.clone().map(|m| {
+        let file = Arc::new(Mutex::new(MemoryFile::new(m.path, m.layout, m.ram_bytes)));
         // The VMM may not have created it yet: then the first app to connect opens it.
         match refresh_app_file(&file, &balloon) {
             Ok(()) => {}

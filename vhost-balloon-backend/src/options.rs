@@ -34,6 +34,10 @@ pub struct Cli {
     /// discard live guest memory, so a memory table that disagrees with it is refused.
     #[arg(long)]
     pub guest_memory_layout: Option<MemoryLayout>,
+    /// Guest RAM in the memory file when the file is larger than the guest's RAM (QEMU uses
+    /// the first `size=` bytes of a larger file). Default: the file's size.
+    #[arg(long)]
+    pub guest_memory_size: Option<Size>,
     /// Connect to --socket as a client instead of listening on it: for a frontend that is the
     /// server (QEMU `-chardev socket,server=on`), which then accepts a restarted backend.
     /// The backend retries until the frontend's socket accepts it.
@@ -105,15 +109,23 @@ pub enum OptionsError {
     File(#[from] ConfigFileError),
     #[error(
         "--socket is required (or `socket` in the config file), unless --guest-memory-file \
-         is given"
+         and --app-socket are given"
     )]
     NoSocket,
     #[error(
         "--guest-memory-file needs --guest-memory-layout (q35, pc, cloud-hypervisor or regions)"
     )]
     NoLayout,
-    #[error("--guest-memory-layout without --guest-memory-file")]
+    #[error("--guest-memory-layout or --guest-memory-size without --guest-memory-file")]
     NoMemoryFile,
+}
+
+/// The guest memory file and how to read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestMemoryFile {
+    pub path: PathBuf,
+    pub layout: MemoryLayout,
+    pub ram_bytes: Option<u64>,
 }
 
 /// Everything the backend needs to run, resolved.
@@ -121,7 +133,7 @@ pub enum OptionsError {
 pub struct Options {
     /// None: no VMM connection, the app over the guest memory file only.
     pub socket: Option<PathBuf>,
-    pub guest_memory: Option<(PathBuf, MemoryLayout)>,
+    pub guest_memory: Option<GuestMemoryFile>,
     pub client: bool,
     pub control_socket: Option<PathBuf>,
     pub app_socket: Option<PathBuf>,
@@ -144,12 +156,20 @@ impl Cli {
         let config = self.config.clone();
         let o = config_file::layered(self, config.as_deref())?;
         let guest_memory = match (o.guest_memory_file, o.guest_memory_layout) {
-            (Some(file), Some(layout)) => Some((file, layout)),
+            (Some(path), Some(layout)) => Some(GuestMemoryFile {
+                path,
+                layout,
+                ram_bytes: o.guest_memory_size.map(|s| s.0),
+            }),
             (Some(_), None) => return Err(OptionsError::NoLayout),
             (None, Some(_)) => return Err(OptionsError::NoMemoryFile),
+            (None, None) if o.guest_memory_size.is_some() => {
+                return Err(OptionsError::NoMemoryFile)
+            }
             (None, None) => None,
         };
-        if o.socket.is_none() && guest_memory.is_none() {
+        if o.socket.is_none() && (guest_memory.is_none() || o.app_socket.is_none()) {
+            // Without a VMM connection only the app channel has anything to serve.
             return Err(OptionsError::NoSocket);
         }
         Ok(Options {
@@ -220,13 +240,24 @@ mod tests {
             "/dev/shm/vm1.ram",
             "--guest-memory-layout",
             "q35",
+            "--app-socket",
+            "/run/a.app",
         ])
         .unwrap();
         assert_eq!(o.socket, None);
         assert_eq!(
             o.guest_memory,
-            Some((PathBuf::from("/dev/shm/vm1.ram"), MemoryLayout::Q35))
+            Some(GuestMemoryFile {
+                path: PathBuf::from("/dev/shm/vm1.ram"),
+                layout: MemoryLayout::Q35,
+                ram_bytes: None
+            })
         );
+        // Nothing to serve: no VMM connection and no app channel.
+        assert!(matches!(
+            resolve(&["--guest-memory-file", "/f", "--guest-memory-layout", "q35"]),
+            Err(OptionsError::NoSocket)
+        ));
         assert!(matches!(
             resolve(&["--guest-memory-file", "/dev/shm/vm1.ram"]),
             Err(OptionsError::NoLayout)
@@ -240,14 +271,17 @@ mod tests {
         let cfg = dir.path().join("b.toml");
         std::fs::write(
             &cfg,
-            "guest_memory_file = \"/f\"\nguest_memory_layout = \"0:1G@0,4G:1G@1G\"\n",
+            "guest_memory_file = \"/f\"\nguest_memory_layout = \"0:1G@0,4G:1G@1G\"\n\
+             guest_memory_size = \"2G\"\nsocket = \"/s\"\n",
         )
         .unwrap();
         let o = resolve(&["--config", cfg.to_str().unwrap()]).unwrap();
+        let m = o.guest_memory.unwrap();
         assert_eq!(
-            o.guest_memory.unwrap().1.to_string(),
+            m.layout.to_string(),
             "0x0:0x40000000@0x0,0x100000000:0x40000000@0x40000000"
         );
+        assert_eq!(m.ram_bytes, Some(2 << 30));
     }
 
     #[test]

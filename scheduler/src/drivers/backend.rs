@@ -18,7 +18,7 @@
 //! `balloon_protocol::ControlClient`: that client has no timeouts and reads reply lines without
 //! a length limit, and one backend that stops answering must not stall the scheduler's tick.
 
-use super::split::{BalloonMechanism, Splitter, Targets};
+use super::split::{BalloonMechanism, BalloonSplit, Splitter, Targets};
 use super::unix::{read_line_bounded, TimedStream};
 use super::{BalloonDriver, DriverError, DriverReading, RawGuestStats};
 use balloon_protocol::control::{BackendStatus, ControlMessage};
@@ -194,7 +194,8 @@ impl BalloonDriver for BackendDriver {
         let mut status = self.status()?;
         let now = Instant::now();
         self.splitter.observe(&status, now);
-        if self.splitter.hand_over_due(&status) {
+        let handed_over = self.splitter.hand_over_due(&status);
+        if handed_over {
             // The driver stalled short of its share: the app takes the rest of the same size.
             let total = status.target_bytes + status.app.target_bytes;
             let targets = self.splitter.targets(total, &status, now);
@@ -208,7 +209,10 @@ impl BalloonDriver for BackendDriver {
             status = self.status()?;
         }
         let mut reading = reading_from_status(&status);
-        reading.split = Some(self.splitter.split_of(&status));
+        reading.split = Some(BalloonSplit {
+            handed_over,
+            ..self.splitter.split_of(&status)
+        });
         self.last = Some(status);
         Ok(reading)
     }

@@ -50,6 +50,9 @@ pub struct BalloonSplit {
     pub driver_stalled: bool,
     /// The app says the guest cannot give it more.
     pub app_stalled: bool,
+    /// This reading follows a hand-over from one mechanism to the other.
+    #[serde(default)]
+    pub handed_over: bool,
 }
 
 /// Two targets for the backend.
@@ -148,6 +151,7 @@ impl Splitter {
             app_actual_bytes: s.app.ballooned_bytes,
             driver_stalled: self.driver_stalled,
             app_stalled: s.app.stalled,
+            handed_over: false,
         }
     }
 

@@ -83,14 +83,27 @@ pub fn app_ranges(ranges: &[PageRange]) -> Result<Vec<PfnRange>, AppRangeError> 
 }
 
 /// Opens or reopens the guest memory file (off the device lock: it is file I/O) and gives new
-/// regions to the app's balloon.
+/// regions to the app's balloon. The regions are installed while the file's lock is still
+/// held (the order is always file, then device; nothing takes the file's lock under the
+/// device's), so two refreshes racing cannot install the older file last. A target cut to the
+/// new RAM is saved after both locks are released.
 pub fn refresh_app_file(
     file: &Mutex<MemoryFile>,
     balloon: &Mutex<Balloon>,
 ) -> Result<(), MemoryFileError> {
-    let fresh = file.lock().unwrap_or_else(|e| e.into_inner()).refresh()?;
-    if let Some(regions) = fresh {
-        crate::vhu_balloon::lock(balloon).set_app_file_regions(regions);
+    let save = {
+        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+        match file.refresh()? {
+            Some(regions) => {
+                let mut balloon = crate::vhu_balloon::lock(balloon);
+                balloon.set_app_file_regions(regions);
+                balloon.unsaved_settings()
+            }
+            None => None,
+        }
+    };
+    if let Some(Err(e)) = save.map(|job| job.run()) {
+        log::error!("{e}");
     }
     Ok(())
 }
@@ -100,6 +113,15 @@ impl Balloon {
     /// VMM replaced belongs to a new guest: whatever an app held in the old one is gone.
     pub fn set_app_file_regions(&mut self, regions: Vec<GuestRegion>) {
         if self.app.memory.ballooned_pages() > 0 {
+            // An app still pinning pages named in the old view would be counted as holding
+            // nothing: end its connection, so that it says hello again and starts over.
+            if let Some(peer) = self.app.peer.take() {
+                log::warn!(
+                    "guest app (pid {}): the guest memory file changed; reconnecting it",
+                    peer.pid
+                );
+                peer.outbox.close();
+            }
             self.app_gone();
         }
         self.app.memory.replace_regions(regions);

@@ -36,6 +36,11 @@ impl Backing {
                 Err(e) => return Err(e.into()),
             }
         }
+        if self.host_addr == 0 {
+            // Not mapped here (a guest memory file named on the command line): a hole in the
+            // file is the only way.
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
         let addr = self
             .host_addr
             .checked_add(offset as usize)

@@ -224,13 +224,14 @@ pub enum MemoryFileError {
     TableDisagrees { path: PathBuf, why: String },
 }
 
-/// The memory file as the backend holds it: mapped, and known by its inode so that a VMM that
-/// recreated it (a new guest) is noticed.
+/// The memory file as the backend holds it, known by its inode and size so that a VMM that
+/// recreated or resized it (a new guest) is noticed. It is not mapped: the app's pages are
+/// only ever named and discarded (a hole punched in the file), never read.
 struct HeldFile {
     dev: u64,
     ino: u64,
-    /// The mapping the regions' host addresses point into; kept as long as they are in use.
-    mem: Arc<vm_memory::GuestMemoryMmap<()>>,
+    len: u64,
+    regions: Vec<LayoutRegion>,
 }
 
 /// The guest memory file given on the command line: opened when first needed (the VMM
@@ -238,18 +239,18 @@ struct HeldFile {
 pub struct MemoryFile {
     path: PathBuf,
     layout: MemoryLayout,
+    /// Guest RAM when the file is larger (QEMU uses the first `size=` bytes); else the file's.
+    ram_bytes: Option<u64>,
     held: Option<HeldFile>,
-    /// Mappings replaced while their regions may still be in use (a few per VMM restart).
-    retired: Vec<Arc<vm_memory::GuestMemoryMmap<()>>>,
 }
 
 impl MemoryFile {
-    pub fn new(path: PathBuf, layout: MemoryLayout) -> Self {
+    pub fn new(path: PathBuf, layout: MemoryLayout, ram_bytes: Option<u64>) -> Self {
         MemoryFile {
             path,
             layout,
+            ram_bytes,
             held: None,
-            retired: Vec::new(),
         }
     }
 
@@ -257,83 +258,92 @@ impl MemoryFile {
         &self.path
     }
 
-    /// Opens (or reopens, when the VMM replaced the file) and maps the file. Returns the
-    /// regions when they are new, None when the file held is still the VMM's. Blocking I/O:
-    /// never call it under the device lock.
+    /// Opens (or reopens, when the VMM replaced or resized the file) the file. Returns the
+    /// regions when they are new, None when the file held is still the VMM's. File I/O (a stat,
+    /// an open): never call it under the device lock.
     pub fn refresh(&mut self) -> Result<Option<Vec<GuestRegion>>, MemoryFileError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let open_error = |error| MemoryFileError::Open {
             path: self.path.clone(),
             error,
         };
         let meta = std::fs::metadata(&self.path).map_err(open_error)?;
         if let Some(held) = &self.held {
-            if held.dev == meta.dev() && held.ino == meta.ino() {
+            if (held.dev, held.ino, held.len) == (meta.dev(), meta.ino(), meta.len()) {
                 return Ok(None);
             }
         }
-        if !meta.is_file() {
-            return Err(open_error(std::io::Error::other("not a regular file")));
-        }
+        // Non-blocking, so that a FIFO put in its place cannot hang the open; what was opened
+        // is checked, not the path (which may change in between).
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NONBLOCK)
             .open(&self.path)
             .map_err(open_error)?;
         let meta = file.metadata().map_err(open_error)?;
-        let layout = self
-            .layout
-            .regions(meta.len())
-            .map_err(|error| MemoryFileError::Layout {
-                path: self.path.clone(),
-                error,
-            })?;
-        let file = Arc::new(file);
-        let ranges: Vec<_> = {
-            let mut sorted = layout.clone();
-            sorted.sort_by_key(|r| r.gpa);
-            sorted
-                .iter()
-                .map(|r| {
-                    (
-                        vm_memory::GuestAddress(r.gpa),
-                        r.len as usize,
-                        Some(vm_memory::FileOffset::from_arc(file.clone(), r.offset)),
-                    )
-                })
-                .collect()
+        if !meta.is_file() {
+            return Err(open_error(std::io::Error::other("not a regular file")));
+        }
+        let layout_error = |error| MemoryFileError::Layout {
+            path: self.path.clone(),
+            error,
         };
-        let mem =
-            vm_memory::GuestMemoryMmap::<()>::from_ranges_with_files(ranges).map_err(|e| {
-                MemoryFileError::Map {
-                    path: self.path.clone(),
-                    error: e.to_string(),
-                }
-            })?;
-        let mem = Arc::new(mem);
-        let regions = crate::vhu_balloon::regions_of(&mem);
-        if let Some(old) = self.held.replace(HeldFile {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            mem,
-        }) {
-            // A VMM restart: the old guest is gone, but the device may still hold regions
-            // pointing into the old mapping until it takes the new ones.
-            self.retired.push(old.mem);
-            if self.retired.len() > 4 {
-                self.retired.remove(0);
+        let ram = match self.ram_bytes {
+            Some(ram) if ram > meta.len() => {
+                return Err(layout_error(LayoutError::BeyondFile {
+                    file: meta.len(),
+                    end: ram,
+                }))
+            }
+            Some(ram) => ram,
+            None => meta.len(),
+        };
+        let mut regions = self.layout.regions(ram).map_err(layout_error)?;
+        if let Some(end) = regions.iter().map(|r| r.offset + r.len).max() {
+            if end > meta.len() {
+                return Err(layout_error(LayoutError::BeyondFile {
+                    file: meta.len(),
+                    end,
+                }));
             }
         }
+        regions.sort_by_key(|r| r.gpa);
+        let file = Arc::new(file);
+        let page = super::discard::host_page_size(Some(&file));
+        let guest_regions = regions
+            .iter()
+            .map(|r| {
+                GuestRegion::new(
+                    r.gpa,
+                    r.len,
+                    // No mapping: discards punch holes in the file (tmpfs, hugetlbfs and
+                    // most disk filesystems can), never MADV_REMOVE.
+                    super::Backing {
+                        host_addr: 0,
+                        file: Some((file.clone(), r.offset)),
+                    },
+                    page,
+                )
+            })
+            .collect();
         log::info!(
-            "guest memory file {}: {} MiB, layout {}",
+            "guest memory file {}: {} MiB of guest RAM, layout {}",
             self.path.display(),
-            meta.len() >> 20,
+            ram >> 20,
             self.layout
         );
-        Ok(Some(regions))
+        self.held = Some(HeldFile {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            regions,
+        });
+        Ok(Some(guest_regions))
     }
 
     /// Whether a memory table describes the file held: every table region lies in one of the
-    /// file's regions, backed by the same file at the matching offset.
+    /// layout's regions, backed by the same file at the matching offset.
     pub fn check_table(&self, table: &[GuestRegion]) -> Result<(), MemoryFileError> {
         let disagrees = |why: String| MemoryFileError::TableDisagrees {
             path: self.path.clone(),
@@ -342,7 +352,6 @@ impl MemoryFile {
         let Some(held) = &self.held else {
             return Err(disagrees("the file could not be opened".into()));
         };
-        let file_regions = crate::vhu_balloon::regions_of(&held.mem);
         for t in table {
             let Some((file, table_offset)) = &t.backing.file else {
                 return Err(disagrees(format!(
@@ -359,7 +368,8 @@ impl MemoryFile {
                     t.gpa
                 )));
             }
-            let Some(f) = file_regions
+            let Some(f) = held
+                .regions
                 .iter()
                 .find(|f| f.gpa <= t.gpa && t.gpa + t.len <= f.gpa + f.len)
             else {
@@ -369,12 +379,11 @@ impl MemoryFile {
                     t.len >> 20
                 )));
             };
-            let f_offset = f.backing.file.as_ref().map_or(0, |(_, o)| *o);
-            if f_offset + (t.gpa - f.gpa) != *table_offset {
+            let expected = f.offset + (t.gpa - f.gpa);
+            if expected != *table_offset {
                 return Err(disagrees(format!(
-                    "the table maps gpa {:#x} to file offset {table_offset:#x}, the layout to {:#x}",
-                    t.gpa,
-                    f_offset + (t.gpa - f.gpa)
+                    "the table maps gpa {:#x} to file offset {table_offset:#x}, the layout to {expected:#x}",
+                    t.gpa
                 )));
             }
         }
@@ -473,10 +482,10 @@ mod tests {
     }
 
     #[test]
-    fn the_file_is_mapped_by_its_layout_and_reopened_only_when_replaced() {
+    fn the_file_is_read_by_its_layout_and_taken_again_only_when_replaced_or_resized() {
         let dir = tempfile::tempdir().unwrap();
         let path = ram_file(dir.path(), 64 << 20);
-        let mut file = MemoryFile::new(path.clone(), MemoryLayout::Q35);
+        let mut file = MemoryFile::new(path.clone(), MemoryLayout::Q35, None);
         let regions = file.refresh().unwrap().expect("first open");
         assert_eq!(regions.len(), 1);
         assert_eq!((regions[0].gpa, regions[0].len), (0, 64 << 20));
@@ -489,13 +498,51 @@ mod tests {
             .unwrap()
             .expect("a replaced file is reopened");
         assert_eq!(regions[0].len, 32 << 20);
+        // Resized in place (QEMU keeps a mem-path file and grows it for a larger -m).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(48 << 20)
+            .unwrap();
+        let regions = file
+            .refresh()
+            .unwrap()
+            .expect("a resized file is taken again");
+        assert_eq!(regions[0].len, 48 << 20);
+        // Regions are not mapped: discards can only punch holes in the file.
+        assert_eq!(regions[0].backing.host_addr, 0);
+    }
+
+    #[test]
+    fn a_given_ram_size_reads_the_start_of_a_larger_file_and_never_beyond_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = ram_file(dir.path(), 64 << 20);
+        let mut file = MemoryFile::new(path.clone(), MemoryLayout::Q35, Some(16 << 20));
+        let regions = file.refresh().unwrap().unwrap();
+        assert_eq!((regions[0].gpa, regions[0].len), (0, 16 << 20));
+        let mut too_big = MemoryFile::new(path, MemoryLayout::Q35, Some(128 << 20));
+        assert!(matches!(
+            too_big.refresh(),
+            Err(MemoryFileError::Layout {
+                error: LayoutError::BeyondFile { .. },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn only_a_regular_file_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = MemoryFile::new(dir.path().to_path_buf(), MemoryLayout::Q35, None);
+        assert!(file.refresh().is_err(), "a directory");
     }
 
     #[test]
     fn a_table_on_the_same_file_at_the_same_offsets_agrees_and_any_other_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = ram_file(dir.path(), 64 << 20);
-        let mut file = MemoryFile::new(path.clone(), "0:32M@0,4G:32M@32M".parse().unwrap());
+        let mut file = MemoryFile::new(path.clone(), "0:32M@0,4G:32M@32M".parse().unwrap(), None);
         file.refresh().unwrap();
         let table_of = |ranges: &[(u64, u64, u64)], f: &Path| {
             let f = Arc::new(
