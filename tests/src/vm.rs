@@ -375,6 +375,29 @@ impl Vm {
     }
 
     /// Waits until the guest agent answers: the guest has booted.
+    /// Reboots the guest at once (sysrq b: no driver removal, no deflate), runs `while_down`
+    /// once it no longer answers, and waits until the new kernel's agent does. Needs
+    /// `VmConfig::allow_reboot`.
+    pub fn reboot_abruptly(&mut self, while_down: impl FnOnce()) -> Result<()> {
+        self.agent
+            .spawn("sleep 0.5; echo b > /proc/sysrq-trigger")?;
+        wait_for(
+            "the guest to go down",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                Ok(
+                    match self.agent.run_timeout("true", Duration::from_millis(500)) {
+                        Ok(_) => Poll::Pending("still up".into()),
+                        Err(_) => Poll::Ready(()),
+                    },
+                )
+            },
+        )?;
+        while_down();
+        self.wait_agent(Duration::from_secs(120))
+    }
+
     pub fn wait_agent(&mut self, timeout: Duration) -> Result<()> {
         let start = std::time::Instant::now();
         loop {

@@ -229,6 +229,55 @@ fn the_app_returns_nearly_all_it_holds_in_whole_huge_pages(ram: GuestRam) {
     assert!(!log.contains("ERROR"), "{log}");
 }
 
+/// The guest reboots abruptly with its balloon inflated (whole huge pages discarded, others
+/// partly ballooned) and a smaller target: the new kernel's driver starts over, and what the
+/// new kernel writes stays intact through a later inflate and deflate. A huge page left
+/// discarded, or discarded later for pieces the old kernel had ballooned, would lose it.
+fn a_reboot_with_the_balloon_inflated_leaves_the_new_kernels_memory_intact(ram: GuestRam) {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let Some(_pages) = reserve() else { return };
+    let name = format!("huge-reboot-{ram:?}");
+    let backend = Backend::start(&name, &["--no-free-page-reporting"]).unwrap();
+    let mut config = config(&name, ram, &backend);
+    config.allow_reboot = true;
+    let mut vm = Vm::start(config).expect("boot the mini guest on huge pages");
+    // Free memory touched and freed first, so the balloon holds pieces of many huge pages.
+    vm.touch_and_free(600).unwrap();
+    backend.set_target(400 * MIB).unwrap();
+    backend
+        .wait_actual(400 * MIB, Duration::from_secs(120))
+        .unwrap();
+    let s = backend.status().unwrap();
+    assert!(
+        s.reclaimed_bytes >= 2 * HUGE_PAGE,
+        "no whole huge page went: {s:?}"
+    );
+
+    vm.reboot_abruptly(|| {
+        backend.set_target(64 * MIB).unwrap();
+    })
+    .unwrap();
+    let s = backend
+        .wait_actual(64 * MIB, Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(
+        s.ballooned_bytes,
+        64 * MIB,
+        "only the new kernel's balloon: {s:?}"
+    );
+    let sum = keep(&mut vm, "data", 600);
+    backend.set_target(200 * MIB).unwrap();
+    backend
+        .wait_actual(200 * MIB, Duration::from_secs(120))
+        .unwrap();
+    backend.set_target(0).unwrap();
+    backend.wait_actual(0, Duration::from_secs(120)).unwrap();
+    assert_eq!(checksum(&mut vm, "data"), sum, "the new kernel's data");
+    let s = backend.status().unwrap();
+    assert_eq!(s.discard_errors, 0, "{s:?}");
+    assert_eq!(vm.agent.oom_kills().unwrap(), 0);
+}
+
 /// Each test on both kinds of huge-page RAM QEMU offers.
 macro_rules! on_hugetlb_memfd_and_hugetlbfs {
     ($($test:ident),*) => {
@@ -250,5 +299,6 @@ macro_rules! on_hugetlb_memfd_and_hugetlbfs {
 on_hugetlb_memfd_and_hugetlbfs!(
     the_driver_returns_whole_huge_pages_and_deflate_never_loses_guest_data,
     free_page_reporting_returns_whole_huge_pages_the_guest_freed,
-    the_app_returns_nearly_all_it_holds_in_whole_huge_pages
+    the_app_returns_nearly_all_it_holds_in_whole_huge_pages,
+    a_reboot_with_the_balloon_inflated_leaves_the_new_kernels_memory_intact
 );

@@ -35,30 +35,6 @@ fn wait_memory_returned(
     .unwrap()
 }
 
-/// Reboots the guest at once (sysrq b: no driver removal, no deflate), runs `while_down` once
-/// it no longer answers, and waits until the new kernel's agent does.
-fn reboot_abruptly(vm: &mut Vm, while_down: impl FnOnce()) {
-    vm.agent
-        .spawn("sleep 0.5; echo b > /proc/sysrq-trigger")
-        .unwrap();
-    wait_for(
-        "the guest to go down",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            Ok(
-                match vm.agent.run_timeout("true", Duration::from_millis(500)) {
-                    Ok(_) => Poll::Pending("still up".into()),
-                    Err(_) => Poll::Ready(()),
-                },
-            )
-        },
-    )
-    .unwrap();
-    while_down();
-    vm.wait_agent(Duration::from_secs(120)).unwrap();
-}
-
 fn boot(name: &str, backend: &Backend) -> Vm {
     let mut config = VmConfig::new(name);
     config.vhost_user_balloon = Some(backend.device());
@@ -350,9 +326,10 @@ fn after_a_guest_reboot_only_the_new_kernels_balloon_is_tracked_and_discarded() 
         .unwrap();
 
     // An abrupt reboot (no driver removal, no deflate), then a smaller balloon.
-    reboot_abruptly(&mut vm, || {
+    vm.reboot_abruptly(|| {
         backend.set_target(64 * MIB).unwrap();
-    });
+    })
+    .unwrap();
     let up = vm.agent.sh("cat /proc/uptime").unwrap();
     assert!(
         up.split('.').next().unwrap().parse::<u64>().unwrap() < 60,
@@ -396,7 +373,7 @@ fn behind_the_keeper_a_backend_restarted_after_a_guest_reboot_resumes_the_new_ri
     backend
         .wait_actual(128 * MIB, Duration::from_secs(120))
         .unwrap();
-    reboot_abruptly(&mut vm, || {});
+    vm.reboot_abruptly(|| {}).unwrap();
     // The new kernel's driver inflates to the same target.
     backend
         .wait_actual(128 * MIB, Duration::from_secs(120))
