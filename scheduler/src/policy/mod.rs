@@ -126,6 +126,23 @@ pub struct PolicyState {
 }
 
 /// The allocation each guest (in snapshot order) should have. Pinned guests keep theirs.
+/// Whether a guest shows memory pressure: little available memory, swap-ins, major faults.
+pub fn under_pressure(config: &PolicyConfig, g: &crate::model::GuestState) -> bool {
+    let Some(s) = g.stats else { return false };
+    let alloc = g.allocation_bytes() as f64;
+    (s.available_bytes as f64) < config.guest_pressure_free * alloc
+        || s.swap_in_delta > 0
+        || s.major_faults_delta > config.major_faults_per_tick
+}
+
+/// How much a guest under pressure grows in one tick, from an allocation of `alloc`. Its used
+/// memory says nothing of its demand then (it cannot use more than it has), so growth is a
+/// quarter of what it has: a working set that doubles in a few seconds is followed within a
+/// few ticks, which the actuator's step then bounds.
+pub fn pressure_growth(config: &PolicyConfig, alloc: u64) -> u64 {
+    config.guest_reserve_bytes.max(alloc / 4)
+}
+
 pub fn decide(config: &PolicyConfig, snap: &Snapshot, state: &mut PolicyState) -> Vec<u64> {
     let level = state.host_level.update(config, &snap.host);
     let mut out = match config.kind {

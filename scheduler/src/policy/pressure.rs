@@ -3,21 +3,13 @@
 //! the most to spare, harder at lower levels; when the host has room, give memory to guests that
 //! show pressure (little available memory, swap-ins, major faults).
 
-use super::{HostLevel, PolicyConfig};
+use super::{pressure_growth, under_pressure, HostLevel, PolicyConfig};
 use crate::model::{GuestState, Snapshot};
 
 /// Memory the guest asked to have: its size minus the balloon target (what it will have once
 /// the balloon gets there), so a slow balloon is not pushed twice.
 fn planned(g: &GuestState) -> u64 {
     g.spec.memory_bytes.saturating_sub(g.balloon_target_bytes)
-}
-
-fn under_pressure(config: &PolicyConfig, g: &GuestState) -> bool {
-    let Some(s) = g.stats else { return false };
-    let alloc = g.allocation_bytes() as f64;
-    (s.available_bytes as f64) < config.guest_pressure_free * alloc
-        || s.swap_in_delta > 0
-        || s.major_faults_delta > config.major_faults_per_tick
 }
 
 pub fn allocate(config: &PolicyConfig, snap: &Snapshot, level: HostLevel) -> Vec<u64> {
@@ -89,10 +81,7 @@ pub fn allocate(config: &PolicyConfig, snap: &Snapshot, level: HostLevel) -> Vec
         if !pressured[i] {
             continue;
         }
-        let want = config
-            .guest_reserve_bytes
-            .max(alloc[i] / 10)
-            .min(bounds[i].1.saturating_sub(alloc[i]));
+        let want = pressure_growth(config, alloc[i]).min(bounds[i].1.saturating_sub(alloc[i]));
         if room < want {
             // Donors are the unpressured guests; this one's own spare is already 0.
             room += take(want - room, &mut alloc, &mut spare);

@@ -11,7 +11,7 @@
 //! Before sharing, every guest is given its working set (used memory plus a reserve) when the
 //! budget can hold all of them: no guest is pushed below its working set while memory is free.
 
-use super::PolicyConfig;
+use super::{pressure_growth, under_pressure, PolicyConfig};
 use crate::model::Snapshot;
 
 fn allocation_at(price: f64, shares: f64, active: f64, k: f64) -> f64 {
@@ -34,19 +34,31 @@ pub fn allocate(config: &PolicyConfig, snap: &Snapshot) -> Vec<u64> {
             (lo as f64, hi as f64)
         })
         .collect();
-    // Working-set protection, when everyone's working set fits.
-    let working: Vec<f64> = snap
+    // Active memory: what the guest uses, and for a guest under pressure more, since its
+    // used memory is capped by what it has and hides how much it wants.
+    let active: Vec<f64> = snap
         .guests
         .iter()
+        .map(|g| {
+            let boost = if under_pressure(config, g) {
+                pressure_growth(config, g.allocation_bytes())
+            } else {
+                0
+            };
+            (g.used_bytes() + boost) as f64
+        })
+        .collect();
+    // Working-set protection, when everyone's working set fits.
+    let working: Vec<f64> = active
+        .iter()
         .zip(&bounds)
-        .map(|(g, (lo, hi))| ((g.used_bytes() + config.guest_reserve_bytes) as f64).clamp(*lo, *hi))
+        .map(|(a, (lo, hi))| (a + config.guest_reserve_bytes as f64).clamp(*lo, *hi))
         .collect();
     if working.iter().sum::<f64>() <= budget {
         for (b, w) in bounds.iter_mut().zip(&working) {
             b.0 = *w;
         }
     }
-    let active: Vec<f64> = snap.guests.iter().map(|g| g.used_bytes() as f64).collect();
     let shares: Vec<f64> = snap
         .guests
         .iter()

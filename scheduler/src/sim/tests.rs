@@ -251,3 +251,21 @@ fn scenarios_parse_errors_are_clear() {
     assert!(e.to_string().contains("empty working_set"), "{e}");
     assert_eq!(PolicyKind::Shares.to_string(), "shares");
 }
+
+#[test]
+fn a_guest_growing_by_3_gib_in_20_s_among_idle_ones_is_not_killed_under_shares_or_pressure() {
+    // examples/scenarios/spike.toml. A guest under pressure cannot show its demand (its used
+    // memory is capped by what it has), so it grows by a quarter per tick: growing by a reserve
+    // per tick, the spiking guest ran out of memory and swap under both policies.
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/scenarios/spike.toml");
+    let base = Scenario::load(&path).unwrap();
+    for policy in [PolicyKind::Shares, PolicyKind::Pressure] {
+        let mut s = base.clone();
+        s.policy.kind = policy;
+        let out = run(&s);
+        assert_eq!(out.oom_events, 0, "{policy:?}: {:?}", out.guests);
+        let spiky = out.guests.iter().find(|g| g.name == "spiky").unwrap();
+        assert!(spiky.work_s > 290.0, "{policy:?}: {spiky:?}");
+    }
+}
