@@ -58,6 +58,8 @@ pub struct App {
     last_state: Instant,
     /// When the next chunk may be claimed (the rate's pacing).
     next_step: Instant,
+    /// The host refused this app: the loop ends.
+    refused: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +131,7 @@ impl App {
             pressure_run: 0,
             last_state: Instant::now() - Duration::from_secs(10),
             next_step: Instant::now(),
+            refused: None,
         };
         let secret = app.settings.secret.clone();
         let hello = app.send(AppMessage::Hello {
@@ -159,8 +162,12 @@ impl App {
 
     fn on_host(&mut self, msg: HostMessage) {
         if let HostMessage::Refused { reason } = &msg {
-            // The host closes the connection after this; the loop ends there.
+            // The host closes the connection after this (or already did: a backend that
+            // restarted, or dropped this app, refuses its next message on the new session).
+            // The loop ends, the process exits and frees what it pinned, and its unit starts
+            // it again with a fresh hello.
             log::error!("the host refused this app: {reason}");
+            self.refused = Some(reason.clone());
         }
         if let HostMessage::Target { bytes } = msg {
             if bytes != self.target {
@@ -354,6 +361,9 @@ impl App {
             };
             if let Ok(m) = self.replies.recv_timeout(wait) {
                 self.on_host(m);
+            }
+            if let Some(reason) = self.refused.take() {
+                return Err(AppError::Refused(reason));
             }
         }
         log::info!("stopping: giving {} MiB back", self.held() >> 20);

@@ -4,7 +4,7 @@
 //!
 //! Two refinements make the ramp fast without weakening that contract. A new inflation starts
 //! from what the guest can give now (its available memory above the reserve, per second) when
-//! PSI shows it calm, not from the minimum. And while PSI stays calm the rate doubles after a
+//! PSI shows it calm (otherwise from where the rate is). And while PSI stays calm the rate doubles after a
 //! chunk instead of adding one step. Any sign of pressure brings back the additive step, and a
 //! failure still divides the rate.
 
@@ -47,13 +47,11 @@ impl RateController {
     }
 
     /// A new inflation: from `headroom` (bytes the guest can give without going under its
-    /// reserve) per second when calm, else from the minimum.
+    /// reserve) per second when calm, else from where the rate is.
     pub fn start(&mut self, headroom: u64, calm: bool) {
-        self.rate = if calm {
-            headroom.clamp(self.min, self.max)
-        } else {
-            self.min
-        };
+        if calm {
+            self.rate = headroom.clamp(self.min, self.max);
+        }
     }
 
     pub fn failure(&mut self) {
@@ -94,9 +92,9 @@ mod tests {
         assert_eq!(r.rate(), 1000, "never above the maximum");
         r.failure();
         assert_eq!(r.rate(), 250);
-        // Not calm, or more headroom than the maximum: the bounds hold.
+        // Not calm: the rate stays where it is; more headroom than the maximum: the bounds.
         r.start(5000, false);
-        assert_eq!(r.rate(), 16);
+        assert_eq!(r.rate(), 250);
         r.start(5000, true);
         assert_eq!(r.rate(), 1000);
         r.start(0, true);

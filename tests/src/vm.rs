@@ -374,7 +374,6 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Waits until the guest agent answers: the guest has booted.
     /// Reboots the guest at once (sysrq b: no driver removal, no deflate), runs `while_down`
     /// once it no longer answers, and waits until the new kernel's agent does. Needs
     /// `VmConfig::allow_reboot`.
@@ -398,6 +397,7 @@ impl Vm {
         self.wait_agent(Duration::from_secs(120))
     }
 
+    /// Waits until the guest agent answers: the guest has booted.
     pub fn wait_agent(&mut self, timeout: Duration) -> Result<()> {
         let start = std::time::Instant::now();
         loop {

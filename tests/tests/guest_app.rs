@@ -405,29 +405,53 @@ fn without_a_balloon_driver_the_app_returns_memory_through_the_guest_memory_file
     backend
         .wait_app("the app to be inflating", |s| s.app.ballooned_bytes > 0)
         .unwrap();
-    let killed = vm
-        .agent
-        .sh("systemctl show -p MainPID --value balloon-guest.service")
-        .unwrap();
+    let main_pid = |vm: &mut Vm| {
+        vm.agent
+            .sh("systemctl show -p MainPID --value balloon-guest.service")
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let killed = main_pid(&mut vm);
     vm.agent
         .sh("systemctl kill -s KILL balloon-guest.service")
         .unwrap();
-    backend
+    let restarted = wait_for(
+        "the unit to restart the app",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            let pid = main_pid(&mut vm);
+            Ok(if pid != "0" && pid != killed {
+                Poll::Ready(pid)
+            } else {
+                Poll::Pending(pid)
+            })
+        },
+    )
+    .unwrap();
+    // The new process's hello reached the backend (not the old session's figures), then it
+    // holds exactly the target.
+    let hello = format!("guest app (pid {restarted}) connected");
+    wait_for(
+        "the restarted app's hello in the backend's log",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            Ok(if backend.log().contains(&hello) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(hello.clone())
+            })
+        },
+    )
+    .unwrap();
+    let s = backend
         .wait_app("the restarted app to hold exactly the target", |s| {
-            s.app.connected
-                && s.app.ballooned_bytes == app_balloon
-                && s.app.held_bytes == app_balloon
+            s.app.ballooned_bytes == app_balloon && s.app.held_bytes == app_balloon
         })
         .unwrap();
-    let restarted = vm
-        .agent
-        .sh("systemctl show -p MainPID --value balloon-guest.service")
-        .unwrap();
-    assert_ne!(
-        killed.trim(),
-        restarted.trim(),
-        "the unit restarted the app"
-    );
+    assert!(s.app.connected, "{:?}", s.app);
     backend.set_app_target(0).unwrap();
     backend
         .wait_app("the app to give everything back", |s| {

@@ -48,13 +48,22 @@ pub fn allocate(config: &PolicyConfig, snap: &Snapshot) -> Vec<u64> {
             (g.used_bytes() + boost) as f64
         })
         .collect();
-    // Working-set protection, when everyone's working set fits.
-    let working: Vec<f64> = active
-        .iter()
-        .zip(&bounds)
-        .map(|(a, (lo, hi))| (a + config.guest_reserve_bytes as f64).clamp(*lo, *hi))
-        .collect();
-    if working.iter().sum::<f64>() <= budget {
+    // Working-set protection, when everyone's working set fits: with the pressured guests'
+    // growth if that fits too, else without it (a boost that does not fit must not cost the
+    // other guests their protection).
+    let floors = |demand: &dyn Fn(usize) -> f64| -> Vec<f64> {
+        (0..bounds.len())
+            .map(|i| {
+                (demand(i) + config.guest_reserve_bytes as f64).clamp(bounds[i].0, bounds[i].1)
+            })
+            .collect()
+    };
+    let boosted = floors(&|i| active[i]);
+    let plain = floors(&|i| snap.guests[i].used_bytes() as f64);
+    let working = [boosted, plain]
+        .into_iter()
+        .find(|w| w.iter().sum::<f64>() <= budget);
+    if let Some(working) = working {
         for (b, w) in bounds.iter_mut().zip(&working) {
             b.0 = *w;
         }

@@ -127,6 +127,8 @@ impl Balloon {
         self.app.memory.replace_regions(regions);
         self.app.ram = AppRam::File;
         self.clamp_targets_to_ram();
+        // The app may have been told a target before the file's RAM was known.
+        self.send_app_target();
     }
 
     /// A memory table arrived: the app's pages are named in it unless the memory file names

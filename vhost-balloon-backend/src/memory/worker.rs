@@ -268,6 +268,18 @@ fn split(jobs: Vec<DiscardJob>) -> Vec<DiscardJob> {
     out
 }
 
+/// Whether two jobs are in the same region: the same region start (guest address minus offset
+/// into the region), the same mapping and the same file at the same offset. Regions that
+/// touch in guest addresses may lie anywhere in their file (or in different files), and
+/// regions of a guest memory file are not mapped at all (address 0), so no one of these
+/// alone names a region.
+fn same_region(a: &DiscardJob, b: &DiscardJob) -> bool {
+    let file_of = |j: &DiscardJob| j.backing.file.as_ref().map(|(f, o)| (Arc::as_ptr(f), *o));
+    a.gpa.wrapping_sub(a.offset) == b.gpa.wrapping_sub(b.offset)
+        && a.backing.host_addr == b.backing.host_addr
+        && file_of(a) == file_of(b)
+}
+
 /// Sorts jobs by guest address and joins neighbours (or overlaps) in the same region.
 fn merge(mut jobs: Vec<DiscardJob>) -> Vec<DiscardJob> {
     jobs.sort_by_key(|j| j.gpa);
@@ -275,8 +287,7 @@ fn merge(mut jobs: Vec<DiscardJob>) -> Vec<DiscardJob> {
     for job in jobs {
         if let Some(last) = out.last_mut() {
             let last_end = last.gpa + last.len;
-            // Regions have distinct mappings, so the mapping address names the region.
-            if last.backing.host_addr == job.backing.host_addr && job.gpa <= last_end {
+            if same_region(last, &job) && job.gpa <= last_end {
                 last.len = last_end.max(job.gpa + job.len) - last.gpa;
                 continue;
             }
@@ -440,6 +451,29 @@ mod tests {
             gpa,
             host_page_size: 2 * MIB,
         }
+    }
+
+    #[test]
+    fn jobs_in_regions_that_touch_are_never_joined() {
+        // Two regions of one guest memory file (unmapped: address 0) that touch at gpa 1 GiB
+        // but lie apart in the file: one discard over both would free the wrong bytes.
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let job = |gpa: u64, offset: u64| DiscardJob {
+            backing: crate::memory::Backing {
+                host_addr: 0,
+                file: Some((file.clone(), if gpa < 1 << 30 { 0 } else { 2 << 30 })),
+            },
+            offset,
+            len: MIB,
+            gpa,
+            host_page_size: PAGE_SIZE,
+        };
+        let merged = merge(vec![job((1 << 30) - MIB, (1 << 30) - MIB), job(1 << 30, 0)]);
+        assert_eq!(merged.len(), 2, "{merged:?}");
+        // Neighbours in one region still join.
+        let merged = merge(vec![job(0, 0), job(MIB, MIB)]);
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged[0].len, 2 * MIB);
     }
 
     #[test]
