@@ -10,6 +10,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// The virtio-serial port the guest app (and its systemd unit) connects to.
+pub const APP_PORT: &str = "org.balloon.app";
+
 pub struct Backend {
     pub dir: PathBuf,
     /// The vhost-user socket the frontend connects to: the backend's own, or the keeper's.
@@ -196,6 +199,31 @@ impl Backend {
         reply
             .status
             .ok_or_else(|| LabError::Other(format!("set_app_target failed: {:?}", reply.error)))
+    }
+
+    /// The guest app's virtio-serial port wired to this backend's app socket, for
+    /// `VmConfig::serial_ports`.
+    pub fn app_port(&self) -> (String, PathBuf) {
+        (APP_PORT.into(), self.app_socket.clone())
+    }
+
+    /// A Debian guest (2 vCPUs) on this backend's device whose balloon-guest unit connects to
+    /// this backend at boot.
+    pub fn debian_guest_with_app(&self, name: &str) -> crate::VmConfig {
+        let mut config = crate::VmConfig::new(name);
+        config.image = crate::Image::Debian;
+        config.cpus = 2;
+        config.vhost_user_balloon = Some(self.device());
+        config.serial_ports = vec![self.app_port()];
+        config
+    }
+
+    /// Sets the app's target to 0 and waits until the app holds nothing.
+    pub fn deflate_app(&self) -> Result<BackendStatus> {
+        self.set_app_target(0)?;
+        self.wait_app("the app to give everything back", |s| {
+            s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
+        })
     }
 
     /// Waits (up to 120 s) until the app's part of the status meets `cond`.

@@ -12,8 +12,6 @@ use scheduler::api::SchedulerStatus;
 pub const GUESTS: [&str; 3] = ["a", "b", "c"];
 /// The guest ballooned by the app alone.
 pub const APP_GUEST: &str = "c";
-/// The virtio-serial port the app's unit connects to.
-const APP_PORT: &str = "org.balloon.app";
 pub const MEMORY_MIB: u64 = 512;
 /// Below the guests' 1536 MiB together.
 pub const BUDGET_MIB: u64 = 1100;
@@ -50,7 +48,7 @@ impl ThreeGuests {
             config.mem_mib = MEMORY_MIB;
             config.vhost_user_balloon = Some(backend.device());
             if name == APP_GUEST {
-                config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+                config.serial_ports = vec![backend.app_port()];
             }
             vms.push(Vm::start(config)?);
             backends.push(backend);

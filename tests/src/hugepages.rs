@@ -266,8 +266,7 @@ pub fn driver_returns(
     ))
 }
 
-/// The guest app port the guest's `balloon-guest` connects to.
-pub const APP_PORT: &str = "org.balloon.app";
+pub use crate::backend::APP_PORT;
 
 /// Starts the app in the guest (its port wired to the backend's app socket) with its free
 /// memory scattered, as a guest that has run a while has it, asks it to hold `held` bytes and

@@ -10,11 +10,9 @@
 use balloon_lab::backend::Backend;
 use balloon_lab::scheduler::SchedulerProcess;
 use balloon_lab::wait::{wait_for, Poll};
-use balloon_lab::{Vm, VmConfig, MIB};
+use balloon_lab::{Vm, MIB};
 use scheduler::drivers::split::BalloonSplit;
 use std::time::Duration;
-
-const APP_PORT: &str = "org.balloon.app";
 
 fn split(s: &scheduler::api::SchedulerStatus) -> Option<BalloonSplit> {
     s.last.as_ref()?.guests.first()?.balloon_split
@@ -29,11 +27,7 @@ fn with_both_the_driver_goes_first_and_the_app_takes_over_when_it_stalls() {
         &["--no-free-page-reporting", "--stats-interval", "1"],
     )
     .unwrap();
-    let mut config = VmConfig::new("both");
-    config.image = balloon_lab::Image::Debian;
-    config.cpus = 2;
-    config.vhost_user_balloon = Some(backend.device());
-    config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+    let config = backend.debian_guest_with_app("both");
     let mut vm = Vm::start(config).unwrap();
     // The app's unit starts it at boot.
     backend

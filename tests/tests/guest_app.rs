@@ -2,12 +2,10 @@
 //! virtio-serial: its pinned pages go back to the host, it gives them back on request, and a
 //! killed app's pages are the guest's again.
 
-use balloon_lab::backend::Backend;
+use balloon_lab::backend::{Backend, APP_PORT};
 use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::{Vm, VmConfig, MIB};
 use std::time::Duration;
-
-const APP_PORT: &str = "org.balloon.app";
 
 #[test]
 fn the_app_balloon_returns_memory_gives_it_back_and_is_released_when_killed() {
@@ -16,7 +14,7 @@ fn the_app_balloon_returns_memory_gives_it_back_and_is_released_when_killed() {
     let backend = Backend::start("app", &["--no-free-page-reporting"]).unwrap();
     let mut config = VmConfig::new("app");
     config.vhost_user_balloon = Some(backend.device());
-    config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+    config.serial_ports = vec![backend.app_port()];
     let mut vm = Vm::start(config).unwrap();
     // Make the guest's free memory resident on the host, so that giving it up shows.
     vm.touch_and_free(700).unwrap();
@@ -45,12 +43,7 @@ fn the_app_balloon_returns_memory_gives_it_back_and_is_released_when_killed() {
     );
 
     // Deflate: the app gives everything back, and the guest can use it.
-    backend.set_app_target(0).unwrap();
-    backend
-        .wait_app("the app to give everything back", |s| {
-            s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
-        })
-        .unwrap();
+    backend.deflate_app().unwrap();
     vm.touch_and_free(600).unwrap();
 
     // Inflate again, then kill -9 the app: the backend stops counting its pages and the guest
@@ -85,7 +78,7 @@ fn boot_with_app(name: &str, app_args: &str) -> (Backend, Vm) {
     let backend = Backend::start(name, &["--no-free-page-reporting"]).unwrap();
     let mut config = VmConfig::new(name);
     config.vhost_user_balloon = Some(backend.device());
-    config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+    config.serial_ports = vec![backend.app_port()];
     let mut vm = Vm::start(config).unwrap();
     vm.agent
         .spawn(&format!(
@@ -206,11 +199,7 @@ fn a_target_larger_than_the_guest_can_give_stops_short_without_oom() {
 #[test]
 fn the_systemd_unit_starts_at_boot_follows_targets_and_stops_cleanly() {
     let backend = Backend::start("unit", &[]).unwrap();
-    let mut config = VmConfig::new("unit");
-    config.image = balloon_lab::Image::Debian;
-    config.cpus = 2;
-    config.vhost_user_balloon = Some(backend.device());
-    config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+    let config = backend.debian_guest_with_app("unit");
     let mut vm = Vm::start(config).unwrap();
     // Started by systemd at boot, nobody asked.
     backend
@@ -349,14 +338,10 @@ fn without_a_balloon_driver_the_app_returns_memory_through_the_guest_memory_file
         ],
     )
     .unwrap();
-    let mut config = VmConfig::new("nodriver");
-    config.image = balloon_lab::Image::Debian;
-    config.cpus = 2;
-    config.ram = balloon_lab::GuestRam::File(ram);
     // The device is there, but no driver binds it.
-    config.vhost_user_balloon = Some(backend.device());
+    let mut config = backend.debian_guest_with_app("nodriver");
+    config.ram = balloon_lab::GuestRam::File(ram);
     config.kernel_args = vec!["modprobe.blacklist=virtio_balloon".into()];
-    config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
     let mut vm = Vm::start(config).unwrap();
     backend
         .wait_app("the unit's app to connect", |s| s.app.connected)
@@ -390,12 +375,7 @@ fn without_a_balloon_driver_the_app_returns_memory_through_the_guest_memory_file
     );
 
     // Deflate: everything back, and the guest uses it again.
-    backend.set_app_target(0).unwrap();
-    backend
-        .wait_app("the app to give everything back", |s| {
-            s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
-        })
-        .unwrap();
+    backend.deflate_app().unwrap();
     vm.touch_and_free(600).unwrap();
 
     // Killed with -9 mid-inflate: the kernel frees what it pinned and the backend stops
@@ -452,12 +432,7 @@ fn without_a_balloon_driver_the_app_returns_memory_through_the_guest_memory_file
         })
         .unwrap();
     assert!(s.app.connected, "{:?}", s.app);
-    backend.set_app_target(0).unwrap();
-    backend
-        .wait_app("the app to give everything back", |s| {
-            s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
-        })
-        .unwrap();
+    backend.deflate_app().unwrap();
     vm.touch_and_free(600).unwrap();
     assert_eq!(vm.agent.oom_kills().unwrap(), 0);
     let s = backend.status().unwrap();

@@ -7,7 +7,7 @@
 
 use balloon_lab::backend::Backend;
 use balloon_lab::hugepages::{
-    app_returns, driver_returns, settled_allocation, HugePages, Reservation, APP_PORT, HUGE_PAGE,
+    app_returns, driver_returns, settled_allocation, HugePages, Reservation, HUGE_PAGE,
 };
 use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::{GuestRam, Vm, VmConfig, MIB};
@@ -176,7 +176,7 @@ fn the_app_returns_nearly_all_it_holds_in_whole_huge_pages(ram: GuestRam) {
     let backend =
         Backend::start(&format!("huge-app-{ram:?}"), &["--no-free-page-reporting"]).unwrap();
     let mut config = config(&format!("huge-app-{ram:?}"), ram.clone(), &backend);
-    config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+    config.serial_ports = vec![backend.app_port()];
     let mut vm = Vm::start(config).expect("boot the mini guest on huge pages");
     vm.touch_and_free(700).unwrap();
     let kept = keep(&mut vm, "kept", 64);
@@ -212,12 +212,7 @@ fn the_app_returns_nearly_all_it_holds_in_whole_huge_pages(ram: GuestRam) {
     );
 
     vm.agent.sh("rm -rf /tmp/frag").unwrap();
-    backend.set_app_target(0).unwrap();
-    backend
-        .wait_app("the app to give everything back", |s| {
-            s.app.ballooned_bytes == 0 && s.app.held_bytes == 0
-        })
-        .unwrap();
+    backend.deflate_app().unwrap();
     vm.touch_and_free(700).unwrap();
     assert_eq!(
         checksum(&mut vm, "kept"),

@@ -10,7 +10,7 @@ pub(super) fn guest_app_inflate() -> Result<()> {
     let backend = Backend::start("bench-app", &["--no-free-page-reporting"])?;
     let mut config = VmConfig::new("bench-app");
     config.vhost_user_balloon = Some(backend.device());
-    config.serial_ports = vec![("org.balloon.app".into(), backend.app_socket.clone())];
+    config.serial_ports = vec![backend.app_port()];
     let mut vm = Vm::start(config)?;
     let wait = |what: &str, cond: &dyn Fn(&balloon_protocol::BackendStatus) -> bool| {
         wait_for(what, Duration::from_secs(300), POLL, || {
@@ -133,12 +133,7 @@ fn both_vs_driver() -> Result<serde_json::Value> {
     use scheduler::drivers::BalloonDriver;
     let balloon = 624 * MIB;
     let backend = Backend::start("bench-both", &["--no-free-page-reporting"])?;
-    let mut config = VmConfig::new("bench-both");
-    config.image = balloon_lab::Image::Debian;
-    config.cpus = 2;
-    config.vhost_user_balloon = Some(backend.device());
-    config.serial_ports = vec![("org.balloon.app".into(), backend.app_socket.clone())];
-    let mut vm = Vm::start(config)?;
+    let mut vm = Vm::start(backend.debian_guest_with_app("bench-both"))?;
     wait_for(
         "the unit's app to connect",
         Duration::from_secs(120),

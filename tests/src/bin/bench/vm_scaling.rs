@@ -1,5 +1,5 @@
 use super::*;
-use balloon_lab::hugepages::{app_returns, driver_returns, HugePages, APP_PORT, HUGE_PAGE};
+use balloon_lab::hugepages::{app_returns, driver_returns, HugePages, HUGE_PAGE};
 use balloon_lab::{host, GuestRam, LabError};
 
 /// What inflating 75% of one guest cost.
@@ -90,7 +90,7 @@ fn shares_on_2m_pages() -> Result<(f64, f64)> {
     config.mem_mib = GUEST_MIB;
     config.ram = GuestRam::HugetlbMemfd;
     config.vhost_user_balloon = Some(backend.device());
-    config.serial_ports = vec![(APP_PORT.into(), backend.app_socket.clone())];
+    config.serial_ports = vec![backend.app_port()];
     let mut vm = Vm::start(config)?;
     vm.touch_and_free(700)?;
     let (driver, _) = driver_returns(&vm, &backend, 512 * MIB)?;
