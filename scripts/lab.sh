@@ -25,7 +25,7 @@ IMAGES=$LAB/images
 TARGET_TRIPLE=x86_64-unknown-linux-gnu
 GUEST_BIN_DIR=$TOP/target/$TARGET_TRIPLE/release
 # The guest binaries every image carries: the test agent and the user-level balloon app.
-GUEST_BINS=(balloon-test-agent balloon-guest)
+GUEST_BINS=(balloon-test-agent balloon-workload balloon-guest)
 # Kernel modules the guests need, decompressed (busybox insmod cannot read .ko.xz). Order matters:
 # dependencies first.
 GUEST_MODULES=(
@@ -310,7 +310,7 @@ do_guest_bins() {
     # to the guest target, not to build scripts.
     (cd "$TOP" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
         --target "$TARGET_TRIPLE" -p balloon-tests -p guest-app \
-        --bin balloon-test-agent --bin balloon-guest) || die "building the static guest binaries failed"
+        --bin balloon-test-agent --bin balloon-workload --bin balloon-guest) || die "building the static guest binaries failed"
     for b in "${GUEST_BINS[@]}"; do
         [ -x "$GUEST_BIN_DIR/$b" ] || die "guest binary $GUEST_BIN_DIR/$b missing"
     done

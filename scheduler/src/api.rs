@@ -26,7 +26,7 @@ pub enum ApiRequest {
         guest: String,
     },
     PolicyShow {},
-    /// Change the policy kind (static, shares, pressure, mom).
+    /// Change the policy kind (static, shares, pressure, mom, proxmox).
     PolicySet {
         kind: String,
     },

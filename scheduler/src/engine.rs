@@ -197,7 +197,7 @@ impl Engine {
                 };
                 (a.send_bytes, state)
             };
-            send.push(plan);
+            send.push(plan.and_then(|b| whole_pages(b, g)));
             states.push(state);
             decisions.push(decided);
         }
@@ -241,6 +241,19 @@ impl Engine {
             trace,
         }
     }
+}
+
+/// A balloon target rounded up to whole balloon pages (at most the guest's size): a balloon
+/// holds whole pages and a driver rounds a byte target down, which would leave each guest up
+/// to a page over its allocation and the guests together over the budget. `None` when the
+/// rounded target is the one already sent.
+fn whole_pages(balloon_bytes: u64, g: &GuestState) -> Option<u64> {
+    let page = balloon_protocol::PAGE_SIZE;
+    let rounded = balloon_bytes
+        .div_ceil(page)
+        .saturating_mul(page)
+        .min(g.spec.memory_bytes / page * page);
+    (rounded != g.balloon_target_bytes).then_some(rounded)
 }
 
 /// Growth is paid for with memory already free under the budget: a guest's balloon deflates
@@ -417,6 +430,39 @@ mod tests {
         let out = tick(&mut e, 21.0, budget(3072));
         assert!(!e.infeasible() && !out.trace.budget_infeasible);
         assert!(out.send.iter().any(Option::is_some), "{:?}", out.send);
+    }
+
+    #[test]
+    fn balloon_targets_are_whole_pages_so_the_guests_stay_inside_the_budget() {
+        // Three guests share 2000 MiB + 1 byte: a third each is no whole number of pages.
+        let unlimited = ActuatorConfig {
+            max_step_bytes: 4096 * MIB,
+            ..Default::default()
+        };
+        let mut e = Engine::new(PolicyConfig::default(), unlimited);
+        let host = HostState {
+            budget_bytes: 2000 * MIB + 1,
+            ..host()
+        };
+        let idle = Some(DriverReading {
+            target_bytes: Some(0),
+            actual_bytes: 0,
+            stats: Some(crate::drivers::RawGuestStats {
+                available_bytes: 900 * MIB,
+                total_bytes: 1024 * MIB,
+                ..Default::default()
+            }),
+            split: None,
+        });
+        let inputs: Vec<_> = ["a", "b", "c"].iter().map(|n| (spec(n), idle)).collect();
+        let out = e.tick(0.0, host, &inputs);
+        let mut held = 0;
+        for (sent, (s, _)) in out.send.iter().zip(&inputs) {
+            let b = sent.expect("every guest inflates");
+            assert_eq!(b % balloon_protocol::PAGE_SIZE, 0, "{b}");
+            held += s.memory_bytes - b;
+        }
+        assert!(held <= host.budget_bytes, "{held} > {}", host.budget_bytes);
     }
 
     #[test]

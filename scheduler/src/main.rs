@@ -31,7 +31,7 @@ enum Command {
     /// Run a scenario against modelled guests in virtual time and print the outcome.
     Simulate {
         scenario: PathBuf,
-        /// Override the scenario's policy (static, shares, pressure, mom).
+        /// Override the scenario's policy (static, shares, pressure, mom, proxmox).
         #[arg(long)]
         policy: Option<String>,
         /// Write the trace (JSON lines) here.

@@ -17,10 +17,12 @@ pub mod host;
 pub mod hugepages;
 pub mod lab;
 pub mod libvirt;
+pub mod policy_vm;
 pub mod qmp;
 pub mod scheduler;
 pub mod vm;
 pub mod wait;
+pub mod workload;
 
 pub use error::LabError;
 pub use vm::{BuiltinBalloon, GuestRam, Image, VhostUserBalloon, Vm, VmConfig};

@@ -5,6 +5,7 @@
 pub mod host_level;
 pub mod mom;
 pub mod pressure;
+pub mod proxmox;
 pub mod shares;
 
 use crate::model::Snapshot;
@@ -22,6 +23,18 @@ pub enum PolicyKind {
     Pressure,
     /// oVirt MoM's shipped balloon policy, for comparisons.
     Mom,
+    /// Proxmox VE's auto-ballooning (pvestatd), for comparisons.
+    Proxmox,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 5] = [
+        PolicyKind::Static,
+        PolicyKind::Shares,
+        PolicyKind::Pressure,
+        PolicyKind::Mom,
+        PolicyKind::Proxmox,
+    ];
 }
 
 impl std::fmt::Display for PolicyKind {
@@ -31,6 +44,7 @@ impl std::fmt::Display for PolicyKind {
             PolicyKind::Shares => "shares",
             PolicyKind::Pressure => "pressure",
             PolicyKind::Mom => "mom",
+            PolicyKind::Proxmox => "proxmox",
         })
     }
 }
@@ -38,15 +52,13 @@ impl std::fmt::Display for PolicyKind {
 impl std::str::FromStr for PolicyKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "static" => Ok(PolicyKind::Static),
-            "shares" => Ok(PolicyKind::Shares),
-            "pressure" => Ok(PolicyKind::Pressure),
-            "mom" => Ok(PolicyKind::Mom),
-            other => Err(format!(
-                "unknown policy {other:?} (static, shares, pressure, mom)"
-            )),
-        }
+        PolicyKind::ALL
+            .into_iter()
+            .find(|k| k.to_string() == s)
+            .ok_or_else(|| {
+                let names: Vec<String> = PolicyKind::ALL.iter().map(|k| k.to_string()).collect();
+                format!("unknown policy {s:?} ({})", names.join(", "))
+            })
     }
 }
 
@@ -74,6 +86,11 @@ pub struct PolicyConfig {
     pub mom_step: f64,
     /// `mom`: seconds between its decisions.
     pub mom_interval_s: f64,
+    /// `proxmox`: the share of host memory (here: of the budget) it aims to have in use
+    /// (pvestatd: 80%), the most one guest moves per decision, and seconds between decisions.
+    pub proxmox_target_used: f64,
+    pub proxmox_max_change_bytes: u64,
+    pub proxmox_interval_s: f64,
 }
 
 impl Default for PolicyConfig {
@@ -91,6 +108,9 @@ impl Default for PolicyConfig {
             mom_pressure_threshold: 0.20,
             mom_step: 0.05,
             mom_interval_s: 10.0,
+            proxmox_target_used: 0.80,
+            proxmox_max_change_bytes: 100 << 20,
+            proxmox_interval_s: 10.0,
         }
     }
 }
@@ -113,6 +133,9 @@ impl PolicyConfig {
         if !(0.0..=1.0).contains(&self.mom_step) || self.mom_interval_s < 0.0 {
             return Err("mom_step must be in [0, 1] and mom_interval_s >= 0".into());
         }
+        if !(0.0..=1.0).contains(&self.proxmox_target_used) || self.proxmox_interval_s < 0.0 {
+            return Err("proxmox_target_used must be in [0, 1] and proxmox_interval_s >= 0".into());
+        }
         Ok(())
     }
 }
@@ -123,6 +146,37 @@ pub struct PolicyState {
     pub host_level: HostLevelTracker,
     /// `mom`: when it last acted.
     pub mom_last_s: Option<f64>,
+    /// `proxmox`: when it last acted.
+    pub proxmox_last_s: Option<f64>,
+}
+
+/// Whether a baseline that decides every `interval_s` acts at `now_s`; records it if so.
+pub(crate) fn due(last_s: &mut Option<f64>, now_s: f64, interval_s: f64) -> bool {
+    if last_s.is_some_and(|t| now_s - t < interval_s) {
+        return false;
+    }
+    *last_s = Some(now_s);
+    true
+}
+
+/// The host's free fraction as the baselines (mom, proxmox) see it. They were written for a
+/// host whose RAM is the guests' to share; here that RAM is the budget, so the budget's unused
+/// share counts as free memory too, and the lower of the two is taken.
+pub(crate) fn baseline_free_fraction(snap: &Snapshot) -> f64 {
+    let host = HostLevelTracker::free_fraction(&snap.host);
+    let budget = snap.host.budget_bytes;
+    if budget == 0 {
+        return host;
+    }
+    let allocated: u64 = snap.guests.iter().map(planned).sum();
+    let in_budget = budget.saturating_sub(allocated) as f64 / budget as f64;
+    host.min(in_budget)
+}
+
+/// Memory the guest asked to have: its size minus the balloon target (what it will have once
+/// the balloon gets there), so a slow balloon is not pushed twice.
+pub(crate) fn planned(g: &crate::model::GuestState) -> u64 {
+    g.spec.memory_bytes.saturating_sub(g.balloon_target_bytes)
 }
 
 /// The allocation each guest (in snapshot order) should have. Pinned guests keep theirs.
@@ -157,6 +211,7 @@ pub fn decide(config: &PolicyConfig, snap: &Snapshot, state: &mut PolicyState) -
         PolicyKind::Shares => shares::allocate(config, snap),
         PolicyKind::Pressure => pressure::allocate(config, snap, level),
         PolicyKind::Mom => mom::allocate(config, snap, state),
+        PolicyKind::Proxmox => proxmox::allocate(config, snap, state),
     };
     for (alloc, g) in out.iter_mut().zip(&snap.guests) {
         if g.pinned || !g.reachable {

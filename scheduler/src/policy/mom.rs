@@ -1,25 +1,18 @@
 //! The comparison baseline: oVirt MoM's shipped balloon policy. Every `mom_interval_s`, when
 //! host free memory is below `mom_pressure_threshold`, each guest shrinks toward its used memory
 //! plus a share of its free memory scaled by how much the host has left, at most `mom_step` of
-//! its size per step; otherwise every guest grows by `mom_step` of its size.
+//! its size per step; otherwise every guest grows by `mom_step` of its size. Host free memory is
+//! `baseline_free_fraction`: the budget counts as the host's RAM.
 
-use super::{HostLevelTracker, PolicyConfig, PolicyState};
+use super::{baseline_free_fraction, due, planned, PolicyConfig, PolicyState};
 use crate::model::Snapshot;
 
 pub fn allocate(config: &PolicyConfig, snap: &Snapshot, state: &mut PolicyState) -> Vec<u64> {
-    let current: Vec<u64> = snap
-        .guests
-        .iter()
-        .map(|g| g.spec.memory_bytes.saturating_sub(g.balloon_target_bytes))
-        .collect();
-    if state
-        .mom_last_s
-        .is_some_and(|t| snap.time_s - t < config.mom_interval_s)
-    {
+    let current: Vec<u64> = snap.guests.iter().map(planned).collect();
+    if !due(&mut state.mom_last_s, snap.time_s, config.mom_interval_s) {
         return current;
     }
-    state.mom_last_s = Some(snap.time_s);
-    let host_free = HostLevelTracker::free_fraction(&snap.host);
+    let host_free = baseline_free_fraction(snap);
     let shrink = host_free < config.mom_pressure_threshold;
     snap.guests
         .iter()

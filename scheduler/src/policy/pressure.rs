@@ -3,14 +3,8 @@
 //! the most to spare, harder at lower levels; when the host has room, give memory to guests that
 //! show pressure (little available memory, swap-ins, major faults).
 
-use super::{pressure_growth, under_pressure, HostLevel, PolicyConfig};
+use super::{planned, pressure_growth, under_pressure, HostLevel, PolicyConfig};
 use crate::model::{GuestState, Snapshot};
-
-/// Memory the guest asked to have: its size minus the balloon target (what it will have once
-/// the balloon gets there), so a slow balloon is not pushed twice.
-fn planned(g: &GuestState) -> u64 {
-    g.spec.memory_bytes.saturating_sub(g.balloon_target_bytes)
-}
 
 pub fn allocate(config: &PolicyConfig, snap: &Snapshot, level: HostLevel) -> Vec<u64> {
     let mut alloc: Vec<u64> = snap.guests.iter().map(planned).collect();
@@ -29,6 +23,14 @@ pub fn allocate(config: &PolicyConfig, snap: &Snapshot, level: HostLevel) -> Vec
         HostLevel::Hard => config.guest_reserve_bytes / 2,
         HostLevel::Low => 0,
     };
+    // Above the high level a donor also keeps the free share below which it would itself
+    // count as under pressure: squeezed to its reserve alone, a large guest shows pressure on
+    // the next tick, takes its memory back, and two guests hand the same memory back and forth
+    // while the one that needs it waits.
+    let keep = |alloc: u64| match level {
+        HostLevel::High => reserve.max((config.guest_pressure_free * alloc as f64) as u64),
+        _ => reserve,
+    };
     let mut spare: Vec<u64> = snap
         .guests
         .iter()
@@ -37,7 +39,7 @@ pub fn allocate(config: &PolicyConfig, snap: &Snapshot, level: HostLevel) -> Vec
             let free = match (level, g.stats) {
                 (HostLevel::Low, _) => alloc[i],
                 (_, _) if pressured[i] => 0,
-                (_, Some(s)) => s.available_bytes.saturating_sub(reserve),
+                (_, Some(s)) => s.available_bytes.saturating_sub(keep(alloc[i])),
                 (_, None) => 0,
             };
             free.min(alloc[i].saturating_sub(bounds[i].0))
@@ -77,10 +79,10 @@ pub fn allocate(config: &PolicyConfig, snap: &Snapshot, level: HostLevel) -> Vec
     } else {
         0
     };
-    for i in 0..alloc.len() {
-        if !pressured[i] {
-            continue;
-        }
+    // The guests with the least memory free (as a share of what they have) come first.
+    let mut needy: Vec<usize> = (0..alloc.len()).filter(|&i| pressured[i]).collect();
+    needy.sort_by(|&a, &b| free_share(&snap.guests[a]).total_cmp(&free_share(&snap.guests[b])));
+    for i in needy {
         let want = pressure_growth(config, alloc[i]).min(bounds[i].1.saturating_sub(alloc[i]));
         if room < want {
             // Donors are the unpressured guests; this one's own spare is already 0.
@@ -95,6 +97,12 @@ pub fn allocate(config: &PolicyConfig, snap: &Snapshot, level: HostLevel) -> Vec
         .zip(&bounds)
         .map(|(a, (lo, hi))| (*a).clamp(*lo, *hi))
         .collect()
+}
+
+/// Available memory as a share of the allocation (0 without statistics).
+fn free_share(g: &GuestState) -> f64 {
+    let alloc = g.allocation_bytes().max(1) as f64;
+    g.stats.map_or(0.0, |s| s.available_bytes as f64 / alloc)
 }
 
 #[cfg(test)]
@@ -138,6 +146,34 @@ mod tests {
         );
         assert!(low.iter().sum::<u64>() < 4096 * MIB - 400 * MIB, "{low:?}");
         assert!(low.iter().all(|a| *a >= 256 * MIB));
+    }
+
+    #[test]
+    fn a_donor_is_not_squeezed_into_pressure_and_the_neediest_guest_grows_first() {
+        // At the budget: a (2048 MiB, 300 free, not under pressure at 10%) can spare memory;
+        // b has nothing free. a gives only down to 10% free of what it keeps, so it is not
+        // under pressure next tick (before, it went to its 64 MiB reserve, showed pressure,
+        // and took the memory back, tick after tick).
+        let c = PolicyConfig::default();
+        let s = snap(8000, 3072, vec![guest(0, 300), guest(1024, 0)]);
+        let a = allocate(&c, &s, HostLevel::High);
+        let a_free = 300 * MIB - (2048 * MIB - a[0]);
+        assert!(a[0] < 2048 * MIB && a[1] > 1024 * MIB, "{a:?}");
+        assert!(
+            a_free as f64 >= c.guest_pressure_free * a[0] as f64,
+            "a left with {} MiB free of {} MiB",
+            a_free / MIB,
+            a[0] / MIB
+        );
+        // Both under pressure (a has 100 MiB free of 1536), 200 MiB of room: it goes to b,
+        // the one with nothing free, though a comes first.
+        let s = snap(
+            8000,
+            1536 + 1024 + 200,
+            vec![guest(512, 100), guest(1024, 0)],
+        );
+        let a = allocate(&c, &s, HostLevel::High);
+        assert_eq!(a, [1536 * MIB, 1224 * MIB]);
     }
 
     #[test]

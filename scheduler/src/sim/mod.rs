@@ -4,8 +4,9 @@
 //! A modelled guest has a working set that follows a piecewise-linear trace, some swap, and a
 //! balloon that moves at a bounded rate. The balloon can only take memory the guest has free
 //! (the Linux driver allocates with __GFP_NORETRY and stalls rather than forcing reclaim); a
-//! working set larger than the allocation runs slower (paging) and, beyond the swap, is an OOM
-//! event. Work completed counts seconds of full-speed progress.
+//! working set larger than the allocation runs slower (it pages the excess back in at its
+//! paging rate every second) and, beyond the swap, is an OOM event. Work completed counts
+//! seconds of full-speed progress, as balloon-workload does on real guests.
 
 use crate::actuator::ActuatorConfig;
 use crate::config::{GuestConfig, Size};
@@ -32,8 +33,26 @@ pub struct ModelledGuest {
     /// How fast the balloon moves (bytes/s), both ways.
     #[serde(default)]
     pub balloon_rate: Option<Size>,
+    /// How fast the guest brings back what it paged out (swap-ins, page cache re-reads),
+    /// bytes/s; default `DEFAULT_PAGING_RATE`.
+    #[serde(default)]
+    pub paging_rate: Option<Size>,
+    /// The share of the working set that is page cache (0 to 1, default 0): the guest
+    /// counts it as available memory, and it is the first to go when memory is short, at
+    /// no cost (re-read from a disk the host caches; the policy_vm guests' data disks).
+    #[serde(default)]
+    pub file_share: f64,
     /// (time_s, bytes) points; linear between them, constant after the last.
     pub working_set: Vec<(f64, Size)>,
+    /// Whether the driver negotiated DEFLATE_ON_OOM (our backend offers it unless told not
+    /// to): then a guest out of memory and swap takes pages back from its balloon before its
+    /// OOM killer runs, and only with an empty balloon is it an OOM event.
+    #[serde(default = "offered")]
+    pub deflate_on_oom: bool,
+}
+
+fn offered() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +88,8 @@ pub struct GuestOutcome {
     pub stalled_s: f64,
     /// Seconds its working set exceeded its allocation (paging or OOM).
     pub starved_s: f64,
+    /// Memory its driver took back from the balloon on OOM (DEFLATE_ON_OOM).
+    pub deflated_on_oom_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -79,6 +100,10 @@ pub struct SimOutcome {
     pub oom_events: u64,
     /// Seconds the guests' allocations together exceeded the budget.
     pub over_budget_s: f64,
+    /// When the guests first fit the budget (`None`: never).
+    pub fit_s: Option<f64>,
+    /// Seconds over the budget after that.
+    pub over_budget_after_fit_s: f64,
     /// Largest excess over the budget seen.
     pub max_over_budget_bytes: u64,
     /// Seconds the host had less than 0 bytes available (would have swapped or OOM-killed).
@@ -107,6 +132,12 @@ impl Scenario {
         }
         s.policy.validate().map_err(SimError::Invalid)?;
         for g in &s.guests {
+            if !(0.0..=1.0).contains(&g.driver.file_share) {
+                return Err(SimError::Invalid(format!(
+                    "guest {}: file_share must be in [0, 1]",
+                    g.name
+                )));
+            }
             if g.driver.working_set.is_empty() {
                 return Err(SimError::Invalid(format!(
                     "guest {}: empty working_set",
@@ -128,19 +159,26 @@ impl Scenario {
 
 impl ModelledGuest {
     fn working_set_at(&self, t: f64) -> u64 {
-        let pts = &self.working_set;
-        if t <= pts[0].0 {
-            return pts[0].1 .0;
-        }
-        for w in pts.windows(2) {
-            let ((t0, a), (t1, b)) = (w[0], w[1]);
-            if t <= t1 {
-                let f = if t1 > t0 { (t - t0) / (t1 - t0) } else { 1.0 };
-                return (a.0 as f64 + (b.0 as f64 - a.0 as f64) * f) as u64;
-            }
-        }
-        pts[pts.len() - 1].1 .0
+        piecewise_linear(&self.working_set, t)
     }
+}
+
+/// A working-set schedule's size at `t`: linear between its (time_s, bytes) points, the first
+/// point's before it, the last one's after. The VM workload (balloon-workload) follows the
+/// same schedule with this function, so the simulator and the VM benchmark run one schedule.
+pub fn piecewise_linear(pts: &[(f64, Size)], t: f64) -> u64 {
+    let Some(first) = pts.first() else { return 0 };
+    if t <= first.0 {
+        return first.1 .0;
+    }
+    for w in pts.windows(2) {
+        let ((t0, a), (t1, b)) = (w[0], w[1]);
+        if t <= t1 {
+            let f = if t1 > t0 { (t - t0) / (t1 - t0) } else { 1.0 };
+            return (a.0 as f64 + (b.0 as f64 - a.0 as f64) * f) as u64;
+        }
+    }
+    pts[pts.len() - 1].1 .0
 }
 
 /// A modelled guest's moving parts.
@@ -150,6 +188,16 @@ struct Model {
     actual: u64,
     swapped_in_pages: u64,
     in_oom: bool,
+}
+
+/// The paging rate of the lab's TCG guests, fitted to policy_vm's static run: a guest whose
+/// working set is 110-160 MiB over its allocation for 30-70 s got almost no work done.
+pub const DEFAULT_PAGING_RATE: u64 = 4 * MIB;
+
+/// The share of full speed of a guest whose working set is `excess` bytes over its memory:
+/// every second it touches its whole working set, so the excess is paged back in each time.
+fn paging_speed(excess: u64, paging_rate: u64) -> f64 {
+    1.0 / (1.0 + excess as f64 / paging_rate.max(1) as f64)
 }
 
 /// Free memory a guest keeps that the balloon cannot take (kernel reserves).
@@ -180,21 +228,31 @@ pub fn run(scenario: &Scenario) -> SimOutcome {
             let m = &mut models[i];
             let rate = (g.driver.balloon_rate.map_or(200 * MIB, |s| s.0) as f64 * dt) as u64;
             let ws = g.driver.working_set_at(t);
+            let file = (ws as f64 * g.driver.file_share) as u64;
             let memory = g.memory.0;
             if m.target > m.actual {
-                let free = (memory - m.actual).saturating_sub(ws + GUEST_FLOOR);
+                // The driver's allocations reclaim clean page cache, not anonymous memory.
+                let free = (memory - m.actual).saturating_sub(ws - file + GUEST_FLOOR);
                 m.actual += rate.min(m.target - m.actual).min(free);
             } else {
                 m.actual -= rate.min(m.actual - m.target);
             }
-            let alloc = memory - m.actual;
             let o = &mut out.guests[i];
             let swap = g.driver.swap.map_or(0, |s| s.0);
+            let short = ws.saturating_sub(memory - m.actual + swap);
+            if g.driver.deflate_on_oom && short > 0 {
+                // The driver's OOM notifier gives balloon pages back until the guest fits.
+                let back = short.min(m.actual);
+                m.actual -= back;
+                o.deflated_on_oom_bytes += back;
+            }
+            let alloc = memory - m.actual;
             if ws <= alloc {
                 o.work_s += dt;
                 m.in_oom = false;
-            } else if ws - alloc <= swap {
-                o.work_s += dt * alloc as f64 / ws as f64;
+            } else if ws - alloc <= swap + file {
+                let paging_rate = g.driver.paging_rate.map_or(DEFAULT_PAGING_RATE, |s| s.0);
+                o.work_s += dt * paging_speed((ws - alloc).saturating_sub(file), paging_rate);
                 o.starved_s += dt;
                 m.swapped_in_pages += (ws - alloc) / 4096;
                 m.in_oom = false;
@@ -213,9 +271,14 @@ pub fn run(scenario: &Scenario) -> SimOutcome {
             .sum();
         if total_alloc > scenario.budget.0 {
             out.over_budget_s += dt;
+            if out.fit_s.is_some() {
+                out.over_budget_after_fit_s += dt;
+            }
             out.max_over_budget_bytes = out
                 .max_over_budget_bytes
                 .max(total_alloc - scenario.budget.0);
+        } else if out.fit_s.is_none() {
+            out.fit_s = Some(t);
         }
         let host_used = total_alloc + overhead;
         if host_used > scenario.host_memory.0 {
@@ -234,11 +297,14 @@ pub fn run(scenario: &Scenario) -> SimOutcome {
             .map(|((g, s), m)| {
                 let alloc = s.memory_bytes - m.actual;
                 let ws = g.driver.working_set_at(t);
+                // The page cache still held counts as available, as MemAvailable has it.
+                let file = (ws as f64 * g.driver.file_share) as u64;
+                let anon = ws - file;
                 let reading = DriverReading {
                     target_bytes: Some(m.target),
                     actual_bytes: m.actual,
                     stats: Some(RawGuestStats {
-                        available_bytes: alloc.saturating_sub(ws),
+                        available_bytes: alloc.saturating_sub(anon),
                         total_bytes: alloc,
                         swap_in: m.swapped_in_pages,
                         major_faults: m.swapped_in_pages,

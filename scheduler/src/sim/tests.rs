@@ -51,7 +51,8 @@ fn alloc_of(r: &TraceRecord, name: &str) -> u64 {
 
 #[test]
 fn every_policy_honours_min_and_max() {
-    for policy in ["static", "shares", "pressure", "mom"] {
+    for policy in PolicyKind::ALL.map(|k| k.to_string()) {
+        let policy = policy.as_str();
         let s = scenario(policy, "1500M", THREE);
         let out = run(&s);
         for r in &out.trace {
@@ -210,7 +211,8 @@ fn a_budget_below_the_minimums_is_refused() {
 
 #[test]
 fn an_infeasible_budget_holds_every_guest_at_its_minimum_without_oscillating() {
-    for policy in ["static", "shares", "pressure", "mom"] {
+    for policy in PolicyKind::ALL.map(|k| k.to_string()) {
+        let policy = policy.as_str();
         let mut s = scenario(policy, "4G", TWO_AT_1280M);
         // As a budget from host MemAvailable can become at run time (the scenario file itself
         // is refused).
@@ -265,7 +267,42 @@ fn a_guest_growing_by_3_gib_in_20_s_among_idle_ones_is_not_killed_under_shares_o
         s.policy.kind = policy;
         let out = run(&s);
         assert_eq!(out.oom_events, 0, "{policy:?}: {:?}", out.guests);
+        // Its growth waits a tick or two for the idle guests' balloons (the budget is full),
+        // and the paging model, fitted to the lab's guests, counts a guest paging a few
+        // hundred MiB as nearly stopped: shares loses 5 s, pressure 14 s of 300.
         let spiky = out.guests.iter().find(|g| g.name == "spiky").unwrap();
-        assert!(spiky.work_s > 290.0, "{policy:?}: {spiky:?}");
+        assert!(spiky.work_s > 280.0, "{policy:?}: {spiky:?}");
     }
+}
+
+#[test]
+fn with_deflate_on_oom_a_guest_out_of_memory_takes_pages_from_its_balloon_instead() {
+    // Static holds a 1 GiB guest at 512 MiB; its working set jumps to 700 MiB with no swap.
+    let guest = |deflate: bool| {
+        format!(
+            r#"
+    [[guest]]
+    name = "a"
+    memory = "1G"
+    static = "512M"
+    driver.deflate_on_oom = {deflate}
+    driver.working_set = [[0, "300M"], [100, "300M"], [110, "700M"]]
+    "#
+        )
+    };
+    let killed = run(&scenario("static", "512M", &guest(false)));
+    assert_eq!(killed.oom_events, 1, "{:?}", killed.guests);
+    let saved = run(&scenario("static", "512M", &guest(true)));
+    assert_eq!(saved.oom_events, 0, "{:?}", saved.guests);
+    // It took back what it lacked, and the host paid for it: over the budget from then on.
+    assert!(
+        saved.guests[0].deflated_on_oom_bytes >= 188 * MIB,
+        "{:?}",
+        saved.guests
+    );
+    assert!(
+        saved.over_budget_after_fit_s > 400.0,
+        "{}",
+        saved.over_budget_after_fit_s
+    );
 }

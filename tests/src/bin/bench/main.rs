@@ -27,6 +27,7 @@ mod density;
 mod discard_native;
 mod fleet;
 mod guest_app_inflate;
+mod policy_vm;
 mod qemu_builtin;
 mod scheduler_hung_guests;
 mod vm_inflate;
@@ -37,6 +38,7 @@ use density::density;
 use discard_native::discard_native;
 use fleet::Fleet;
 use guest_app_inflate::guest_app_inflate;
+use policy_vm::policy_vm;
 use qemu_builtin::{qemu_builtin_inflate, wait_builtin};
 use scheduler_hung_guests::scheduler_hung_guests;
 use vm_inflate::vm_inflate;
@@ -52,6 +54,7 @@ const BENCHES: &[Bench] = &[
     ("control_flood", control_flood),
     ("vm_scaling", vm_scaling),
     ("density", density),
+    ("policy_vm", policy_vm),
 ];
 
 fn main() {

@@ -1,0 +1,291 @@
+//! One policy over real guests on a simulator scenario's schedule: the guests of the
+//! scenario as TCG mini guests behind our backends (each with a swap disk of its `swap` and a
+//! disk whose page cache holds its `file_share` of the working set), balloon-scheduler over them with the scenario's
+//! budget, policy and actuator, and balloon-workload in every guest following its working set.
+//! The policy_vm benchmark runs it once per policy; the figures are those the simulator gives
+//! for the same scenario, so the two can be put side by side.
+
+use crate::backend::Backend;
+use crate::error::IoContext;
+use crate::scheduler::SchedulerProcess;
+use crate::workload::{WorkloadStatus, STATUS_PATH};
+use crate::{lab, LabError, Result, Vm, VmConfig, MIB};
+use scheduler::policy::PolicyKind;
+use scheduler::sim::Scenario;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The least a workload's schedule asks for, whatever its guest's kernel already uses.
+const MIN_WORKLOAD: u64 = 16 * MIB;
+/// How often the run samples the balloons.
+const SAMPLE: Duration = Duration::from_millis(500);
+/// How often it reads the guests' swap use and reports progress.
+const REPORT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GuestFigures {
+    pub name: String,
+    /// Seconds of full-speed work (balloon-workload's count).
+    pub work: f64,
+    pub oom_kills: usize,
+    pub slow_passes: u64,
+    /// What the guest used at boot, before its workload (taken off its schedule).
+    pub boot_used_bytes: u64,
+    pub swap_used_peak_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PolicyFigures {
+    pub policy: String,
+    /// Seconds of full-speed work, all guests together.
+    pub work: f64,
+    pub oom_kills: usize,
+    /// Seconds the guests' memory (their size less the balloons' actual) exceeded the budget
+    /// after the first fit.
+    pub over_budget_s: f64,
+    /// Seconds from the scheduler's start until the guests first fit the budget (null: never).
+    pub fit_s: Option<f64>,
+    pub max_over_budget_bytes: u64,
+    pub guests: Vec<GuestFigures>,
+}
+
+/// A scenario guest in a VM: its backend, its VM, its disks.
+struct Guest {
+    name: String,
+    memory: u64,
+    backend: Backend,
+    vm: Vm,
+    disks: PathBuf,
+    boot_used: u64,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.disks);
+    }
+}
+
+fn sparse_file(path: &Path, bytes: u64) -> Result<()> {
+    let f = std::fs::File::create(path).ctx(|| format!("creating {}", path.display()))?;
+    f.set_len(bytes)
+        .ctx(|| format!("sizing {}", path.display()))
+}
+
+fn boot(g: &scheduler::sim::SimGuest) -> Result<Guest> {
+    let name = format!("pv-{}", g.name);
+    let backend = Backend::start(&name, &["--stats-interval", "1"])?;
+    let disks = lab::run_dir(&format!("{name}-disks"))?;
+    let swap = disks.join("swap.img");
+    let data = disks.join("data.img");
+    let largest = g
+        .driver
+        .working_set
+        .iter()
+        .map(|p| p.1 .0)
+        .max()
+        .unwrap_or(0);
+    sparse_file(&swap, g.driver.swap.map_or(0, |s| s.0).max(MIB))?;
+    sparse_file(
+        &data,
+        ((largest as f64 * g.driver.file_share) as u64 + MIB) / MIB * MIB,
+    )?;
+    let mut config = VmConfig::new(&name);
+    config.mem_mib = g.memory.0 / MIB;
+    config.vhost_user_balloon = Some(backend.device());
+    config.modules = vec!["virtio_balloon".into(), "virtio_blk".into()];
+    for (disk, extra) in [(&swap, ""), (&data, ",readonly=on")] {
+        config.extra_args.extend([
+            "-drive".into(),
+            format!(
+                "file={},if=virtio,format=raw,cache=unsafe{extra}",
+                disk.display()
+            ),
+        ]);
+    }
+    let mut vm = Vm::start(config)?;
+    // The first disk is swap, the second the workload's file; their sizes say which is which.
+    let sizes = vm.agent.sh("cat /sys/block/vda/size /sys/block/vdb/size")?;
+    let sectors: Vec<u64> = sizes
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let expected = [
+        std::fs::metadata(&swap).map_or(0, |m| m.len()) / 512,
+        std::fs::metadata(&data).map_or(0, |m| m.len()) / 512,
+    ];
+    if sectors != expected {
+        return Err(LabError::Other(format!(
+            "{name}: disks vda, vdb have {sectors:?} sectors, expected {expected:?} (swap, data)"
+        )));
+    }
+    // The agent must outlive any OOM: it is how the run reads the guest.
+    vm.agent
+        .sh("mkswap /dev/vda >/dev/null && swapon /dev/vda && \
+         for p in $(pidof balloon-test-agent); do echo -1000 > /proc/$p/oom_score_adj; done")?;
+    let m = vm.agent.meminfo()?;
+    let boot_used = m["MemTotal"].saturating_sub(m["MemAvailable"]);
+    Ok(Guest {
+        name: g.name.clone(),
+        memory: g.memory.0,
+        backend,
+        vm,
+        disks,
+        boot_used,
+    })
+}
+
+/// The scheduler's configuration for the scenario under `kind`, over the guests' backends.
+fn scheduler_config(scenario: &Scenario, kind: PolicyKind, guests: &[Guest]) -> Result<String> {
+    let mut policy = scenario.policy.clone();
+    policy.kind = kind;
+    let mut top = toml::Table::new();
+    top.insert("tick_seconds".into(), scenario.tick_s.into());
+    let mut budget = toml::Table::new();
+    budget.insert("bytes".into(), (scenario.budget.0 as i64).into());
+    top.insert("budget".into(), budget.into());
+    top.insert("policy".into(), to_value(&policy)?);
+    top.insert("actuator".into(), to_value(&scenario.actuator)?);
+    let mut entries = Vec::new();
+    for (g, vm) in scenario.guests.iter().zip(guests) {
+        let mut e = toml::Table::new();
+        e.insert("name".into(), g.name.clone().into());
+        e.insert("memory".into(), (g.memory.0 as i64).into());
+        for (key, size) in [("min", g.min), ("max", g.max), ("static", g.static_size)] {
+            if let Some(s) = size {
+                e.insert(key.into(), (s.0 as i64).into());
+            }
+        }
+        e.insert("shares".into(), (g.shares as i64).into());
+        let mut driver = toml::Table::new();
+        driver.insert("kind".into(), "backend".into());
+        driver.insert(
+            "control_socket".into(),
+            vm.backend.control_socket.display().to_string().into(),
+        );
+        e.insert("driver".into(), driver.into());
+        entries.push(toml::Value::Table(e));
+    }
+    top.insert("guest".into(), toml::Value::Array(entries));
+    toml::to_string(&top).map_err(|e| LabError::Other(format!("scheduler config: {e}")))
+}
+
+/// A serialisable config section as a TOML value.
+fn to_value<T: Serialize>(v: &T) -> Result<toml::Value> {
+    toml::Value::try_from(v).map_err(|e| LabError::Other(format!("scheduler config: {e}")))
+}
+
+/// The workload's schedule for a guest: the scenario's working set less what its kernel and
+/// image already use.
+fn workload_schedule(g: &scheduler::sim::SimGuest, boot_used: u64) -> String {
+    g.driver
+        .working_set
+        .iter()
+        .map(|(t, s)| format!("{t}:{}", s.0.saturating_sub(boot_used).max(MIN_WORKLOAD)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The workload's file share: the scenario's is of the whole working set, the workload's of
+/// its own part (the working set less what the kernel uses), so it is scaled to give the same
+/// page cache at the peak, where memory is short.
+fn workload_file_share(g: &scheduler::sim::SimGuest, boot_used: u64) -> f64 {
+    let peak = g.driver.working_set.iter().map(|p| p.1 .0).max().unwrap_or(0);
+    let own = peak.saturating_sub(boot_used).max(MIN_WORKLOAD);
+    (g.driver.file_share * peak as f64 / own as f64).min(1.0)
+}
+
+/// Runs the scenario's schedule on real guests under `kind`; `progress` hears what happens.
+/// With `keep_trace`, the scheduler's trace (JSON lines, for `balloon-scheduler plot`) is
+/// copied there.
+pub fn run(
+    scenario: &Scenario,
+    kind: PolicyKind,
+    keep_trace: Option<&Path>,
+    progress: &dyn Fn(&str),
+) -> Result<PolicyFigures> {
+    let mut guests = Vec::new();
+    for g in &scenario.guests {
+        guests.push(boot(g)?);
+        progress(&format!("{kind}: {} booted", g.name));
+    }
+    let config = scheduler_config(scenario, kind, &guests)?;
+    let scheduler = SchedulerProcess::start(&format!("pv-{kind}"), &config)?;
+    let started = Instant::now();
+    for (g, guest) in scenario.guests.iter().zip(guests.iter_mut()) {
+        let schedule = workload_schedule(g, guest.boot_used);
+        let file_share = workload_file_share(g, guest.boot_used);
+        // The supervisor is never the OOM killer's choice; the workload it restarts is.
+        guest.vm.agent.spawn(&format!(
+            "echo -1000 > /proc/self/oom_score_adj; while :; do \
+             sh -c 'echo 0 > /proc/self/oom_score_adj; exec balloon-workload --schedule {schedule} \
+             --file /dev/vdb --file-share {file_share}'; sleep 1; done"
+        ))?;
+    }
+    let budget = scenario.budget.0;
+    let mut figures = PolicyFigures {
+        policy: kind.to_string(),
+        ..PolicyFigures::default()
+    };
+    let mut swap_peak = vec![0u64; guests.len()];
+    let end = started + Duration::from_secs_f64(scenario.duration_s);
+    let mut next_sample = Instant::now();
+    let mut next_report = Instant::now();
+    while Instant::now() < end {
+        let mut total = 0;
+        for g in &guests {
+            let s = g.backend.status()?;
+            total += g.memory.saturating_sub(s.actual_bytes);
+        }
+        let now = started.elapsed().as_secs_f64();
+        match figures.fit_s {
+            None if total <= budget => figures.fit_s = Some(now),
+            Some(_) if total > budget => {
+                figures.over_budget_s += SAMPLE.as_secs_f64();
+                figures.max_over_budget_bytes = figures.max_over_budget_bytes.max(total - budget);
+            }
+            _ => {}
+        }
+        if Instant::now() >= next_report {
+            next_report += REPORT;
+            for (i, g) in guests.iter_mut().enumerate() {
+                let m = g.vm.agent.meminfo()?;
+                let field = |k: &str| m.get(k).copied().unwrap_or(0);
+                swap_peak[i] =
+                    swap_peak[i].max(field("SwapTotal").saturating_sub(field("SwapFree")));
+            }
+            progress(&format!(
+                "{kind}: {now:.0} s, guests at {} MiB of {} MiB",
+                total / MIB,
+                budget / MIB
+            ));
+        }
+        next_sample += SAMPLE;
+        std::thread::sleep(next_sample.saturating_duration_since(Instant::now()));
+    }
+    if let Some(to) = keep_trace {
+        std::fs::copy(&scheduler.trace, to)
+            .ctx(|| format!("copying the trace to {}", to.display()))?;
+    }
+    drop(scheduler);
+    for (i, g) in guests.iter_mut().enumerate() {
+        let status = read_status(&mut g.vm)?;
+        let oom_kills = g.vm.agent.oom_kills()?;
+        figures.guests.push(GuestFigures {
+            name: g.name.clone(),
+            work: status.work_s,
+            oom_kills,
+            slow_passes: status.slow_passes,
+            boot_used_bytes: g.boot_used,
+            swap_used_peak_bytes: swap_peak[i],
+        });
+    }
+    figures.work = figures.guests.iter().map(|g| g.work).sum();
+    figures.oom_kills = figures.guests.iter().map(|g| g.oom_kills).sum();
+    Ok(figures)
+}
+
+fn read_status(vm: &mut Vm) -> Result<WorkloadStatus> {
+    let text = vm.agent.sh(&format!("cat {STATUS_PATH}"))?;
+    serde_json::from_str(&text).map_err(|e| LabError::Other(format!("{STATUS_PATH} {text:?}: {e}")))
+}
