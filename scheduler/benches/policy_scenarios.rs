@@ -1,5 +1,6 @@
 //! `policy_scenarios`: the scenarios of examples/scenarios/ in the simulator under every
-//! policy: guest work completed, OOM events, time over budget, and the policies ranked by work.
+//! policy: guest work completed, OOM events, time over budget, and the policies ranked by work
+//! (`sim::rank`: those that kept the budget first).
 //! policy_vm.toml is the schedule the policy_vm benchmark runs on real guests, so its ranking
 //! here is the one to compare with that benchmark's. No VM: `cargo bench -p scheduler --bench
 //! policy_scenarios`, or `make bench BENCH=policy_scenarios`; writes
@@ -38,7 +39,8 @@ fn policy_scenarios() -> Result<(), Box<dyn Error>> {
                 out.fit_s.map_or("never".into(), |s| format!("{s:.0} s")),
                 out.host_short_s
             );
-            work.push((kind, out.work_s));
+            let kept_budget = out.fit_s.is_some() && out.over_budget_after_fit_s == 0.0;
+            work.push((kind.to_string(), out.work_s, kept_budget));
             per_policy.insert(
                 kind.to_string(),
                 json!({
@@ -51,12 +53,15 @@ fn policy_scenarios() -> Result<(), Box<dyn Error>> {
                 }),
             );
         }
-        work.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let ranking: Vec<String> = work.iter().map(|(k, _)| k.to_string()).collect();
+        let ranking = sim::rank(&work);
         eprintln!("{name:>10} ranking by work: {}", ranking.join(" > "));
         per_policy.insert("ranking".into(), json!(ranking));
         if name == "policy_vm" {
-            let of = |k: PolicyKind| work.iter().find(|w| w.0 == k).map_or(f64::NAN, |w| w.1);
+            let of = |k: PolicyKind| {
+                work.iter()
+                    .find(|w| w.0 == k.to_string())
+                    .map_or(f64::NAN, |w| w.1)
+            };
             let ours = of(PolicyKind::Shares).max(of(PolicyKind::Pressure));
             let baseline = of(PolicyKind::Static)
                 .max(of(PolicyKind::Mom))

@@ -190,7 +190,13 @@ fn workload_schedule(g: &scheduler::sim::SimGuest, boot_used: u64) -> String {
 /// its own part (the working set less what the kernel uses), so it is scaled to give the same
 /// page cache at the peak, where memory is short.
 fn workload_file_share(g: &scheduler::sim::SimGuest, boot_used: u64) -> f64 {
-    let peak = g.driver.working_set.iter().map(|p| p.1 .0).max().unwrap_or(0);
+    let peak = g
+        .driver
+        .working_set
+        .iter()
+        .map(|p| p.1 .0)
+        .max()
+        .unwrap_or(0);
     let own = peak.saturating_sub(boot_used).max(MIN_WORKLOAD);
     (g.driver.file_share * peak as f64 / own as f64).min(1.0)
 }

@@ -333,5 +333,23 @@ pub fn run(scenario: &Scenario) -> SimOutcome {
     out
 }
 
+/// Policies ranked by the work their guests did, those that kept the budget after their
+/// first fit ahead of those that did not (work done by breaking the budget is no win); the
+/// latter are marked. `runs` is (policy, work, kept the budget).
+pub fn rank(runs: &[(String, f64, bool)]) -> Vec<String> {
+    let mut sorted: Vec<&(String, f64, bool)> = runs.iter().collect();
+    sorted.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.total_cmp(&a.1)));
+    sorted
+        .iter()
+        .map(|(name, _, kept)| {
+            if *kept {
+                name.clone()
+            } else {
+                format!("{name} (over budget)")
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests;

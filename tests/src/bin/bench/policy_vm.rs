@@ -29,7 +29,7 @@ pub(super) fn policy_vm() -> Result<()> {
         Err(_) => POLICIES.to_vec(),
     };
     let mut results = serde_json::Map::new();
-    let mut measured: Vec<PolicyFigures> = Vec::new();
+    let mut measured: Vec<(PolicyFigures, sim::SimOutcome)> = Vec::new();
     for kind in chosen {
         scenario.policy.kind = kind;
         let simulated = sim::run(&scenario);
@@ -67,13 +67,33 @@ pub(super) fn policy_vm() -> Result<()> {
                 },
             }),
         );
-        measured.push(vm);
+        measured.push((vm, simulated));
     }
+    let vm_runs: Vec<(String, f64, bool)> = measured
+        .iter()
+        .map(|(vm, _)| {
+            let kept = vm.fit_s.is_some() && vm.over_budget_s == 0.0;
+            (vm.policy.clone(), vm.work, kept)
+        })
+        .collect();
+    let sim_runs: Vec<(String, f64, bool)> = measured
+        .iter()
+        .map(|(vm, s)| {
+            let kept = s.fit_s.is_some() && s.over_budget_after_fit_s == 0.0;
+            (vm.policy.clone(), s.work_s, kept)
+        })
+        .collect();
+    let (vm_rank, sim_rank) = (sim::rank(&vm_runs), sim::rank(&sim_runs));
+    eprintln!("policy_vm: ranking on real guests: {}", vm_rank.join(" > "));
+    eprintln!(
+        "policy_vm: ranking in the simulator: {}",
+        sim_rank.join(" > ")
+    );
     let work = |k: PolicyKind| {
         measured
             .iter()
-            .find(|f| f.policy == k.to_string())
-            .map(|f| f.work)
+            .find(|(f, _)| f.policy == k.to_string())
+            .map(|(f, _)| f.work)
     };
     let ours = [PolicyKind::Shares, PolicyKind::Pressure]
         .into_iter()
@@ -85,6 +105,7 @@ pub(super) fn policy_vm() -> Result<()> {
         .fold(f64::NAN, f64::max);
     let clean = measured
         .iter()
+        .map(|(f, _)| f)
         .filter(|f| f.policy == "shares" || f.policy == "pressure")
         .any(|f| f.oom_kills == 0 && f.over_budget_s == 0.0 && f.work >= 1.1 * baseline);
     BenchResult {
