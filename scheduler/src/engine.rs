@@ -249,10 +249,19 @@ impl Engine {
 /// rounded target is the one already sent.
 fn whole_pages(balloon_bytes: u64, g: &GuestState) -> Option<u64> {
     let page = balloon_protocol::PAGE_SIZE;
-    let rounded = balloon_bytes
+    let up = balloon_bytes
         .div_ceil(page)
         .saturating_mul(page)
         .min(g.spec.memory_bytes / page * page);
+    // Rounding up must not take a guest under its minimum (one that is not whole pages).
+    let memory = g.spec.memory_bytes;
+    let min = g.bounds().0;
+    let rounded = if memory.saturating_sub(up) < min && memory.saturating_sub(balloon_bytes) >= min
+    {
+        balloon_bytes / page * page
+    } else {
+        up
+    };
     (rounded != g.balloon_target_bytes).then_some(rounded)
 }
 
@@ -280,7 +289,8 @@ fn fund_growth(snap: &Snapshot, send: &mut [Option<u64>]) {
         if grow == 0 {
             continue;
         }
-        let funded = ((grow as u128 * free as u128 / wanted as u128) as u64) & !4095;
+        let funded = ((grow as u128 * free as u128 / wanted as u128) as u64)
+            & !(balloon_protocol::PAGE_SIZE - 1);
         let balloon = g.balloon_actual_bytes - funded;
         *plan = (balloon != g.balloon_target_bytes).then_some(balloon);
     }
@@ -463,6 +473,34 @@ mod tests {
             held += s.memory_bytes - b;
         }
         assert!(held <= host.budget_bytes, "{held} > {}", host.budget_bytes);
+    }
+
+    #[test]
+    fn page_rounding_never_takes_a_guest_under_a_minimum_that_is_not_whole_pages() {
+        let unlimited = ActuatorConfig {
+            max_step_bytes: 4096 * MIB,
+            ..Default::default()
+        };
+        let mut e = Engine::new(
+            PolicyConfig {
+                kind: PolicyKind::Static,
+                ..Default::default()
+            },
+            unlimited,
+        );
+        let mut a = spec("a");
+        a.min_bytes = 512 * MIB + 100;
+        a.static_bytes = Some(a.min_bytes);
+        let reading = Some(DriverReading {
+            target_bytes: Some(0),
+            actual_bytes: 0,
+            stats: None,
+            split: None,
+        });
+        let out = e.tick(0.0, host(), &[(a.clone(), reading)]);
+        let b = out.send[0].expect("it inflates");
+        assert_eq!(b % balloon_protocol::PAGE_SIZE, 0);
+        assert!(a.memory_bytes - b >= a.min_bytes, "balloon {b}");
     }
 
     #[test]

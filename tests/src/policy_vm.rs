@@ -78,17 +78,10 @@ fn boot(g: &scheduler::sim::SimGuest) -> Result<Guest> {
     let disks = lab::run_dir(&format!("{name}-disks"))?;
     let swap = disks.join("swap.img");
     let data = disks.join("data.img");
-    let largest = g
-        .driver
-        .working_set
-        .iter()
-        .map(|p| p.1 .0)
-        .max()
-        .unwrap_or(0);
     sparse_file(&swap, g.driver.swap.map_or(0, |s| s.0).max(MIB))?;
     sparse_file(
         &data,
-        ((largest as f64 * g.driver.file_share) as u64 + MIB) / MIB * MIB,
+        ((g.driver.peak() as f64 * g.driver.file_share) as u64 + MIB) / MIB * MIB,
     )?;
     let mut config = VmConfig::new(&name);
     config.mem_mib = g.memory.0 / MIB;
@@ -190,13 +183,7 @@ fn workload_schedule(g: &scheduler::sim::SimGuest, boot_used: u64) -> String {
 /// its own part (the working set less what the kernel uses), so it is scaled to give the same
 /// page cache at the peak, where memory is short.
 fn workload_file_share(g: &scheduler::sim::SimGuest, boot_used: u64) -> f64 {
-    let peak = g
-        .driver
-        .working_set
-        .iter()
-        .map(|p| p.1 .0)
-        .max()
-        .unwrap_or(0);
+    let peak = g.driver.peak();
     let own = peak.saturating_sub(boot_used).max(MIN_WORKLOAD);
     (g.driver.file_share * peak as f64 / own as f64).min(1.0)
 }
@@ -237,11 +224,20 @@ pub fn run(
     let end = started + Duration::from_secs_f64(scenario.duration_s);
     let mut next_sample = Instant::now();
     let mut next_report = Instant::now();
-    while Instant::now() < end {
+    // What the guests hold, read backend by backend: not one instant, so an overrun counts
+    // only when a second reading right after it confirms it (a tick that moves memory from
+    // one guest to another between two reads would otherwise count it twice).
+    let held = |guests: &[Guest]| -> Result<u64> {
         let mut total = 0;
-        for g in &guests {
-            let s = g.backend.status()?;
-            total += g.memory.saturating_sub(s.actual_bytes);
+        for g in guests {
+            total += g.memory.saturating_sub(g.backend.status()?.actual_bytes);
+        }
+        Ok(total)
+    };
+    while Instant::now() < end {
+        let mut total = held(&guests)?;
+        if total > budget {
+            total = total.min(held(&guests)?);
         }
         let now = started.elapsed().as_secs_f64();
         match figures.fit_s {
@@ -268,6 +264,11 @@ pub fn run(
         }
         next_sample += SAMPLE;
         std::thread::sleep(next_sample.saturating_duration_since(Instant::now()));
+    }
+    // The work done by the end, not after: every workload stops before any is read.
+    for g in guests.iter_mut() {
+        g.vm.agent
+            .sh("kill -STOP $(pidof balloon-workload) 2>/dev/null; true")?;
     }
     if let Some(to) = keep_trace {
         std::fs::copy(&scheduler.trace, to)

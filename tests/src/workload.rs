@@ -20,7 +20,8 @@ pub struct WorkloadStatus {
     pub passes: u64,
     /// Passes that took longer than a period (the guest reclaimed or swapped under them).
     pub slow_passes: u64,
-    /// Starts after the first: each one followed a kill.
+    /// Starts after the first: each followed a kill or an error (its supervisor starts it
+    /// again either way).
     pub restarts: u64,
     /// The working set of the last pass.
     pub size_bytes: u64,

@@ -28,12 +28,13 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
+    /// Every policy, the baselines first (the order the benchmarks run them in).
     pub const ALL: [PolicyKind; 5] = [
         PolicyKind::Static,
-        PolicyKind::Shares,
-        PolicyKind::Pressure,
         PolicyKind::Mom,
         PolicyKind::Proxmox,
+        PolicyKind::Shares,
+        PolicyKind::Pressure,
     ];
 }
 
@@ -179,7 +180,6 @@ pub(crate) fn planned(g: &crate::model::GuestState) -> u64 {
     g.spec.memory_bytes.saturating_sub(g.balloon_target_bytes)
 }
 
-/// The allocation each guest (in snapshot order) should have. Pinned guests keep theirs.
 /// Whether a guest shows memory pressure: little available memory, swap-ins, major faults.
 pub fn under_pressure(config: &PolicyConfig, g: &crate::model::GuestState) -> bool {
     let Some(s) = g.stats else { return false };
@@ -197,6 +197,7 @@ pub fn pressure_growth(config: &PolicyConfig, alloc: u64) -> u64 {
     config.guest_reserve_bytes.max(alloc / 4)
 }
 
+/// The allocation each guest (in snapshot order) should have. Pinned guests keep theirs.
 pub fn decide(config: &PolicyConfig, snap: &Snapshot, state: &mut PolicyState) -> Vec<u64> {
     let level = state.host_level.update(config, &snap.host);
     let mut out = match config.kind {

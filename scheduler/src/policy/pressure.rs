@@ -39,7 +39,15 @@ pub fn allocate(config: &PolicyConfig, snap: &Snapshot, level: HostLevel) -> Vec
             let free = match (level, g.stats) {
                 (HostLevel::Low, _) => alloc[i],
                 (_, _) if pressured[i] => 0,
-                (_, Some(s)) => s.available_bytes.saturating_sub(keep(alloc[i])),
+                // Available memory is the guest's now; a balloon still inflating will take
+                // the rest of its target from it.
+                (_, Some(s)) => s
+                    .available_bytes
+                    .saturating_sub(
+                        g.balloon_target_bytes
+                            .saturating_sub(g.balloon_actual_bytes),
+                    )
+                    .saturating_sub(keep(alloc[i])),
                 (_, None) => 0,
             };
             free.min(alloc[i].saturating_sub(bounds[i].0))

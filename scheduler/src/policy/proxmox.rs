@@ -97,7 +97,14 @@ fn spread(
     for &i in group {
         let want = bounds[i].0 as i128 + desired[i];
         let now = alloc[i] as i128;
-        let next = now + (want - now).clamp(-step, step);
+        // As pvestatd: while shrinking no guest grows; while growing, one above its share
+        // still comes down toward it.
+        let change = (want - now).clamp(-step, step);
+        let next = if goal < 0 {
+            now + change.min(0)
+        } else {
+            now + change
+        };
         moved += next.abs_diff(now) as u64;
         alloc[i] = next.clamp(bounds[i].0 as i128, bounds[i].1 as i128) as u64;
     }
@@ -145,6 +152,18 @@ mod tests {
             decide(8000, vec![guest(1024, 100), guest(1024, 600)]),
             [1124, 1024]
         );
+    }
+
+    #[test]
+    fn while_shrinking_no_guest_grows() {
+        // 2048 + 600 + 600 MiB against a target of 80% of 4000: 48 MiB to give back. The
+        // shares split would move 1048 out of the first guest and 500 into each other one;
+        // a shrink request only takes, so the total cannot rise over the target.
+        let a = decide(
+            4000,
+            vec![guest(0, 1500), guest(1448, 500), guest(1448, 500)],
+        );
+        assert_eq!(a, [1948, 600, 600]);
     }
 
     #[test]

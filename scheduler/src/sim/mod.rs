@@ -161,6 +161,11 @@ impl ModelledGuest {
     fn working_set_at(&self, t: f64) -> u64 {
         piecewise_linear(&self.working_set, t)
     }
+
+    /// The largest working set of its schedule.
+    pub fn peak(&self) -> u64 {
+        self.working_set.iter().map(|p| p.1 .0).max().unwrap_or(0)
+    }
 }
 
 /// A working-set schedule's size at `t`: linear between its (time_s, bytes) points, the first
@@ -239,7 +244,9 @@ pub fn run(scenario: &Scenario) -> SimOutcome {
             }
             let o = &mut out.guests[i];
             let swap = g.driver.swap.map_or(0, |s| s.0);
-            let short = ws.saturating_sub(memory - m.actual + swap);
+            // Out of memory only once swap and the page cache are spent: the kernel calls the
+            // balloon's OOM notifier when reclaim has failed.
+            let short = ws.saturating_sub(memory - m.actual + swap + file);
             if g.driver.deflate_on_oom && short > 0 {
                 // The driver's OOM notifier gives balloon pages back until the guest fits.
                 let back = short.min(m.actual);

@@ -3,16 +3,8 @@ use balloon_lab::policy_vm::{self, PolicyFigures};
 use scheduler::policy::PolicyKind;
 use scheduler::sim::{self, Scenario};
 
-/// The policies compared, in the order they run; `POLICY_VM_POLICIES=a,b` runs some of them.
-const POLICIES: [PolicyKind; 5] = [
-    PolicyKind::Static,
-    PolicyKind::Mom,
-    PolicyKind::Proxmox,
-    PolicyKind::Shares,
-    PolicyKind::Pressure,
-];
-
-/// examples/scenarios/policy_vm.toml on real guests under each policy, one after another,
+/// examples/scenarios/policy_vm.toml on real guests under each policy, one after another
+/// (`POLICY_VM_POLICIES=a,b` runs some of them),
 /// with the simulator's figures for the same schedule beside each: work, OOM kills, seconds
 /// over budget after the first fit, time to fit. Each policy's scheduler trace is kept as
 /// target/bench/policy_vm-POLICY.trace.jsonl.
@@ -26,7 +18,7 @@ pub(super) fn policy_vm() -> Result<()> {
             .split(',')
             .map(|p| p.parse().map_err(balloon_lab::LabError::Other))
             .collect::<Result<_>>()?,
-        Err(_) => POLICIES.to_vec(),
+        Err(_) => PolicyKind::ALL.to_vec(),
     };
     let mut results = serde_json::Map::new();
     let mut measured: Vec<(PolicyFigures, sim::SimOutcome)> = Vec::new();
@@ -107,7 +99,12 @@ pub(super) fn policy_vm() -> Result<()> {
         .iter()
         .map(|(f, _)| f)
         .filter(|f| f.policy == "shares" || f.policy == "pressure")
-        .any(|f| f.oom_kills == 0 && f.over_budget_s == 0.0 && f.work >= 1.1 * baseline);
+        .any(|f| {
+            f.oom_kills == 0
+                && f.fit_s.is_some()
+                && f.over_budget_s == 0.0
+                && f.work >= 1.1 * baseline
+        });
     BenchResult {
         name: "policy_vm".into(),
         metric: "guest work on real guests, the better of shares and pressure".into(),
