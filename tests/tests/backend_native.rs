@@ -4,6 +4,7 @@
 
 use balloon_lab::backend::Backend;
 use balloon_lab::frontend::{guest_ram, wait_allocated, MemfdRam, TestFrontend};
+use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::MIB;
 use std::time::Duration;
 
@@ -184,10 +185,23 @@ fn behind_the_keeper_config_reads_and_writes_are_answered_while_no_backend_is_at
     assert_eq!(after, (target_pages, half + 1), "the write made meanwhile");
     let mut fe = frontend.join().unwrap();
 
-    // The write made while no backend was attached reaches the next one.
+    // The write made while no backend was attached reaches the next one: the keeper replays
+    // it once the backend has taken the connection, a moment after its control socket is up.
     backend.restart().unwrap();
-    let s = backend.status().unwrap();
-    assert!(s.actual_from_driver, "{s:?}");
+    let s = wait_for(
+        "the restarted backend to have the driver's actual",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || {
+            let s = backend.status()?;
+            Ok(if s.actual_from_driver {
+                Poll::Ready(s)
+            } else {
+                Poll::Pending(format!("{s:?}"))
+            })
+        },
+    )
+    .unwrap();
     assert_eq!(s.actual_bytes, u64::from(half + 1) * PAGE, "{s:?}");
     // And the device goes on.
     fe.inflate(&ram, &pfns[pfns.len() / 2..]).unwrap();
