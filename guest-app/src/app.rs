@@ -36,6 +36,10 @@ pub struct Settings {
 
 use crate::meminfo::mem_available;
 
+/// How long a new app waits for the host's answer to its hello before its run loop (which
+/// reports every second) starts.
+const HELLO_ANSWER_WAIT: Duration = Duration::from_secs(1);
+
 /// PSI "some avg10" (percent) at or under which the guest counts as calm: the rate may start
 /// from its headroom and double. Without PSI nothing says so, and the ramp stays additive.
 const CALM_PSI: f64 = 1.0;
@@ -140,8 +144,10 @@ impl App {
         });
         // The host answers a hello with the target, or refuses the app (then it closes the
         // connection, and the write may already have failed). A host not connected yet (a
-        // virtio-serial port whose host side comes later) answers once it is.
-        match app.replies.recv_timeout(Duration::from_secs(5)) {
+        // virtio-serial port whose host side comes later) answers once it is, and the run
+        // loop takes the answer then. The wait stays well under the host's silence limit
+        // (5 s): an app that waited that long for a slow answer was dropped for silence.
+        match app.replies.recv_timeout(HELLO_ANSWER_WAIT) {
             Ok(HostMessage::Refused { reason }) => return Err(AppError::Refused(reason)),
             Ok(other) => app.on_host(other),
             Err(_) => {}
