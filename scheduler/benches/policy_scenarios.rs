@@ -39,8 +39,7 @@ fn policy_scenarios() -> Result<(), Box<dyn Error>> {
                 out.fit_s.map_or("never".into(), |s| format!("{s:.0} s")),
                 out.host_short_s
             );
-            let kept_budget = out.fit_s.is_some() && out.over_budget_after_fit_s == 0.0;
-            work.push((kind.to_string(), out.work_s, kept_budget));
+            work.push((kind.to_string(), out.work_s, out.kept_budget()));
             per_policy.insert(
                 kind.to_string(),
                 json!({

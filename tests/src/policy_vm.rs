@@ -50,6 +50,13 @@ pub struct PolicyFigures {
     pub guests: Vec<GuestFigures>,
 }
 
+impl PolicyFigures {
+    /// Whether the guests fit the budget and never left it after.
+    pub fn kept_budget(&self) -> bool {
+        self.fit_s.is_some() && self.over_budget_s == 0.0
+    }
+}
+
 /// A scenario guest in a VM: its backend, its VM, its disks.
 struct Guest {
     name: String,

@@ -112,6 +112,13 @@ pub struct SimOutcome {
     pub trace: Vec<TraceRecord>,
 }
 
+impl SimOutcome {
+    /// Whether the guests fit the budget and never left it after.
+    pub fn kept_budget(&self) -> bool {
+        self.fit_s.is_some() && self.over_budget_after_fit_s == 0.0
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
     #[error("reading {0}: {1}")]

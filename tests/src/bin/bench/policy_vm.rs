@@ -63,17 +63,11 @@ pub(super) fn policy_vm() -> Result<()> {
     }
     let vm_runs: Vec<(String, f64, bool)> = measured
         .iter()
-        .map(|(vm, _)| {
-            let kept = vm.fit_s.is_some() && vm.over_budget_s == 0.0;
-            (vm.policy.clone(), vm.work, kept)
-        })
+        .map(|(vm, _)| (vm.policy.clone(), vm.work, vm.kept_budget()))
         .collect();
     let sim_runs: Vec<(String, f64, bool)> = measured
         .iter()
-        .map(|(vm, s)| {
-            let kept = s.fit_s.is_some() && s.over_budget_after_fit_s == 0.0;
-            (vm.policy.clone(), s.work_s, kept)
-        })
+        .map(|(vm, s)| (vm.policy.clone(), s.work_s, s.kept_budget()))
         .collect();
     let (vm_rank, sim_rank) = (sim::rank(&vm_runs), sim::rank(&sim_runs));
     eprintln!("policy_vm: ranking on real guests: {}", vm_rank.join(" > "));
@@ -99,12 +93,7 @@ pub(super) fn policy_vm() -> Result<()> {
         .iter()
         .map(|(f, _)| f)
         .filter(|f| f.policy == "shares" || f.policy == "pressure")
-        .any(|f| {
-            f.oom_kills == 0
-                && f.fit_s.is_some()
-                && f.over_budget_s == 0.0
-                && f.work >= 1.1 * baseline
-        });
+        .any(|f| f.oom_kills == 0 && f.kept_budget() && f.work >= 1.1 * baseline);
     BenchResult {
         name: "policy_vm".into(),
         metric: "guest work on real guests, the better of shares and pressure".into(),
