@@ -20,6 +20,12 @@ pub struct ActuatorConfig {
     pub stall_backoff_bytes: u64,
     /// ...and hold the balloon there for this long.
     pub stall_hold_s: f64,
+    /// After the balloon changed hands, no stall is judged for this long. The app does not
+    /// inflate while the guest's PSI "some avg10" is over its threshold (10%), and that
+    /// average decays with a 10 s time constant: a guest that was just reclaiming hard to fill
+    /// the old holder's part reads as under pressure for up to 10 s x ln(100/10) = 23 s after
+    /// it has had that part back. The default covers that and one stall window.
+    pub handover_grace_s: f64,
 }
 
 impl Default for ActuatorConfig {
@@ -30,6 +36,7 @@ impl Default for ActuatorConfig {
             stall_window_s: 4.0,
             stall_backoff_bytes: 128 << 20,
             stall_hold_s: 60.0,
+            handover_grace_s: 30.0,
         }
     }
 }
@@ -41,6 +48,8 @@ pub struct GuestActuator {
     progress: VecDeque<(f64, u64)>,
     /// After a stall: the largest balloon allowed, and until when.
     pub limit: Option<(u64, f64)>,
+    /// When the balloon last changed hands.
+    handed_over_at: Option<f64>,
 }
 
 /// What the actuator decided for one guest this tick.
@@ -52,10 +61,12 @@ pub struct Actuation {
 }
 
 impl GuestActuator {
-    /// The balloon changed hands (our backend's driver to its app, or back): the new holder
-    /// starts from nothing, so its progress is judged from now on, not from the old one's.
-    pub fn restart_progress(&mut self) {
+    /// The balloon changed hands at `now` (our backend's driver to its app, or back): the new
+    /// holder starts from nothing, so its progress is judged afresh, and only once
+    /// `handover_grace_s` has passed, not from the old holder's.
+    pub fn restart_progress(&mut self, now: f64) {
         self.progress.clear();
+        self.handed_over_at = Some(now);
     }
 
     /// The stall limit in force at `now`, for the policy's bounds.
@@ -80,6 +91,9 @@ impl GuestActuator {
         let memory = guest.spec.memory_bytes;
         let current = guest.balloon_target_bytes;
         let actual = guest.balloon_actual_bytes;
+        let in_grace = self
+            .handed_over_at
+            .is_some_and(|at| now - at < config.handover_grace_s);
         // Stall detection while the balloon is below its target.
         if actual + (1 << 20) < current {
             self.progress.push_back((now, actual));
@@ -93,7 +107,8 @@ impl GuestActuator {
             if let Some(&(t0, a0)) = self.progress.front() {
                 let span = now - t0;
                 let rate = actual.saturating_sub(a0) as f64 / span.max(1e-9);
-                if span >= config.stall_window_s * 0.99
+                if !in_grace
+                    && span >= config.stall_window_s * 0.99
                     && rate < config.stall_rate_bytes_per_s as f64
                 {
                     let settle = actual.saturating_sub(config.stall_backoff_bytes);
@@ -178,6 +193,37 @@ mod tests {
         assert_eq!(a.limit_at(70.0), None);
         let plan = a.plan(&c, &guest(472, 472), 0, 70.0);
         assert_eq!(plan.send_bytes, Some(728 * MIB));
+    }
+
+    #[test]
+    fn after_a_hand_over_the_new_holder_has_a_grace_before_a_stall_is_judged() {
+        let c = ActuatorConfig::default();
+        let mut a = GuestActuator::default();
+        // The driver held 624 MiB of a 624 MiB target, then went away: its part fell to zero
+        // and the app was handed the whole target at t = 10.
+        a.plan(&c, &guest(624, 624), 1424 * MIB, 9.0);
+        a.restart_progress(10.0);
+        // The guest reads as under pressure for a while (PSI's 10 s average): the app holds
+        // nothing for 25 s, and that is no stall.
+        for t in 10..35 {
+            let plan = a.plan(&c, &guest(624, 0), 1424 * MIB, t as f64);
+            assert!(!plan.stalled, "tick {t}");
+            assert_eq!(plan.send_bytes, None, "tick {t}");
+        }
+        // Then it inflates at 50 MB/s, past the grace's end, without a stall.
+        for (i, t) in (35..48).enumerate() {
+            let actual = (50 * i as u64).min(624);
+            let plan = a.plan(&c, &guest(624, actual), 1424 * MIB, t as f64);
+            assert!(!plan.stalled, "tick {t}");
+        }
+        // The grace is no exemption: a holder that still does not move once it is over is
+        // judged as before.
+        let mut a = GuestActuator::default();
+        a.restart_progress(10.0);
+        let stalled_at = (10..100)
+            .find(|&t| a.plan(&c, &guest(624, 0), 1424 * MIB, t as f64).stalled)
+            .expect("a stall once the grace is over");
+        assert_eq!(stalled_at as f64, 10.0 + c.handover_grace_s);
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl Engine {
                 .and_then(|r| r.split)
                 .is_some_and(|s| s.handed_over)
             {
-                mem.actuator.restart_progress();
+                mem.actuator.restart_progress(time_s);
             }
             let limit = mem.actuator.limit_at(time_s);
             let state = match reading {

@@ -124,9 +124,15 @@ fn with_both_the_driver_goes_first_and_the_app_takes_over_when_it_stalls() {
         ))
         .unwrap();
     let unbound = std::time::Instant::now();
+    // What the app waits out before it inflates (PSI over its threshold, 10%).
+    eprintln!(
+        "after the unbind: {}",
+        vm.agent.sh("head -1 /proc/pressure/memory").unwrap().trim()
+    );
     let handed = wait_for(
         // Well before the actuator's 60 s stall hold would end: a hand-over restarts its
-        // judgement of progress (without that, the app's first seconds read as a stall).
+        // judgement of progress and gives the app a grace (without that, the app's first
+        // seconds, while the guest's PSI average is still high, read as a stall).
         "the app to take over the balloon the driver left",
         Duration::from_secs(45),
         Duration::from_millis(500),
