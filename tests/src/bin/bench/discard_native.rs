@@ -11,6 +11,37 @@ fn gib_per_s(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / (1u64 << 30) as f64 / t.as_secs_f64()
 }
 
+/// One fallocate of all the data pages from another process (util-linux's `fallocate`, opening
+/// the memfd through /proc), timed as `through_backend` is: from the start until this process,
+/// which maps and has touched the pages, sees them gone. That is the limit under the backend's
+/// own conditions: the pages leave a mapping of another process (whose TLBs must be shot down
+/// while it polls), which the in-process limit does not pay.
+fn other_process_fallocate(ram: &MemfdRam) -> Result<f64> {
+    use std::os::fd::AsRawFd;
+    let data = data_len(ram);
+    ram.populate();
+    let path = format!("/proc/{}/fd/{}", std::process::id(), ram.as_raw_fd());
+    let t = Instant::now();
+    let status = std::process::Command::new("fallocate")
+        .args([
+            "--punch-hole",
+            "--offset",
+            "0",
+            "--length",
+            &data.to_string(),
+            &path,
+        ])
+        .status()
+        .ctx(|| "running util-linux's fallocate".into())?;
+    if !status.success() {
+        return Err(balloon_lab::LabError::Other(format!(
+            "fallocate {path}: {status}"
+        )));
+    }
+    wait_allocated(ram, ram.len() - data)?;
+    Ok(gib_per_s(data, t.elapsed()))
+}
+
 /// Inflates `pfns` (all of the data pages) through the backend, timed until the memory has
 /// really left (the backend discards beside the queue), then deflates them again.
 fn through_backend(fe: &mut TestFrontend, ram: &MemfdRam, pfns: &[u32]) -> Result<f64> {
@@ -50,7 +81,7 @@ pub(super) fn discard_native() -> Result<()> {
         .map(|i| ((i * 4099) % pages as u64) as u32)
         .collect();
     let (mut cont, mut scat, mut per_page, mut whole) = (vec![], vec![], vec![], vec![]);
-    let mut shares = vec![];
+    let (mut shares, mut other, mut other_shares) = (vec![], vec![], vec![]);
     let runs = 2 * RUNS - 1;
     for run in 0..runs {
         // The limit is measured right beside each contiguous run, in alternating order, and
@@ -63,8 +94,10 @@ pub(super) fn discard_native() -> Result<()> {
             cont.push(through_backend(&mut fe, &ram, &contiguous)?);
             whole.push(one_fallocate(&ram));
         }
+        other.push(other_process_fallocate(&ram)?);
         scat.push(through_backend(&mut fe, &ram, &scattered)?);
         shares.push(cont[run] / whole[run]);
+        other_shares.push(cont[run] / other[run]);
         ram.populate();
         let t = Instant::now();
         for off in (0..GIB).step_by(4096) {
@@ -72,8 +105,15 @@ pub(super) fn discard_native() -> Result<()> {
         }
         per_page.push(gib_per_s(GIB, t.elapsed()));
         eprintln!(
-            "run {run}: backend contiguous {:.2} GiB/s ({:.2} of one fallocate {:.2}), scattered {:.2}; per-page fallocate {:.2}",
-            cont[run], shares[run], whole[run], scat[run], per_page[run]
+            "run {run}: backend contiguous {:.2} GiB/s ({:.2} of one fallocate {:.2}; {:.2} of one \
+             from another process {:.2}), scattered {:.2}; per-page fallocate {:.2}",
+            cont[run],
+            shares[run],
+            whole[run],
+            other_shares[run],
+            other[run],
+            scat[run],
+            per_page[run]
         );
     }
     let (c, sc, pp, w, share) = (
@@ -104,6 +144,10 @@ pub(super) fn discard_native() -> Result<()> {
             "contiguous_vs_limit": share,
             "contiguous_vs_limit_per_run": shares,
             "contiguous_vs_per_page": c / pp,
+            "one_fallocate_other_process_gib_s": other,
+            "one_fallocate_other_process_median_gib_s": median(&other),
+            "contiguous_vs_other_process": median(&other_shares),
+            "contiguous_vs_other_process_per_run": other_shares,
         }),
     }
     .publish()
