@@ -37,6 +37,29 @@ pub fn proc_memory(pid: u32) -> Result<ProcMemory> {
     Ok(mem)
 }
 
+/// Resident bytes per mapped file (or `[heap]`, `[stack]`, `[anon]`, ...) of a process, from
+/// /proc/PID/smaps, largest first: where its resident set is.
+pub fn rss_by_mapping(pid: u32) -> Result<Vec<(String, u64)>> {
+    let path = format!("/proc/{pid}/smaps");
+    let text = std::fs::read_to_string(&path).ctx(|| format!("reading {path}"))?;
+    let mut by_name: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut name = String::new();
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        let Some(first) = parts.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: range, perms, offset, dev, inode, then the name if any.
+            name = parts.nth(4).unwrap_or("[anon]").to_string();
+        } else if first == "Rss:" {
+            let kib: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *by_name.entry(name.clone()).or_default() += kib * 1024;
+        }
+    }
+    let mut out: Vec<(String, u64)> = by_name.into_iter().filter(|(_, b)| *b > 0).collect();
+    out.sort_by_key(|(_, b)| std::cmp::Reverse(*b));
+    Ok(out)
+}
+
 /// CPU time the process has used, user and system, in seconds (/proc/PID/stat).
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");

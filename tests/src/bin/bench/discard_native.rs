@@ -82,6 +82,7 @@ pub(super) fn discard_native() -> Result<()> {
         .collect();
     let (mut cont, mut scat, mut per_page, mut whole) = (vec![], vec![], vec![], vec![]);
     let (mut shares, mut other, mut other_shares) = (vec![], vec![], vec![]);
+    let mut scattered_shares = vec![];
     let runs = 2 * RUNS - 1;
     for run in 0..runs {
         // The limit is measured right beside each contiguous run, in alternating order, and
@@ -104,6 +105,7 @@ pub(super) fn discard_native() -> Result<()> {
             punch(&ram, off, 4096);
         }
         per_page.push(gib_per_s(GIB, t.elapsed()));
+        scattered_shares.push(scat[run] / per_page[run]);
         eprintln!(
             "run {run}: backend contiguous {:.2} GiB/s ({:.2} of one fallocate {:.2}; {:.2} of one \
              from another process {:.2}), scattered {:.2}; per-page fallocate {:.2}",
@@ -132,8 +134,13 @@ pub(super) fn discard_native() -> Result<()> {
         baseline_name: "one fallocate of the whole gigabyte in-process (the limit)".into(),
         ratio: share,
         runs,
-        goal: "contiguous >= 0.9 of one fallocate (median of the runs' shares), scattered >= 1.5 GiB/s".into(),
-        goal_met: Some(share >= 0.9 && sc >= 1.5),
+        // Scattered pages are one discard each once the worker's queue is full (its bound
+        // keeps a flooding guest from growing the backend's memory), so page by page is their
+        // limit.
+        goal: "contiguous >= 0.9 of one fallocate, scattered >= 0.9 of page-by-page fallocate \
+               (medians of the runs' shares)"
+            .into(),
+        goal_met: Some(share >= 0.9 && median(&scattered_shares) >= 0.9),
         samples: json!({
             "contiguous_gib_s": cont,
             "scattered_gib_s": scat,
@@ -144,6 +151,8 @@ pub(super) fn discard_native() -> Result<()> {
             "contiguous_vs_limit": share,
             "contiguous_vs_limit_per_run": shares,
             "contiguous_vs_per_page": c / pp,
+            "scattered_vs_per_page": median(&scattered_shares),
+            "scattered_vs_per_page_per_run": scattered_shares,
             "one_fallocate_other_process_gib_s": other,
             "one_fallocate_other_process_median_gib_s": median(&other),
             "contiguous_vs_other_process": median(&other_shares),
