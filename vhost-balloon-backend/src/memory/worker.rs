@@ -13,6 +13,7 @@
 //! host before reusing a page (MUST_TELL_HOST); without it the backend discards synchronously.
 
 use super::DiscardJob;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -49,13 +50,18 @@ pub struct WorkerCounters {
 /// The most jobs the worker queues (pending and taken together). A guest that hands over
 /// scattered pages, one job each, faster than they can be discarded would otherwise grow the
 /// queue without bound (64 bytes a page: 1.6% of its RAM, which the allocator keeps after the
-/// queue drains); past this, `submit` discards the rest at once, as a backend without the
-/// worker does, and the guest's inflation waits for those discards. 16 Ki jobs are 1 MiB: after
+/// queue drains); past this, `submit` discards the rest (but jobs of 2 MiB or more) at once, as
+/// a backend without the worker does, and the guest's inflation waits for those discards. 16 Ki jobs are 1 MiB: after
 /// discard_native's scattered gigabytes the backend's heap held 2.5 MiB, against 22.5 unbounded.
 /// (Those run under the device lock, as the caller holds it: a driver buffer's 256 scattered
 /// pages take about a millisecond, an app message's 16 Ki ranges up to 80 ms; neither waits on
-/// the guest or a peer, and the app channel admits only what the guest's root lets in.)
+/// the guest or a peer, and the app channel admits only what the guest's root lets in. Switching
+/// discards on over a balloon the guest left as scattered pages costs about 5 us a page past the
+/// bound, once.)
 const MAX_QUEUED_JOBS: usize = 16 * 1024;
+
+/// Jobs this long are queued past `MAX_QUEUED_JOBS` too.
+const ALWAYS_QUEUED_BYTES: u64 = 2 << 20;
 
 pub struct DiscardWorker {
     queue: Mutex<Queue>,
@@ -110,7 +116,7 @@ impl DiscardWorker {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `jobs` for the worker; past `MAX_QUEUED_JOBS`, discards the rest here.
+    /// Queues `jobs` for the worker; past `MAX_QUEUED_JOBS`, discards the small ones here.
     pub fn submit(&self, jobs: Vec<DiscardJob>) {
         if jobs.is_empty() {
             return;
@@ -119,7 +125,10 @@ impl DiscardWorker {
         let (was_idle, was_short) = (q.pending.is_empty(), q.pending_bytes < MAX_JOB_BYTES);
         let mut now = Vec::new();
         for job in jobs {
-            let room = q.pending.len() + q.taken.len() < self.max_queued;
+            // A large job always gets a place: there are few of them (one per 2 MiB of guest at
+            // most), and one made here would hold the caller's lock for its whole length.
+            let room =
+                job.len >= ALWAYS_QUEUED_BYTES || q.pending.len() + q.taken.len() < self.max_queued;
             let len = job.len;
             match append(&mut q.pending, job, room) {
                 None => q.pending_bytes += len,
@@ -130,19 +139,35 @@ impl DiscardWorker {
         // piece's worth gathered. (A wake per 1 MiB buffer would switch to it for nothing.)
         let wake = was_idle || (was_short && q.pending_bytes >= MAX_JOB_BYTES);
         // Discards made here are in flight too: a deflate of their pages waits for them.
-        q.in_flight
-            .extend(now.iter().map(|j| (j.gpa, j.gpa + j.len)));
+        let ranges: Vec<(u64, u64)> = now.iter().map(|j| (j.gpa, j.gpa + j.len)).collect();
+        q.in_flight.extend_from_slice(&ranges);
         drop(q);
         if wake {
             self.changed.notify_all();
         }
-        for job in now {
-            self.run_one(&job);
+        if now.is_empty() {
+            return;
         }
+        for job in &now {
+            self.discard(job);
+        }
+        // Out of flight all at once (a search per job would be quadratic in a flood).
+        let mut done: HashMap<(u64, u64), usize> = HashMap::new();
+        for r in ranges {
+            *done.entry(r).or_default() += 1;
+        }
+        self.lock().in_flight.retain(|r| match done.get_mut(r) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        });
+        self.changed.notify_all();
     }
 
-    /// Runs `job`, which the caller put in flight, counts it, and takes it out of flight.
-    fn run_one(&self, job: &DiscardJob) {
+    /// Runs `job` and counts it.
+    fn discard(&self, job: &DiscardJob) {
         self.counters.discard_calls.fetch_add(1, Ordering::Relaxed);
         match job.run() {
             Ok(()) => {
@@ -159,13 +184,6 @@ impl DiscardWorker {
                 );
             }
         }
-        let mut q = self.lock();
-        let range = (job.gpa, job.gpa + job.len);
-        if let Some(i) = q.in_flight.iter().position(|r| *r == range) {
-            q.in_flight.swap_remove(i);
-        }
-        drop(q);
-        self.changed.notify_all();
     }
 
     /// The guest takes back the pages in `gpa_ranges` ([start, end) byte ranges): forget their
@@ -292,7 +310,14 @@ impl DiscardWorker {
                 q.in_flight.push((job.gpa, job.gpa + job.len));
                 job
             };
-            self.run_one(&job);
+            self.discard(&job);
+            let mut q = self.lock();
+            let range = (job.gpa, job.gpa + job.len);
+            if let Some(i) = q.in_flight.iter().position(|r| *r == range) {
+                q.in_flight.swap_remove(i);
+            }
+            drop(q);
+            self.changed.notify_all();
         }
     }
 }
@@ -483,11 +508,21 @@ mod tests {
         assert_eq!(worker.lock().pending.len(), 4);
         assert_eq!(worker.lock().pending[3].len, 2 * PAGE_SIZE);
         assert_eq!(ram.allocated(), 8 * MIB - 28 * PAGE_SIZE);
+        // A run of 2 MiB is queued all the same: made here it would hold the caller's lock.
+        worker.submit(jobs_for(
+            &mut map,
+            &[PfnRange {
+                start: 1024,
+                count: 512,
+            }],
+        ));
+        assert_eq!(worker.lock().pending.len(), 5);
+        assert_eq!(ram.allocated(), 8 * MIB - 28 * PAGE_SIZE);
         worker.process_pending();
-        assert_eq!(ram.allocated(), 8 * MIB - 33 * PAGE_SIZE);
+        assert_eq!(ram.allocated(), 8 * MIB - (33 + 512) * PAGE_SIZE);
         assert_eq!(
             worker.counters.discarded_bytes.load(Ordering::Relaxed),
-            33 * PAGE_SIZE
+            (33 + 512) * PAGE_SIZE
         );
     }
 
@@ -515,6 +550,16 @@ mod tests {
         worker.process_pending();
         assert_eq!(ram.allocated(), 4 * MIB);
         assert_eq!(worker.counters.discard_calls.load(Ordering::Relaxed), 2);
+        // The very pages named are gone, and only those.
+        for mib in 0..8 {
+            let gone = matches!(mib, 1..=3 | 6);
+            assert_eq!(ram.byte(mib * MIB) == 0, gone, "MiB {mib}");
+            assert_eq!(
+                ram.byte((mib + 1) * MIB - PAGE_SIZE) == 0,
+                gone,
+                "MiB {mib}"
+            );
+        }
     }
 
     #[test]
