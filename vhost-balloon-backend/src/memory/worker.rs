@@ -34,9 +34,19 @@ struct Queue {
     flushers: usize,
     /// The batch being worked through, one piece at a time (withdrawals cut it too).
     taken: std::collections::VecDeque<DiscardJob>,
-    /// Guest physical ranges [start, end) being discarded right now.
+    /// The guest physical range [start, end) the worker is discarding right now (one executor:
+    /// the worker thread, or `process_pending` on a worker without one).
+    running: Option<(u64, u64)>,
+    /// Ranges `submit` is discarding on its caller's thread, past the queue's bound.
     in_flight: Vec<(u64, u64)>,
     shutdown: bool,
+}
+
+impl Queue {
+    /// Every range being discarded right now.
+    fn busy(&self) -> impl Iterator<Item = &(u64, u64)> {
+        self.running.iter().chain(&self.in_flight)
+    }
 }
 
 /// Totals of the worker's discards.
@@ -51,8 +61,9 @@ pub struct WorkerCounters {
 /// scattered pages, one job each, faster than they can be discarded would otherwise grow the
 /// queue without bound (64 bytes a page: 1.6% of its RAM, which the allocator keeps after the
 /// queue drains); past this, `submit` discards the rest (but jobs of 2 MiB or more) at once, as
-/// a backend without the worker does, and the guest's inflation waits for those discards. 16 Ki jobs are 1 MiB: after
-/// discard_native's scattered gigabytes the backend's heap held 2.5 MiB, against 22.5 unbounded.
+/// a backend without the worker does, and the guest's inflation waits for those discards. 16 Ki
+/// jobs are 1 MiB: after discard_native's scattered gigabytes the backend's heap held 2.5 MiB,
+/// against 22.5 unbounded.
 /// (Those run under the device lock, as the caller holds it: a driver buffer's 256 scattered
 /// pages take about a millisecond, an app message's 16 Ki ranges up to 80 ms; neither waits on
 /// the guest or a peer, and the app channel admits only what the guest's root lets in. Switching
@@ -203,8 +214,7 @@ impl DiscardWorker {
         }
         q.taken = kept.into();
         while q
-            .in_flight
-            .iter()
+            .busy()
             .any(|f| gpa_ranges.iter().any(|r| overlaps(*f, *r)))
         {
             q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
@@ -219,7 +229,7 @@ impl DiscardWorker {
         q.pending.clear();
         q.pending_bytes = 0;
         q.taken.clear();
-        while !q.in_flight.is_empty() {
+        while q.busy().next().is_some() {
             q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
         }
         dropped
@@ -230,7 +240,7 @@ impl DiscardWorker {
         let mut q = self.lock();
         q.flushers += 1;
         self.changed.notify_all();
-        while !q.pending.is_empty() || !q.taken.is_empty() || !q.in_flight.is_empty() {
+        while !q.pending.is_empty() || !q.taken.is_empty() || q.busy().next().is_some() {
             q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
         }
         q.flushers -= 1;
@@ -307,16 +317,11 @@ impl DiscardWorker {
                 let Some(job) = q.taken.pop_front() else {
                     break;
                 };
-                q.in_flight.push((job.gpa, job.gpa + job.len));
+                q.running = Some((job.gpa, job.gpa + job.len));
                 job
             };
             self.discard(&job);
-            let mut q = self.lock();
-            let range = (job.gpa, job.gpa + job.len);
-            if let Some(i) = q.in_flight.iter().position(|r| *r == range) {
-                q.in_flight.swap_remove(i);
-            }
-            drop(q);
+            self.lock().running = None;
             self.changed.notify_all();
         }
     }
