@@ -82,7 +82,11 @@ fn boot_with_app(name: &str, app_args: &str) -> (Backend, Vm) {
     let mut vm = Vm::start(config).unwrap();
     vm.agent
         .spawn(&format!(
-            "balloon-guest --connect serial:/dev/virtio-ports/{APP_PORT} {app_args} > /tmp/app.log 2>&1"
+            // Restarted when it exits, as its unit does (Restart=on-failure, RestartSec=2): a
+            // host that dropped the app for silence (a TCG guest starved on a loaded host)
+            // refuses its next message, and the app exits to come back with a fresh hello.
+            "while :; do balloon-guest --connect serial:/dev/virtio-ports/{APP_PORT} {app_args} \
+             >> /tmp/app.log 2>&1; sleep 2; done"
         ))
         .unwrap();
     backend
