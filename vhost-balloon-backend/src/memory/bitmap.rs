@@ -133,18 +133,37 @@ impl PageBitmap {
     pub fn runs(&self) -> Vec<(u64, u64)> {
         let mut runs = Vec::new();
         let mut page = 0;
-        while page < self.pages {
-            if !self.get(page) {
-                page += 1;
-                continue;
-            }
-            let start = page;
-            while page < self.pages && self.get(page) {
-                page += 1;
-            }
+        while let Some(start) = self.next_set(page) {
+            page = self.next_clear(start);
             runs.push((start, page - start));
         }
         runs
+    }
+
+    /// The first set bit at or after `from`, a word at a time.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        self.next_with(from, |w| w)
+            .filter(|&page| page < self.pages)
+    }
+
+    /// The first clear bit at or after `from`, or the bitmap's length when there is none.
+    pub fn next_clear(&self, from: u64) -> u64 {
+        self.next_with(from, |w| !w)
+            .map_or(self.pages, |page| page.min(self.pages))
+    }
+
+    /// The first bit at or after `from` that `view` (identity or inversion) shows set.
+    fn next_with(&self, from: u64, view: impl Fn(u64) -> u64) -> Option<u64> {
+        let words = self.words.as_slice();
+        let mut index = (from / 64) as usize;
+        let mut word = view(*words.get(index)?) & (u64::MAX << (from % 64));
+        loop {
+            if word != 0 {
+                return Some(index as u64 * 64 + u64::from(word.trailing_zeros()));
+            }
+            index += 1;
+            word = view(*words.get(index)?);
+        }
     }
 }
 
@@ -195,5 +214,26 @@ mod tests {
         assert_eq!(b.set_range(500, 5), 0);
         assert!(!b.get(500));
         assert_eq!(b.runs(), vec![(0, 100)]);
+    }
+
+    #[test]
+    fn next_set_and_clear_scan_across_words() {
+        let mut b = PageBitmap::new(200);
+        assert_eq!(b.next_set(0), None);
+        assert_eq!(b.next_clear(0), 0);
+        b.set_range(70, 60);
+        b.set_range(199, 1);
+        assert_eq!(b.next_set(0), Some(70));
+        assert_eq!(b.next_set(70), Some(70));
+        assert_eq!(b.next_set(100), Some(100));
+        assert_eq!(b.next_set(130), Some(199));
+        assert_eq!(b.next_set(200), None);
+        assert_eq!(b.next_clear(70), 130);
+        assert_eq!(b.next_clear(199), 200);
+        assert_eq!(b.next_clear(500), 200);
+        assert_eq!(b.runs(), vec![(70, 60), (199, 1)]);
+        b.set_range(0, 200);
+        assert_eq!(b.next_clear(0), 200);
+        assert_eq!(b.runs(), vec![(0, 200)]);
     }
 }

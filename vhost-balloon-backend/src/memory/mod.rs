@@ -7,6 +7,7 @@
 pub mod bitmap;
 pub mod discard;
 pub mod file;
+pub mod pending;
 pub mod persist;
 pub mod ranges;
 pub mod worker;
