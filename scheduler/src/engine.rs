@@ -18,6 +18,8 @@ struct GuestMemory {
     last_swap_in: Option<u64>,
     last_major_faults: Option<u64>,
     actuator: GuestActuator,
+    /// The driver's count of hand-overs between its mechanisms at the last reading.
+    handovers: u64,
     /// Set by an operator: the allocation this guest keeps, outside the policy.
     pinned_allocation: Option<u64>,
 }
@@ -114,12 +116,12 @@ impl Engine {
         let mut guests = Vec::with_capacity(inputs.len());
         for (spec, reading) in inputs {
             let mem = self.guests.entry(spec.name.clone()).or_default();
-            if reading
-                .as_ref()
-                .and_then(|r| r.split)
-                .is_some_and(|s| s.handed_over)
-            {
-                mem.actuator.restart_progress(time_s);
+            // A hand-over since the last reading (however many readings were lost between).
+            if let Some(split) = reading.as_ref().and_then(|r| r.split) {
+                if split.handovers != mem.handovers {
+                    mem.handovers = split.handovers;
+                    mem.actuator.restart_progress(time_s);
+                }
             }
             let limit = mem.actuator.limit_at(time_s);
             let state = match reading {
@@ -544,5 +546,44 @@ mod tests {
             &[(a.clone(), at(256, 128)), (b.clone(), at(512, 512))],
         );
         assert_eq!(out.send, vec![None, Some(384 * MIB)]);
+    }
+
+    #[test]
+    fn a_hand_over_whose_reading_was_lost_still_gives_the_new_holder_its_grace() {
+        let policy = PolicyConfig {
+            kind: PolicyKind::Static,
+            ..Default::default()
+        };
+        let mut e = Engine::new(policy, ActuatorConfig::default());
+        let mut guest = spec("a");
+        guest.static_bytes = Some(400 * MIB);
+        // Our backend's balloon: the driver holds all 624 MiB of it ...
+        let at = |actual: u64, handovers: u64| {
+            Some(DriverReading {
+                target_bytes: Some(624 * MIB),
+                actual_bytes: actual * MIB,
+                stats: None,
+                split: Some(crate::drivers::split::BalloonSplit {
+                    handovers,
+                    ..Default::default()
+                }),
+            })
+        };
+        for t in 0..5 {
+            e.tick(t as f64, host(), &[(guest.clone(), at(624, 0))]);
+        }
+        // ... then goes away, and the driver hands the balloon to the app, but the reading
+        // that says so comes past the tick's deadline and is dropped.
+        e.tick(5.0, host(), &[(guest.clone(), None)]);
+        // The app holds nothing for a while (the guest is under pressure after the driver's
+        // deflate); the readings after the lost one count one hand-over.
+        for t in 6..30 {
+            let out = e.tick(t as f64, host(), &[(guest.clone(), at(0, 1))]);
+            assert_eq!(
+                out.trace.guests[0].state,
+                GuestCondition::Ok,
+                "judged stalled at {t} s, within the new holder's grace"
+            );
+        }
     }
 }

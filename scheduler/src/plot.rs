@@ -273,7 +273,7 @@ mod tests {
                     app_actual_bytes: 40 * i * MIB,
                     driver_stalled: i > 2,
                     app_stalled: false,
-                    handed_over: false,
+                    handovers: 0,
                 });
                 TraceRecord {
                     time_s: 2.0 * i as f64,

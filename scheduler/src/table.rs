@@ -144,7 +144,7 @@ mod tests {
             app_actual_bytes: 200 << 20,
             driver_stalled: true,
             app_stalled: false,
-            handed_over: false,
+            handovers: 0,
         };
         s.last.as_mut().unwrap().guests[0].balloon_split = Some(split);
         let text = table(&s);

@@ -13,6 +13,18 @@ use std::time::Duration;
 /// The virtio-serial port the guest app (and its systemd unit) connects to.
 pub const APP_PORT: &str = "org.balloon.app";
 
+/// A guest shell command that runs the app on `APP_PORT` with `args` as its systemd unit does
+/// (examples/systemd/balloon-guest.service: Restart=on-failure, RestartSec=2), its output
+/// appended to /tmp/app.log. A host that dropped the app for silence (a TCG guest starved on a
+/// loaded host) refuses its next message, and the app exits with an error to come back with a
+/// fresh hello; SIGTERM ends it for good (it exits 0).
+pub fn app_as_its_unit(args: &str) -> String {
+    format!(
+        "until balloon-guest --connect serial:/dev/virtio-ports/{APP_PORT} {args} \
+         >> /tmp/app.log 2>&1; do sleep 2; done"
+    )
+}
+
 pub struct Backend {
     pub dir: PathBuf,
     /// The vhost-user socket the frontend connects to: the backend's own, or the keeper's.

@@ -280,9 +280,7 @@ pub fn app_returns(vm: &mut Vm, backend: &Backend, held: u64) -> Result<Returned
     vm.agent.sh(
         "mkdir -p /tmp/frag && cd /tmp/frag && i=0; while [ $i -lt 30720 ]; do echo > $i; i=$((i+1)); done; rm -f *[02468]",
     )?;
-    vm.agent.spawn(&format!(
-        "balloon-guest --connect serial:/dev/virtio-ports/{APP_PORT} > /tmp/app.log 2>&1"
-    ))?;
+    vm.agent.spawn(&crate::backend::app_as_its_unit(""))?;
     backend.wait_app("the app to connect", |s| s.app.connected)?;
     let before = settled_allocation(vm, backend)?;
     backend.set_app_target(held)?;

@@ -2,7 +2,7 @@
 //! virtio-serial: its pinned pages go back to the host, it gives them back on request, and a
 //! killed app's pages are the guest's again.
 
-use balloon_lab::backend::{Backend, APP_PORT};
+use balloon_lab::backend::{app_as_its_unit, Backend};
 use balloon_lab::wait::{wait_for, Poll};
 use balloon_lab::{Vm, VmConfig, MIB};
 use std::time::Duration;
@@ -80,15 +80,7 @@ fn boot_with_app(name: &str, app_args: &str) -> (Backend, Vm) {
     config.vhost_user_balloon = Some(backend.device());
     config.serial_ports = vec![backend.app_port()];
     let mut vm = Vm::start(config).unwrap();
-    vm.agent
-        .spawn(&format!(
-            // Restarted when it exits, as its unit does (Restart=on-failure, RestartSec=2): a
-            // host that dropped the app for silence (a TCG guest starved on a loaded host)
-            // refuses its next message, and the app exits to come back with a fresh hello.
-            "while :; do balloon-guest --connect serial:/dev/virtio-ports/{APP_PORT} {app_args} \
-             >> /tmp/app.log 2>&1; sleep 2; done"
-        ))
-        .unwrap();
+    vm.agent.spawn(&app_as_its_unit(app_args)).unwrap();
     backend
         .wait_app("the app to connect", |s| s.app.connected)
         .unwrap();

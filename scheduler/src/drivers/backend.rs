@@ -39,6 +39,8 @@ pub struct BackendDriver {
     splitter: Splitter,
     /// The last status read, for splitting the next size.
     last: Option<BackendStatus>,
+    /// Hand-overs between the mechanisms so far (see `BalloonSplit::handovers`).
+    handovers: u64,
 }
 
 impl BackendDriver {
@@ -56,6 +58,7 @@ impl BackendDriver {
             conn: None,
             splitter: Splitter::new(BalloonMechanism::Auto),
             last: None,
+            handovers: 0,
         }
     }
 
@@ -196,6 +199,7 @@ impl BalloonDriver for BackendDriver {
         self.splitter.observe(&status, now);
         let handed_over = self.splitter.hand_over_due(&status);
         if handed_over {
+            self.handovers += 1;
             // The driver stalled short of its share: the app takes the rest of the same size.
             let total = status.target_bytes + status.app.target_bytes;
             let targets = self.splitter.targets(total, &status, now);
@@ -210,7 +214,7 @@ impl BalloonDriver for BackendDriver {
         }
         let mut reading = reading_from_status(&status);
         reading.split = Some(BalloonSplit {
-            handed_over,
+            handovers: self.handovers,
             ..self.splitter.split_of(&status)
         });
         self.last = Some(status);

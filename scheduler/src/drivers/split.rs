@@ -50,9 +50,11 @@ pub struct BalloonSplit {
     pub driver_stalled: bool,
     /// The app says the guest cannot give it more.
     pub app_stalled: bool,
-    /// This reading follows a hand-over from one mechanism to the other.
+    /// How many times the balloon has changed hands between the mechanisms since the driver
+    /// started. A count, not a flag on the reading that follows the hand-over: that reading
+    /// may come past the tick's deadline and be dropped, and the hand-over with it.
     #[serde(default)]
-    pub handed_over: bool,
+    pub handovers: u64,
 }
 
 /// Two targets for the backend.
@@ -151,7 +153,7 @@ impl Splitter {
             app_actual_bytes: s.app.ballooned_bytes,
             driver_stalled: self.driver_stalled,
             app_stalled: s.app.stalled,
-            handed_over: false,
+            handovers: 0,
         }
     }
 

@@ -290,7 +290,7 @@ fn the_driver_and_app_parts_are_gauges_for_guests_that_have_them() {
             app_actual_bytes: 50 << 20,
             driver_stalled: true,
             app_stalled: false,
-            handed_over: false,
+            handovers: 0,
         });
     }
     let samples = parse(&render(&st));

@@ -197,10 +197,16 @@ impl DiscardWorker {
                 while q.pending.is_empty() && !q.shutdown {
                     q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
+                let started = Instant::now();
                 q = self.gather(q);
                 if q.shutdown {
                     return;
                 }
+                log::debug!(
+                    "discarding {} KiB gathered for {:?}",
+                    q.pending.bytes() >> 10,
+                    started.elapsed()
+                );
                 q.pending.bytes()
             };
             self.execute(batch);

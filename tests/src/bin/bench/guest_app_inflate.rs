@@ -34,9 +34,8 @@ pub(super) fn guest_app_inflate() -> Result<()> {
     };
     let time_app = |vm: &mut Vm, args: &str| -> Result<f64> {
         vm.touch_and_free(700)?;
-        vm.agent.spawn(&format!(
-            "balloon-guest --connect serial:/dev/virtio-ports/org.balloon.app {args} > /tmp/app.log 2>&1"
-        ))?;
+        vm.agent
+            .spawn(&balloon_lab::backend::app_as_its_unit(args))?;
         wait("the app to connect", &|s| s.app.connected)?;
         let t = Instant::now();
         app_target(amount)?;
@@ -79,9 +78,7 @@ pub(super) fn guest_app_inflate() -> Result<()> {
         })
         .collect();
     // A target the guest cannot give (all of its RAM): the app stops short, nothing is killed.
-    vm.agent.spawn(
-        "balloon-guest --connect serial:/dev/virtio-ports/org.balloon.app > /tmp/app.log 2>&1",
-    )?;
+    vm.agent.spawn(&balloon_lab::backend::app_as_its_unit(""))?;
     wait("the app to connect", &|s| s.app.connected)?;
     app_target(1024 * MIB)?;
     wait("the app to stop short of 1 GiB", &|s| {
