@@ -351,7 +351,9 @@ impl VhostUserBackend for VhostUserBalloon {
         if let Some(Err(e)) = save.map(|job| job.run()) {
             log::error!("{e}");
         }
-        // The old mappings stay alive until this (and every guard on it) is replaced.
+        // (The vhost-user crate has already swapped the new table into this same atomic, so the
+        // old mappings may be gone by now: discards of the old table's regions go through
+        // their files, never their addresses; see memory::discard.)
         *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = Some(atomic);
         Ok(())
     }

@@ -240,6 +240,11 @@ impl Balloon {
         });
         self.count_discards(out);
         self.counters.reclaimed_bytes += out.discarded_bytes;
+        if self.app.memory.ballooned_pages() >= bytes_to_pages(self.app.target_bytes) {
+            if let Some(worker) = &self.discard_worker {
+                worker.balloon_complete();
+            }
+        }
         Ok(())
     }
 

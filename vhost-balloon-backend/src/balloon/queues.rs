@@ -72,6 +72,11 @@ impl Balloon {
         });
         self.count_discards(out);
         self.counters.reclaimed_bytes += out.discarded_bytes;
+        if self.memory.ballooned_pages() >= u64::from(self.config.num_pages) {
+            if let Some(worker) = worker {
+                worker.balloon_complete();
+            }
+        }
         log_outside("inflate", out);
         ChainDisposition::Used(0)
     }

@@ -18,27 +18,29 @@ pub struct Backing {
 
 impl Backing {
     /// Discards `len` bytes at `offset` into the region: a hole punched in the backing file, or
-    /// MADV_REMOVE on the mapping when there is no file or it refuses.
+    /// MADV_REMOVE on the mapping when there is no file.
+    ///
+    /// With a file, never through the mapping: MADV_REMOVE punches the same hole through the
+    /// same filesystem call, so it cannot succeed where fallocate refused, and a discard the
+    /// worker runs after a memory table change may outlive the old table's mapping (the
+    /// vhost-user crate drops it before the backend hears of the new table), its address then
+    /// free or another mapping's.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if let Some((file, file_offset)) = &self.file {
             let pos = file_offset
                 .checked_add(offset)
                 .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
             use rustix::fs::{fallocate, FallocateFlags};
-            match fallocate(
+            return fallocate(
                 file,
                 FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
                 pos,
                 len,
-            ) {
-                Ok(()) => return Ok(()),
-                Err(rustix::io::Errno::OPNOTSUPP) => {}
-                Err(e) => return Err(e.into()),
-            }
+            )
+            .map_err(io::Error::from);
         }
         if self.host_addr == 0 {
-            // Not mapped here (a guest memory file named on the command line): a hole in the
-            // file is the only way.
+            // Neither a file nor a mapping to discard through.
             return Err(io::Error::from(io::ErrorKind::Unsupported));
         }
         let addr = self

@@ -34,6 +34,8 @@ struct Queue {
     pending: PendingSet,
     /// Callers waiting in `flush`, which must not wait for the gathering too.
     flushers: usize,
+    /// The balloon reached its target: nothing more is coming to gather with.
+    complete: bool,
     /// The guest physical range [start, end) being discarded right now (one executor: the
     /// worker thread, or `process_pending` on a worker without one).
     running: Option<(u64, u64)>,
@@ -117,6 +119,19 @@ impl DiscardWorker {
         if wake {
             self.changed.notify_all();
         }
+    }
+
+    /// The balloon that submitted the pending pages reached its target: no more are coming, so
+    /// they go now instead of waiting out the gathering (up to `GATHER` of memory kept from
+    /// the host for nothing).
+    pub fn balloon_complete(&self) {
+        let mut q = self.lock();
+        if q.pending.is_empty() {
+            return;
+        }
+        q.complete = true;
+        drop(q);
+        self.changed.notify_all();
     }
 
     /// Runs `job` and counts it.
@@ -214,10 +229,10 @@ impl DiscardWorker {
     }
 
     /// Lets pending discards gather for up to `self.gather`, or until they fill a piece of
-    /// `MAX_JOB_BYTES`, someone flushes, or the worker shuts down.
+    /// `MAX_JOB_BYTES`, the balloon is complete, someone flushes, or the worker shuts down.
     fn gather<'a>(&self, mut q: MutexGuard<'a, Queue>) -> MutexGuard<'a, Queue> {
         let deadline = Instant::now() + self.gather;
-        while !q.shutdown && q.flushers == 0 && q.pending.bytes() < MAX_JOB_BYTES {
+        while !q.shutdown && !q.complete && q.flushers == 0 && q.pending.bytes() < MAX_JOB_BYTES {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -228,6 +243,7 @@ impl DiscardWorker {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        q.complete = false;
         q
     }
 
@@ -400,6 +416,24 @@ mod tests {
             assert!(
                 Instant::now() < deadline,
                 "the full piece was not discarded"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        worker.shutdown();
+    }
+
+    #[test]
+    fn gathering_ends_once_the_balloon_is_complete() {
+        let (ram, mut map, _) = setup();
+        let worker = DiscardWorker::start_gathering(Duration::from_secs(600)).unwrap();
+        // The last MiB of an inflation: far less than a piece, and no more is coming.
+        submit_driver_buffers(&worker, &mut map, 1);
+        worker.balloon_complete();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ram.allocated() > 7 * MIB {
+            assert!(
+                Instant::now() < deadline,
+                "the last MiB waited for the gathering"
             );
             std::thread::sleep(Duration::from_millis(1));
         }
