@@ -324,13 +324,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_restart_adopts_current_targets_and_moves_from_there() {
+    /// An engine under the static policy: each guest's size is its `static_bytes`.
+    fn static_engine(actuator: ActuatorConfig) -> Engine {
         let policy = PolicyConfig {
             kind: PolicyKind::Static,
             ..Default::default()
         };
-        let mut e = Engine::new(policy, ActuatorConfig::default());
+        Engine::new(policy, actuator)
+    }
+
+    #[test]
+    fn a_restart_adopts_current_targets_and_moves_from_there() {
+        let mut e = static_engine(ActuatorConfig::default());
         // The guest already has a 300 MiB balloon (reached 280) from a previous run.
         let reading = DriverReading {
             target_bytes: Some(300 * MIB),
@@ -483,13 +488,7 @@ mod tests {
             max_step_bytes: 4096 * MIB,
             ..Default::default()
         };
-        let mut e = Engine::new(
-            PolicyConfig {
-                kind: PolicyKind::Static,
-                ..Default::default()
-            },
-            unlimited,
-        );
+        let mut e = static_engine(unlimited);
         let mut a = spec("a");
         a.min_bytes = 512 * MIB + 100;
         a.static_bytes = Some(a.min_bytes);
@@ -509,13 +508,7 @@ mod tests {
     fn growth_waits_for_memory_the_others_have_given_up() {
         // Budget 1536 MiB; a holds 1024 and b 512 (full). The policy moves 256 MiB from a to b:
         // b may only grow once a's balloon has really taken it.
-        let mut e = Engine::new(
-            PolicyConfig {
-                kind: PolicyKind::Static,
-                ..Default::default()
-            },
-            ActuatorConfig::default(),
-        );
+        let mut e = static_engine(ActuatorConfig::default());
         let mut a = spec("a");
         a.static_bytes = Some(768 * MIB);
         let mut b = spec("b");
@@ -550,11 +543,7 @@ mod tests {
 
     #[test]
     fn a_hand_over_whose_reading_was_lost_still_gives_the_new_holder_its_grace() {
-        let policy = PolicyConfig {
-            kind: PolicyKind::Static,
-            ..Default::default()
-        };
-        let mut e = Engine::new(policy, ActuatorConfig::default());
+        let mut e = static_engine(ActuatorConfig::default());
         let mut guest = spec("a");
         guest.static_bytes = Some(400 * MIB);
         // Our backend's balloon: the driver holds all 624 MiB of it ...
