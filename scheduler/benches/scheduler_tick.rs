@@ -46,6 +46,7 @@ fn scheduler_tick() -> std::io::Result<()> {
                         age_seconds: Some(1.0),
                     }),
                     split: None,
+                    size_disputed: false,
                 }),
             )
         })

@@ -2,7 +2,7 @@
 //! and a trace record out.
 
 use crate::actuator::{ActuatorConfig, GuestActuator};
-use crate::drivers::DriverReading;
+use crate::drivers::{DriverReading, RawGuestStats};
 use crate::model::{GuestMemoryStats, GuestSpec, GuestState, HostState, Snapshot};
 use crate::policy::{self, PolicyConfig, PolicyState};
 use crate::trace::{GuestCondition, TraceGuest, TraceRecord};
@@ -22,6 +22,8 @@ struct GuestMemory {
     handovers: u64,
     /// Set by an operator: the allocation this guest keeps, outside the policy.
     pinned_allocation: Option<u64>,
+    /// The last reading's size was disputed (for logging the start and end of a dispute once).
+    size_disputed: bool,
 }
 
 pub struct Engine {
@@ -114,8 +116,29 @@ impl Engine {
         inputs: &[(GuestSpec, Option<DriverReading>)],
     ) -> TickOutcome {
         let mut guests = Vec::with_capacity(inputs.len());
+        let mut disputed = Vec::with_capacity(inputs.len());
         for (spec, reading) in inputs {
             let mem = self.guests.entry(spec.name.clone()).or_default();
+            let reading = reading.as_ref().map(|r| bounded(spec, r));
+            let size_disputed = reading.is_some_and(|r| r.size_disputed);
+            if size_disputed != mem.size_disputed {
+                mem.size_disputed = size_disputed;
+                if size_disputed {
+                    log::warn!(
+                        "{}: the guest's word for its balloon disagrees with what the host holds \
+                         back (or is outside its memory): it is budgeted by the host's figure, \
+                         {} MiB of balloon",
+                        spec.name,
+                        reading.map_or(0, |r| r.actual_bytes) >> 20
+                    );
+                } else {
+                    log::info!(
+                        "{}: the guest's balloon size agrees with the host's again",
+                        spec.name
+                    );
+                }
+            }
+            disputed.push(size_disputed);
             // A hand-over since the last reading (however many readings were lost between).
             if let Some(split) = reading.as_ref().and_then(|r| r.split) {
                 if split.handovers != mem.handovers {
@@ -210,21 +233,24 @@ impl Engine {
         let trace_guests = snapshot
             .guests
             .iter()
-            .zip(inputs)
+            .zip(inputs.iter().zip(&disputed))
             .zip(send.iter().zip(states.iter().zip(&decisions)))
-            .map(|((g, (_, reading)), (plan, (state, decided)))| TraceGuest {
-                name: g.spec.name.clone(),
-                memory_bytes: g.spec.memory_bytes,
-                allocation_bytes: g.allocation_bytes(),
-                used_bytes: g.stats.map(|_| g.used_bytes()),
-                available_bytes: g.stats.map(|s| s.available_bytes),
-                balloon_target_bytes: g.balloon_target_bytes,
-                balloon_actual_bytes: g.balloon_actual_bytes,
-                decided_allocation_bytes: *decided,
-                sent_balloon_bytes: *plan,
-                state: *state,
-                balloon_split: reading.and_then(|r| r.split),
-            })
+            .map(
+                |((g, ((_, reading), disputed)), (plan, (state, decided)))| TraceGuest {
+                    name: g.spec.name.clone(),
+                    memory_bytes: g.spec.memory_bytes,
+                    allocation_bytes: g.allocation_bytes(),
+                    used_bytes: g.stats.map(|_| g.used_bytes()),
+                    available_bytes: g.stats.map(|s| s.available_bytes),
+                    balloon_target_bytes: g.balloon_target_bytes,
+                    balloon_actual_bytes: g.balloon_actual_bytes,
+                    decided_allocation_bytes: *decided,
+                    sent_balloon_bytes: *plan,
+                    state: *state,
+                    balloon_split: reading.and_then(|r| r.split),
+                    size_disputed: *disputed,
+                },
+            )
             .collect();
         let trace = TraceRecord {
             time_s,
@@ -242,6 +268,38 @@ impl Engine {
             snapshot,
             trace,
         }
+    }
+}
+
+/// A reading as a policy may see it: every size within the guest's configured memory, ages
+/// finite. A VMM passes on what the guest kernel wrote (QEMU's built-in balloon reports the
+/// driver's `actual`), and a guest can write anything there, so one guest's figure must not make
+/// the others' budget. A balloon larger than the guest's memory is no balloon the host can have
+/// taken: the guest counts as holding all of its memory (the host's worst case, and what a guest
+/// that writes such a size while inflating nothing holds). Other sizes out of range are clamped.
+/// Either way the reading is marked disputed.
+fn bounded(spec: &GuestSpec, r: &DriverReading) -> DriverReading {
+    let memory = spec.memory_bytes;
+    let stats = r.stats.map(|s| RawGuestStats {
+        available_bytes: s.available_bytes.min(memory),
+        total_bytes: s.total_bytes.min(memory),
+        age_seconds: s.age_seconds.filter(|a| a.is_finite() && *a >= 0.0),
+        ..s
+    });
+    let out_of_range = r.actual_bytes > memory
+        || r.target_bytes.is_some_and(|t| t > memory)
+        || r.stats
+            .is_some_and(|s| s.available_bytes > memory || s.total_bytes > memory);
+    DriverReading {
+        target_bytes: r.target_bytes.map(|t| t.min(memory)),
+        actual_bytes: if r.actual_bytes > memory {
+            0
+        } else {
+            r.actual_bytes
+        },
+        stats,
+        size_disputed: r.size_disputed || out_of_range,
+        ..*r
     }
 }
 
@@ -342,6 +400,7 @@ mod tests {
             actual_bytes: 280 * MIB,
             stats: None,
             split: None,
+            size_disputed: false,
         };
         let out = e.tick(0.0, host(), &[(spec("a"), Some(reading))]);
         // Static wants 512 MiB allocated: a 512 MiB balloon, reached from 300 in one capped
@@ -367,6 +426,7 @@ mod tests {
             actual_bytes: 0,
             stats: None,
             split: None,
+            size_disputed: false,
         };
         let out = e.tick(0.0, host(), &[(spec("a"), Some(reading))]);
         assert_eq!(out.send, vec![Some(124 * MIB)]);
@@ -403,6 +463,7 @@ mod tests {
                         ..Default::default()
                     }),
                     split: None,
+                    size_disputed: false,
                 })
             };
             let inputs = [
@@ -470,6 +531,7 @@ mod tests {
                 ..Default::default()
             }),
             split: None,
+            size_disputed: false,
         });
         let inputs: Vec<_> = ["a", "b", "c"].iter().map(|n| (spec(n), idle)).collect();
         let out = e.tick(0.0, host, &inputs);
@@ -497,6 +559,7 @@ mod tests {
             actual_bytes: 0,
             stats: None,
             split: None,
+            size_disputed: false,
         });
         let out = e.tick(0.0, host(), &[(a.clone(), reading)]);
         let b = out.send[0].expect("it inflates");
@@ -523,6 +586,7 @@ mod tests {
                 actual_bytes: actual * MIB,
                 stats: None,
                 split: None,
+                size_disputed: false,
             })
         };
         let out = e.tick(
@@ -556,6 +620,7 @@ mod tests {
                     handovers,
                     ..Default::default()
                 }),
+                size_disputed: false,
             })
         };
         for t in 0..5 {

@@ -249,6 +249,7 @@ mod tests {
             sent_balloon_bytes: None,
             state: GuestCondition::Ok,
             balloon_split: None,
+            size_disputed: false,
         }
     }
 

@@ -51,7 +51,11 @@ pub fn table(s: &SchedulerStatus) -> String {
             mib(actual),
             g.available_bytes.map_or("-".into(), mib),
             progress,
-            g.state
+            if g.size_disputed {
+                format!("{} (size disputed: budgeted by the host's figure)", g.state)
+            } else {
+                g.state.to_string()
+            }
         ));
         if let Some(line) = g.balloon_split.as_ref().and_then(split_line) {
             out.push_str(&line);
@@ -110,6 +114,7 @@ mod tests {
                     sent_balloon_bytes: None,
                     state: GuestCondition::Unreachable,
                     balloon_split: None,
+                    size_disputed: false,
                 }],
             }),
             ..Default::default()

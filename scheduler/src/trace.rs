@@ -50,6 +50,10 @@ pub struct TraceGuest {
     /// Our backend's driver and app shares of the balloon, their progress and stalls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon_split: Option<crate::drivers::split::BalloonSplit>,
+    /// The guest's word for its size disagreed with the host's view, or its reading was out of
+    /// range: it was budgeted by the host's view (see `DriverReading::size_disputed`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub size_disputed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

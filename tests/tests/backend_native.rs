@@ -79,6 +79,46 @@ fn inflate_discards_exactly_the_named_pages_and_skips_hostile_ones() {
     assert_eq!(s.actual_bytes, 1000 * PAGE);
 }
 
+/// A guest kernel that writes a balloon size it never inflated (16 TiB on a 64 MiB guest, as
+/// `actual = u32::MAX`) moves nothing: the balloon is the pages handed over, the word is
+/// reported apart, and the disagreement is flagged once it outlasts an honest driver's lag.
+#[test]
+fn a_drivers_false_balloon_size_is_not_the_balloon_and_is_flagged() {
+    let backend = Backend::start("liar", NO_EXTRA_QUEUES).unwrap();
+    let ram = guest_ram(64 * MIB).unwrap();
+    backend.set_target(32 * MIB).unwrap();
+    let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
+    // A real handful of pages, then the lie.
+    let pfns: Vec<u32> = (0..256).collect();
+    fe.inflate(&ram, &pfns).unwrap();
+    fe.set_actual(u32::MAX).unwrap();
+    let s = backend.status().unwrap();
+    assert_eq!(s.actual_bytes, 256 * PAGE, "{s:?}");
+    assert_eq!(s.driver_actual_bytes, Some(u64::from(u32::MAX) * PAGE));
+    let s = wait_for(
+        "the false size to be flagged",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let s = backend.status()?;
+            Ok(if s.driver_claim_disputed {
+                Poll::Ready(s)
+            } else {
+                Poll::Pending(format!("{s:?}"))
+            })
+        },
+    )
+    .unwrap();
+    assert_eq!(s.actual_bytes, 256 * PAGE, "{s:?}");
+    // Once the word agrees with the pages, the flag goes.
+    fe.set_actual(256).unwrap();
+    let s = backend.status().unwrap();
+    assert!(!s.driver_claim_disputed, "{s:?}");
+    assert_eq!(s.actual_bytes, 256 * PAGE);
+    let log = backend.log();
+    assert_eq!(log.matches("handed over").count(), 1, "logged once: {log}");
+}
+
 #[test]
 fn a_killed_backend_restarts_with_its_target_and_serves_a_new_connection() {
     let mut backend = Backend::start("restart", NO_EXTRA_QUEUES).unwrap();
@@ -202,7 +242,14 @@ fn behind_the_keeper_config_reads_and_writes_are_answered_while_no_backend_is_at
         },
     )
     .unwrap();
-    assert_eq!(s.actual_bytes, u64::from(half + 1) * PAGE, "{s:?}");
+    // The driver's word arrives; the balloon is still what was handed over (the state file's
+    // pages), which that word exceeds only by one page: no dispute.
+    assert_eq!(
+        s.driver_actual_bytes,
+        Some(u64::from(half + 1) * PAGE),
+        "{s:?}"
+    );
+    assert_eq!(s.actual_bytes, u64::from(half) * PAGE, "{s:?}");
     // And the device goes on.
     fe.inflate(&ram, &pfns[pfns.len() / 2..]).unwrap();
     wait_allocated(&ram, full - target).unwrap();

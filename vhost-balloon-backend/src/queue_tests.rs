@@ -272,6 +272,34 @@ fn inflate_discards_contiguous_and_scattered_pages_and_returns_the_buffer() {
     assert_eq!(b.counters.inflate_chains, 2);
 }
 
+/// The driver's word for its balloon is never the balloon: a guest kernel that writes
+/// `actual = u32::MAX` (16 TiB) after inflating 1 MiB has a 1 MiB balloon, and a lasting gap is a
+/// dispute (the status flags it), which ends when the word agrees with the pages again.
+#[test]
+fn the_balloon_is_the_pages_handed_over_whatever_the_driver_writes() {
+    use crate::balloon::claim::GRACE;
+    use std::time::{Duration, Instant};
+    let g = Guest::new();
+    let mut b = g.balloon(0);
+    let pages: Vec<u32> = (3000..3000 + 256).collect();
+    send_pfns(&g, &mut b, INFLATE, &pages);
+    b.write_config(4, &u32::MAX.to_le_bytes());
+    let s = b.status();
+    assert_eq!(s.actual_bytes, 256 * PAGE);
+    assert_eq!(s.driver_actual_bytes, Some(u64::from(u32::MAX) * PAGE));
+    assert!(!s.driver_claim_disputed, "not before the grace");
+    b.check_claim(Instant::now() + GRACE + Duration::from_secs(1));
+    let s = b.status();
+    assert!(s.driver_claim_disputed);
+    assert_eq!(s.actual_bytes, 256 * PAGE);
+    // The other way: claiming none while holding 256 pages is a dispute too, and the balloon
+    // is still the 256 pages.
+    b.write_config(4, &0u32.to_le_bytes());
+    assert_eq!(b.status().actual_bytes, 256 * PAGE);
+    b.write_config(4, &256u32.to_le_bytes());
+    assert!(!b.status().driver_claim_disputed);
+}
+
 #[test]
 fn deflate_clears_tracking_and_discards_nothing() {
     let g = Guest::new();
@@ -964,7 +992,7 @@ fn a_restarted_backend_takes_over_the_tracked_pages_and_completes_their_discards
     assert_eq!(third.status().ballooned_bytes, PAGE);
     assert_eq!(g.first_byte(3700), MARK);
     drop(third);
-    let fourth = start(&Arc::new(DiscardWorker::new()));
+    let mut fourth = start(&Arc::new(DiscardWorker::new()));
     assert_eq!(fourth.status().ballooned_bytes, PAGE);
     std::fs::remove_dir_all(&dir).unwrap();
 }

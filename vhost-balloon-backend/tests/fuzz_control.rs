@@ -268,6 +268,8 @@ fn backend_status() -> impl Strategy<Value = BackendStatus> {
             target_bytes: a.2,
             actual_bytes: a.3,
             actual_from_driver: a.4,
+            driver_actual_bytes: a.4.then_some(a.3 ^ b.0),
+            driver_claim_disputed: a.4 && b.3,
             ballooned_bytes: b.0,
             reclaimed_bytes: b.1,
             reported_free_bytes: b.2,

@@ -189,6 +189,7 @@ pub fn reading_from_status(status: &BackendStatus) -> DriverReading {
         actual_bytes: status.actual_bytes + status.app.ballooned_bytes,
         stats,
         split: None,
+        size_disputed: status.driver_claim_disputed,
     }
 }
 

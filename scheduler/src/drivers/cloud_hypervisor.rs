@@ -94,6 +94,7 @@ impl BalloonDriver for CloudHypervisorDriver {
             actual_bytes: actual,
             stats,
             split: None,
+            size_disputed: false,
         })
     }
 

@@ -139,7 +139,9 @@ fn status(s: &State) -> BackendStatus {
         guest_ram_bytes: s.guest_ram,
         target_bytes: s.target,
         actual_bytes: s.target,
+        ballooned_bytes: s.target,
         actual_from_driver: true,
+        driver_actual_bytes: Some(s.target),
         stats: Some(GuestStatsSnapshot {
             age_seconds: 0.5,
             values: [

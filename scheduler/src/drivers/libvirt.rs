@@ -74,6 +74,7 @@ fn reading_of(
         actual_bytes: maximum_kib.saturating_sub(actual).saturating_mul(1024),
         stats: guest,
         split: None,
+        size_disputed: false,
     })
 }
 

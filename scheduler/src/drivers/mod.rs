@@ -27,6 +27,11 @@ pub struct DriverReading {
     /// How the balloon is split between our backend's driver and app (None elsewhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<split::BalloonSplit>,
+    /// The guest's own word for its balloon disagrees with what the host holds back: the
+    /// reading carries the host's figure (our backend's tracked pages), the word is not used.
+    /// The engine also sets it for a reading outside the guest's configured memory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub size_disputed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

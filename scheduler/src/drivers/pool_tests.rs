@@ -50,6 +50,7 @@ impl BalloonDriver for Gated {
             actual_bytes: 4096,
             stats: None,
             split: None,
+            size_disputed: false,
         })
     }
     fn set_balloon(&mut self, b: u64) -> Result<(), DriverError> {

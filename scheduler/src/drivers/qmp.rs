@@ -337,6 +337,7 @@ impl BalloonDriver for QmpDriver {
             actual_bytes: memory_bytes - actual_memory,
             stats,
             split: None,
+            size_disputed: false,
         })
     }
 

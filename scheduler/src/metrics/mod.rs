@@ -132,7 +132,7 @@ pub fn render(status: &SchedulerStatus) -> String {
         |g: &TraceGuest| status.pinned.contains_key(&g.name) || g.state == GuestCondition::Pinned;
     type Field<'a> = Box<dyn Fn(&TraceGuest) -> Option<u64> + 'a>;
     let split = |g: &TraceGuest| g.balloon_split;
-    let per_guest: [(&str, &str, Field); 13] = [
+    let per_guest: [(&str, &str, Field); 14] = [
         (
             "memory_bytes",
             "Configured guest memory.",
@@ -172,6 +172,11 @@ pub fn render(status: &SchedulerStatus) -> String {
             "reachable",
             "1 if the guest's driver answered.",
             Box::new(|g| Some(u64::from(g.state != GuestCondition::Unreachable))),
+        ),
+        (
+            "size_disputed",
+            "1 if the guest's word for its balloon disagrees with what the host holds back (it is budgeted by the host's figure).",
+            Box::new(|g| Some(u64::from(g.size_disputed))),
         ),
         (
             "driver_balloon_bytes",

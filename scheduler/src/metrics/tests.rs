@@ -18,6 +18,7 @@ fn guest(name: &str, state: GuestCondition, available: Option<u64>) -> TraceGues
         sent_balloon_bytes: None,
         state,
         balloon_split: None,
+        size_disputed: false,
     }
 }
 
@@ -166,9 +167,9 @@ fn value(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> Option<
 fn every_line_follows_the_exposition_format() {
     let text = render(&status());
     let samples = parse(&text);
-    // ticks; errors for a, WEIRD, c, d; 5 host and budget gauges; 4 levels; 7 gauges for each
+    // ticks; errors for a, WEIRD, c, d; 5 host and budget gauges; 4 levels; 8 gauges for each
     // of 3 guests and available for the 2 with statistics.
-    assert_eq!(samples.len(), 1 + 4 + 5 + 4 + 3 * 7 + 2, "{text}");
+    assert_eq!(samples.len(), 1 + 4 + 5 + 4 + 3 * 8 + 2, "{text}");
     for (name, _, _) in &samples {
         assert!(name.starts_with("balloon_scheduler_"), "{name}");
     }
@@ -189,7 +190,7 @@ fn label_values_are_escaped() {
         .iter()
         .filter(|(_, l, _)| l.iter().any(|(_, v)| v == WEIRD))
         .collect();
-    assert_eq!(weird.len(), 8, "{text}");
+    assert_eq!(weird.len(), 9, "{text}");
 }
 
 #[test]

@@ -325,6 +325,7 @@ pub fn run(scenario: &Scenario) -> SimOutcome {
                         age_seconds: Some(0.0),
                     }),
                     split: None,
+                    size_disputed: false,
                 };
                 (s.clone(), Some(reading))
             })

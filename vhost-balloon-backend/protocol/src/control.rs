@@ -105,11 +105,20 @@ pub struct BackendStatus {
     pub guest_ram_bytes: u64,
     /// Balloon size the device asks for (config `num_pages`).
     pub target_bytes: u64,
-    /// Balloon size the driver reports (config `actual`), or, if the frontend does not forward
-    /// the driver's config writes, the tracked ballooned pages.
+    /// The driver's balloon as the host holds it: the pages the driver handed over and the
+    /// backend tracks (and discards). Never the driver's own word, which a guest kernel can set
+    /// to anything (`driver_actual_bytes`).
     pub actual_bytes: u64,
-    /// Whether `actual_bytes` came from the driver (false: derived from tracked pages).
+    /// Whether the frontend forwarded the driver's writes of `actual`.
     pub actual_from_driver: bool,
+    /// The driver's own word for its balloon (config `actual`), if it wrote one.
+    #[serde(default)]
+    pub driver_actual_bytes: Option<u64>,
+    /// The driver's word has disagreed with the pages it handed over for longer than an honest
+    /// driver's lag: a guest kernel that lies, or tracking lost (a backend restarted without its
+    /// state file). The balloon counts as `actual_bytes` all the same.
+    #[serde(default)]
+    pub driver_claim_disputed: bool,
     /// Pages currently ballooned, as tracked from inflate/deflate requests.
     pub ballooned_bytes: u64,
     /// Total bytes handed back to the host by discarding ballooned pages (grows).

@@ -5,6 +5,7 @@
 //! lifecycle's states and transitions (lifecycle.rs).
 
 mod app;
+pub mod claim;
 pub mod lifecycle;
 mod queues;
 mod settings;
@@ -63,9 +64,11 @@ pub struct Balloon {
     pub feature_choice: FeatureChoice,
     pub acked_features: u64,
     pub layout: QueueLayout,
-    /// The frontend sent the driver's writes of `actual` (SET_CONFIG). If it never does, status
-    /// derives `actual` from the tracked pages.
+    /// The frontend sent the driver's writes of `actual` (SET_CONFIG). The balloon is what the
+    /// backend tracks either way; the driver's word is only checked against it (`claim`).
     pub actual_from_driver: bool,
+    /// The driver's word against the tracked pages (see claim.rs).
+    claim: claim::DriverClaim,
     pub discard_enabled: bool,
     pub stats_interval_seconds: u64,
     pub counters: Counters,
@@ -127,6 +130,7 @@ impl Balloon {
             acked_features: 0,
             layout: QueueLayout::for_features(0),
             actual_from_driver: false,
+            claim: claim::DriverClaim::default(),
             discard_enabled: true,
             stats_interval_seconds: 0,
             counters: Counters::default(),
@@ -470,6 +474,31 @@ impl Balloon {
         self.actual_from_driver = true;
         if self.config.write(offset, data) {
             log::debug!("driver reports actual {} pages", self.config.actual);
+        }
+        self.check_claim(Instant::now());
+    }
+
+    /// Compares the driver's word with the tracked pages; logs a dispute once when it starts
+    /// and once when it ends (the guest decides how often it writes, so nothing per write).
+    pub(crate) fn check_claim(&mut self, now: Instant) {
+        let claimed = self
+            .actual_from_driver
+            .then_some(u64::from(self.config.actual));
+        let tracked = self.memory.ballooned_pages();
+        let before = self.claim;
+        self.claim = before.observe(claimed, tracked, now);
+        match (before.disputed(), self.claim.disputed()) {
+            (false, true) => log::warn!(
+                "the guest driver says its balloon is {} MiB, but it handed over {} MiB: the \
+                 balloon counts as {} MiB (what the host holds back) until the two agree",
+                pages_to_bytes(claimed.unwrap_or(0)) >> 20,
+                pages_to_bytes(tracked) >> 20,
+                pages_to_bytes(tracked) >> 20
+            ),
+            (true, false) => {
+                log::info!("the guest driver's balloon size agrees with its pages again")
+            }
+            _ => {}
         }
     }
 

@@ -7,17 +7,20 @@ use balloon_protocol::{pages_to_bytes, AppStatus, BackendStatus, GuestStatsSnaps
 use std::sync::atomic::{AtomicU64, Ordering};
 
 impl Balloon {
-    pub fn status(&self) -> BackendStatus {
+    /// The status now (`&mut`: it also brings the check of the driver's word up to date, which
+    /// only the passing of time may change).
+    pub fn status(&mut self) -> BackendStatus {
+        self.check_claim(std::time::Instant::now());
         BackendStatus {
             device_started: self.device_started(),
             guest_ram_bytes: self.guest_ram_bytes(),
             target_bytes: pages_to_bytes(u64::from(self.config.num_pages)),
-            actual_bytes: if self.actual_from_driver {
-                pages_to_bytes(u64::from(self.config.actual))
-            } else {
-                pages_to_bytes(self.memory.ballooned_pages())
-            },
+            actual_bytes: pages_to_bytes(self.memory.ballooned_pages()),
             actual_from_driver: self.actual_from_driver,
+            driver_actual_bytes: self
+                .actual_from_driver
+                .then(|| pages_to_bytes(u64::from(self.config.actual))),
+            driver_claim_disputed: self.claim.disputed(),
             ballooned_bytes: pages_to_bytes(self.memory.ballooned_pages()),
             reclaimed_bytes: self.counters.reclaimed_bytes
                 + self.worker_count(|c| &c.discarded_bytes),
