@@ -107,15 +107,45 @@ impl SplitQueue {
     }
 }
 
+/// The order in which a VMM sets the device up, message by message, as its source does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Negotiation {
+    /// A minimal frontend: features, protocol features, memory table, rings; no backend request
+    /// channel.
+    Minimal,
+    /// QEMU 11 (vhost_user_backend_init, then vhost_dev_start): GET_FEATURES,
+    /// GET/SET_PROTOCOL_FEATURES, SET_BACKEND_REQ_FD at once, then SET_FEATURES, SET_MEM_TABLE
+    /// and the rings.
+    Qemu,
+    /// cloud-hypervisor v53 (vu_common_ctrl.rs): SET_OWNER, GET_FEATURES,
+    /// GET/SET_PROTOCOL_FEATURES at VM creation; at activation SET_FEATURES, SET_MEM_TABLE, every
+    /// ring's NUM, then each ring's ADDR, BASE (the guest's avail index), CALL, KICK, then
+    /// SET_VRING_ENABLE for each, and SET_BACKEND_REQ_FD last.
+    CloudHypervisor,
+    /// cloud-hypervisor's own reconnect (reinitialize_vhost_user): as `CloudHypervisor` but
+    /// without GET_PROTOCOL_FEATURES (it sets the ones acked before), over rings the guest
+    /// already uses.
+    CloudHypervisorReconnect,
+}
+
 /// A connected frontend with the inflate (0) and deflate (1) queues running.
 pub struct TestFrontend {
     fe: Frontend,
     queues: Vec<SplitQueue>,
+    /// The frontend's end of the backend request channel, when the negotiation sent one.
+    backend_channel: Option<std::os::unix::net::UnixStream>,
 }
 
 impl TestFrontend {
     /// Connects to a backend listening on `socket` and sets up the device over `ram`.
     pub fn connect(socket: &Path, ram: &MemfdRam) -> Result<Self> {
+        Self::connect_as(socket, ram, Negotiation::Minimal)
+    }
+
+    /// As `connect`, in the order `negotiation` gives. A reconnect takes the rings where the
+    /// guest left them in `ram`; the others start fresh rings.
+    pub fn connect_as(socket: &Path, ram: &MemfdRam, negotiation: Negotiation) -> Result<Self> {
+        use Negotiation::*;
         if data_len(ram) == 0 {
             return Err(LabError::Other(format!(
                 "a guest RAM of {} bytes has no room for data below the ring area",
@@ -135,20 +165,45 @@ impl TestFrontend {
         }
         // What a minimal Linux-like driver takes: no statistics, no reporting, no EVENT_IDX
         // (so the backend signals every used buffer).
-        fe.set_features(
-            VIRTIO_F_VERSION_1 | protocol | (offered & VIRTIO_BALLOON_F_MUST_TELL_HOST),
-        )
-        .map_err(|e| vhost_err("SET_FEATURES", e))?;
-        let pf = fe
-            .get_protocol_features()
-            .map_err(|e| vhost_err("GET_PROTOCOL_FEATURES", e))?;
+        let features = VIRTIO_F_VERSION_1 | protocol | (offered & VIRTIO_BALLOON_F_MUST_TELL_HOST);
+        let set_features = |fe: &mut Frontend| {
+            fe.set_features(features)
+                .map_err(|e| vhost_err("SET_FEATURES", e))
+        };
+        if negotiation == Minimal {
+            set_features(&mut fe)?;
+        }
         // As QEMU: with REPLY_ACK every request waits for the backend's acknowledgement.
-        fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK),
-        )
-        .map_err(|e| vhost_err("SET_PROTOCOL_FEATURES", e))?;
+        let mut wanted = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        if negotiation != Minimal {
+            wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
+        }
+        let acked = if negotiation == CloudHypervisorReconnect {
+            wanted
+        } else {
+            wanted
+                & fe.get_protocol_features()
+                    .map_err(|e| vhost_err("GET_PROTOCOL_FEATURES", e))?
+        };
+        fe.set_protocol_features(acked)
+            .map_err(|e| vhost_err("SET_PROTOCOL_FEATURES", e))?;
+        let mut backend_channel = None;
+        let mut send_channel = |fe: &mut Frontend| -> Result<()> {
+            let (ours, theirs) =
+                std::os::unix::net::UnixStream::pair().ctx(|| "socketpair".into())?;
+            fe.set_backend_request_fd(&theirs)
+                .map_err(|e| vhost_err("SET_BACKEND_REQ_FD", e))?;
+            backend_channel = Some(ours);
+            Ok(())
+        };
+        if negotiation == Qemu {
+            send_channel(&mut fe)?;
+        }
+        if negotiation != Minimal {
+            set_features(&mut fe)?;
+        }
         fe.set_mem_table(&[VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: ram.len(),
@@ -159,10 +214,16 @@ impl TestFrontend {
         .map_err(|e| vhost_err("SET_MEM_TABLE", e))?;
         let mut queues = Vec::new();
         for index in 0..2usize {
-            let q = SplitQueue::new(data_len(ram) + index as u64 * (RING_AREA / 2))?;
-            // A fresh ring: zero the avail and used headers.
-            ram.write::<u32>(q.avail, 0);
-            ram.write::<u32>(q.used, 0);
+            let mut q = SplitQueue::new(data_len(ram) + index as u64 * (RING_AREA / 2))?;
+            if negotiation == CloudHypervisorReconnect {
+                // The guest's rings as it left them: it goes on from its own indices.
+                q.next_avail = ram.read(q.avail + 2);
+                q.last_used = ram.read(q.used + 2);
+            } else {
+                // A fresh ring: zero the avail and used headers.
+                ram.write::<u32>(q.avail, 0);
+                ram.write::<u32>(q.used, 0);
+            }
             fe.set_vring_num(index, QUEUE_SIZE)
                 .map_err(|e| vhost_err("SET_VRING_NUM", e))?;
             fe.set_vring_addr(
@@ -179,22 +240,72 @@ impl TestFrontend {
                 },
             )
             .map_err(|e| vhost_err("SET_VRING_ADDR", e))?;
-            fe.set_vring_base(index, 0)
+            // cloud-hypervisor starts each ring at the guest's avail index.
+            fe.set_vring_base(index, q.next_avail)
                 .map_err(|e| vhost_err("SET_VRING_BASE", e))?;
             fe.set_vring_call(index, &q.call)
                 .map_err(|e| vhost_err("SET_VRING_CALL", e))?;
             fe.set_vring_kick(index, &q.kick)
                 .map_err(|e| vhost_err("SET_VRING_KICK", e))?;
-            fe.set_vring_enable(index, true)
-                .map_err(|e| vhost_err("SET_VRING_ENABLE", e))?;
+            if matches!(negotiation, Minimal | Qemu) {
+                fe.set_vring_enable(index, true)
+                    .map_err(|e| vhost_err("SET_VRING_ENABLE", e))?;
+            }
             queues.push(q);
         }
-        Ok(TestFrontend { fe, queues })
+        if matches!(negotiation, CloudHypervisor | CloudHypervisorReconnect) {
+            for index in 0..queues.len() {
+                fe.set_vring_enable(index, true)
+                    .map_err(|e| vhost_err("SET_VRING_ENABLE", e))?;
+            }
+            send_channel(&mut fe)?;
+        }
+        Ok(TestFrontend {
+            fe,
+            queues,
+            backend_channel,
+        })
     }
 
-    /// Sends one buffer of PFNs on queue `index` (0 inflate, 1 deflate) and waits until the
-    /// backend returns it, as the Linux driver's tell_host does.
-    pub fn send_pfns(&mut self, ram: &MemfdRam, index: usize, pfns: &[u32]) -> Result<()> {
+    /// Waits up to `timeout` for a config-change message on the backend request channel (the
+    /// interrupt that makes the Linux driver read a new target), and acknowledges it if asked.
+    pub fn wait_config_change(&mut self, timeout: Duration) -> Result<()> {
+        use std::io::{Read, Write};
+        let chan = self
+            .backend_channel
+            .as_mut()
+            .ok_or_else(|| LabError::Other("no backend request channel was sent".into()))?;
+        chan.set_read_timeout(Some(timeout))
+            .ctx(|| "backend channel".into())?;
+        let mut header = [0u8; 12];
+        chan.read_exact(&mut header)
+            .map_err(|e| LabError::Timeout {
+                what: "a config-change message on the backend request channel".into(),
+                secs: timeout.as_secs_f64(),
+                last: e.to_string(),
+            })?;
+        let word =
+            |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+        if word(0) != 2 {
+            return Err(LabError::Other(format!(
+                "backend request {} where a config change (2) was expected",
+                word(0)
+            )));
+        }
+        if word(4) & 0x8 != 0 {
+            let mut reply = Vec::with_capacity(20);
+            reply.extend_from_slice(&2u32.to_le_bytes());
+            reply.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+            reply.extend_from_slice(&8u32.to_le_bytes());
+            reply.extend_from_slice(&0u64.to_le_bytes());
+            chan.write_all(&reply).ctx(|| "backend channel".into())?;
+        }
+        Ok(())
+    }
+
+    /// Puts one buffer of PFNs on queue `index` without kicking or waiting: as a buffer the
+    /// guest has made available when its VMM's connection drops.
+    pub fn post_pfns(&mut self, ram: &MemfdRam, index: usize, pfns: &[u32]) {
         let q = &mut self.queues[index];
         for (i, pfn) in pfns.iter().enumerate() {
             ram.write::<u32>(q.buffer + 4 * i as u64, *pfn);
@@ -210,6 +321,20 @@ impl TestFrontend {
         q.next_avail = q.next_avail.wrapping_add(1);
         ram.write::<u16>(q.avail + 2, q.next_avail);
         fence(Ordering::SeqCst);
+    }
+
+    /// Whether queue `index` has returned every buffer put on it.
+    pub fn all_returned(&self, ram: &MemfdRam, index: usize) -> bool {
+        fence(Ordering::SeqCst);
+        let q = &self.queues[index];
+        ram.read::<u16>(q.used + 2) == q.next_avail
+    }
+
+    /// Sends one buffer of PFNs on queue `index` (0 inflate, 1 deflate) and waits until the
+    /// backend returns it, as the Linux driver's tell_host does.
+    pub fn send_pfns(&mut self, ram: &MemfdRam, index: usize, pfns: &[u32]) -> Result<()> {
+        self.post_pfns(ram, index, pfns);
+        let q = &mut self.queues[index];
         q.kick.write(1).ctx(|| "kick".into())?;
         // Wait for the used ring to move; the call eventfd wakes us.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

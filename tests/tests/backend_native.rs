@@ -306,3 +306,77 @@ fn a_memory_table_that_disagrees_with_the_guest_memory_file_is_refused_and_one_t
     wait_allocated(&ram, full - MIB).unwrap();
     assert!(backend.status().unwrap().device_started);
 }
+
+/// A target set after any VMM's negotiation reaches the driver as a config-change message: QEMU
+/// sends the backend request channel right after the protocol features, cloud-hypervisor at the
+/// end of its set-up, and when it reconnects by itself to a restarted backend it sends no
+/// GET_PROTOCOL_FEATURES at all (found 3 candidate sockets and sent nothing before).
+#[test]
+fn a_new_target_reaches_the_driver_after_every_vmms_negotiation() {
+    use balloon_lab::frontend::Negotiation;
+    for negotiation in [Negotiation::Qemu, Negotiation::CloudHypervisor] {
+        let mut backend = Backend::start("negotiation", NO_EXTRA_QUEUES).unwrap();
+        let ram = guest_ram(64 * MIB).unwrap();
+        let mut fe = TestFrontend::connect_as(&backend.socket, &ram, negotiation).unwrap();
+        backend.set_target(8 * MIB).unwrap();
+        fe.wait_config_change(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{negotiation:?}: {e}\n{}", backend.log()));
+        assert!(backend.status().unwrap().config_change_channel);
+        if negotiation != Negotiation::CloudHypervisor {
+            continue;
+        }
+        // The backend restarts; cloud-hypervisor reconnects on its own.
+        backend.kill();
+        drop(fe);
+        backend.restart().unwrap();
+        let mut fe =
+            TestFrontend::connect_as(&backend.socket, &ram, Negotiation::CloudHypervisorReconnect)
+                .unwrap();
+        backend.set_target(16 * MIB).unwrap();
+        fe.wait_config_change(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("after the reconnect: {e}\n{}", backend.log()));
+        let s = backend.status().unwrap();
+        assert!(s.config_change_channel, "{s:?}");
+    }
+}
+
+/// cloud-hypervisor starts each ring at the guest's avail index when it reconnects, so a buffer
+/// the old backend had not returned would never come back and the Linux driver, which waits
+/// for each (`tell_host`), would hang its balloon for good. The restarted backend takes it
+/// again: it comes back, and its pages are discarded.
+#[test]
+fn a_buffer_in_flight_when_cloud_hypervisor_reconnects_is_returned_and_its_pages_discarded() {
+    use balloon_lab::frontend::Negotiation;
+    let mut backend = Backend::start("in-flight", NO_EXTRA_QUEUES).unwrap();
+    let ram = guest_ram(64 * MIB).unwrap();
+    ram.populate();
+    let full = ram.allocated();
+    backend.set_target(2 * MIB).unwrap();
+    let mut fe =
+        TestFrontend::connect_as(&backend.socket, &ram, Negotiation::CloudHypervisor).unwrap();
+    let pfns: Vec<u32> = (0..512).collect();
+    fe.inflate(&ram, &pfns[..256]).unwrap();
+    wait_allocated(&ram, full - 256 * PAGE).unwrap();
+    // The next buffer is made available as the backend dies: never taken, never returned.
+    backend.kill();
+    fe.post_pfns(&ram, 0, &pfns[256..]);
+    drop(fe);
+    backend.restart().unwrap();
+    let fe = TestFrontend::connect_as(&backend.socket, &ram, Negotiation::CloudHypervisorReconnect)
+        .unwrap();
+    wait_for(
+        "the buffer in flight to come back",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || {
+            Ok(if fe.all_returned(&ram, 0) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(backend.log())
+            })
+        },
+    )
+    .unwrap();
+    wait_allocated(&ram, full - 512 * PAGE).unwrap();
+    assert_eq!(backend.status().unwrap().ballooned_bytes, 512 * PAGE);
+}

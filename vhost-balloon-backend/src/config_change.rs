@@ -5,11 +5,19 @@
 //! the config interrupt.
 //!
 //! The workaround: the channel is a socket the frontend passes with SET_BACKEND_REQ_FD. We take
-//! the set of this process's Unix stream sockets before that message (at protocol-feature
-//! negotiation) and again when `set_backend_req_fd` runs; the channel is the new socket that has
-//! no local name (a socketpair end, unlike the named sockets this process accepts on). We keep a
-//! duplicate of it and write the 12-byte message ourselves. The proper fix for the vhost crate
-//! is in docs/upstream-vhost-config-change.md.
+//! the set of this process's Unix stream sockets before that message and again when
+//! `set_backend_req_fd` runs; the channel is the new socket that has no local name (a socketpair
+//! end, unlike the named sockets this process accepts on). We keep a duplicate of it and write
+//! the 12-byte message ourselves. The proper fix for the vhost crate is in
+//! docs/upstream-vhost-config-change.md.
+//!
+//! "Before" must not depend on which messages a frontend sends: QEMU sends SET_BACKEND_REQ_FD
+//! right after GET/SET_PROTOCOL_FEATURES, cloud-hypervisor after SET_FEATURES and SET_MEM_TABLE,
+//! and on its own reconnect without GET_PROTOCOL_FEATURES at all. So the set is taken afresh at
+//! every negotiation message the backend sees (GET_FEATURES, SET_FEATURES,
+//! GET_PROTOCOL_FEATURES, SET_MEM_TABLE): the last one before the channel arrives is the one
+//! compared with. Sockets are told apart by inode, not only by number, so a descriptor closed
+//! and reused in between (the previous connection's channel) is still seen as new.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
@@ -39,13 +47,21 @@ pub enum ConfigChangeError {
     BadReply { request: u32, flags: u32, size: u32 },
 }
 
+/// One open socket: its descriptor number and its inode (which a reused number does not share).
+pub type SocketId = (RawFd, u64);
+
 /// Unix stream sockets without a local name that this process has open.
-pub fn unnamed_unix_stream_sockets() -> BTreeSet<RawFd> {
+pub fn unnamed_unix_stream_sockets() -> BTreeSet<SocketId> {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return BTreeSet::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<RawFd>().ok())
         .filter(|&fd| is_unnamed_unix_stream(fd))
+        .filter_map(|fd| {
+            // SAFETY: used only for the query, right away.
+            let listed = unsafe { borrow_listed(fd) };
+            rustix::fs::fstat(listed).ok().map(|st| (fd, st.st_ino))
+        })
         .collect()
 }
 
@@ -78,15 +94,15 @@ fn is_unnamed_unix_stream(fd: RawFd) -> bool {
 /// Finds the backend request channel among the sockets that appeared since `before`, and
 /// duplicates it so it outlives whatever the vhost crate does with its own copy.
 pub fn find_new_channel(
-    before: &BTreeSet<RawFd>,
+    before: &BTreeSet<SocketId>,
 ) -> Result<ConfigChangeChannel, ConfigChangeError> {
-    let new: Vec<RawFd> = unnamed_unix_stream_sockets()
+    let new: Vec<SocketId> = unnamed_unix_stream_sockets()
         .difference(before)
         .copied()
         .collect();
     match new.as_slice() {
         [] => Err(ConfigChangeError::NoChannel),
-        [fd] => {
+        [(fd, _)] => {
             // SAFETY: used only for the dup, right away.
             let listed = unsafe { borrow_listed(*fd) };
             let dup = rustix::io::fcntl_dupfd_cloexec(listed, 0).map_err(io::Error::from)?;

@@ -1013,7 +1013,7 @@ fn while_the_rings_are_stopped_for_a_reboot_no_tracked_page_is_discarded() {
     let (mut b, worker) = g.balloon_with_worker();
     let old: Vec<u32> = (3000..3000 + 64).collect();
     send_pfns(&g, &mut b, INFLATE, &old);
-    b.ring_stopped();
+    b.ring_stopped(INFLATE);
     g.mem.write_obj(0x5au8, GuestAddress(3000 * PAGE)).unwrap();
     worker.process_pending();
     assert_eq!(
@@ -1046,7 +1046,7 @@ fn a_paused_vm_gets_the_discards_dropped_at_the_pause_once_it_runs_again() {
         &(3100..3100 + 64).collect::<Vec<_>>(),
     );
     // Stopped before the worker ran, then continued.
-    b.ring_stopped();
+    b.ring_stopped(INFLATE);
     b.set_acked_features(bit(MUST_TELL_HOST) | bit(VIRTIO_F_VERSION_1));
     inflate_on(
         &mut ring,
@@ -1078,7 +1078,7 @@ fn discards_switched_off_again_before_the_queue_is_seen_stay_off() {
         BUF,
         &(3300..3300 + 64).collect::<Vec<_>>(),
     );
-    b.ring_stopped();
+    b.ring_stopped(INFLATE);
     b.set_acked_features(bit(MUST_TELL_HOST) | bit(VIRTIO_F_VERSION_1));
     b.set_discard(true).unwrap(); // deferred
     b.set_discard(false).unwrap(); // before VFIO, postcopy or a snapshot

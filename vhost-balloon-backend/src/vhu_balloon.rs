@@ -2,12 +2,14 @@
 //! into the device model (balloon.rs) and results back, nothing more.
 
 use crate::balloon::{drain_queue, refresh_app_file, request_stats, Balloon};
+use crate::config_change::{self, SocketId};
 use crate::device::QueueKind;
 use crate::memory::file::MemoryFile;
 use crate::memory::{discard::host_page_size, Backing, GuestRegion};
+use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -80,6 +82,12 @@ pub struct VhostUserBalloon {
     event_idx: Arc<AtomicBool>,
     /// Kept so the vhost crate's end of the channel stays open as long as ours.
     backend_req: Arc<Mutex<Option<Backend>>>,
+    /// The process's unnamed sockets at the latest negotiation message, to find the backend
+    /// request channel among (see config_change.rs). Taken off the device lock.
+    sockets_before_channel: Arc<Mutex<BTreeSet<SocketId>>>,
+    /// Rings (one bit each) whose start has been checked for buffers in flight (see
+    /// `resume_at_used_index`); a ring's bit clears when it stops.
+    resumed: Arc<AtomicU8>,
     /// The guest memory file, when given: every memory table must agree with it.
     memory_file: Option<Arc<Mutex<MemoryFile>>>,
 }
@@ -96,6 +104,8 @@ impl VhostUserBalloon {
             mem: Arc::new(Mutex::new(None)),
             event_idx: Arc::new(AtomicBool::new(false)),
             backend_req: Arc::new(Mutex::new(None)),
+            sockets_before_channel: Arc::new(Mutex::new(BTreeSet::new())),
+            resumed: Arc::new(AtomicU8::new(0)),
             memory_file,
         }
     }
@@ -133,8 +143,19 @@ impl VhostUserBalloon {
 
     /// The frontend went away: forget what only lived with that connection.
     pub fn disconnected(&self) {
+        self.resumed.store(0, Ordering::Relaxed);
         lock(&self.balloon).disconnected();
         *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Notes which sockets exist now: called at every negotiation message that may come before
+    /// the backend request channel, whichever a frontend sends (see config_change.rs).
+    fn note_sockets(&self) {
+        let now = config_change::unnamed_unix_stream_sockets();
+        *self
+            .sockets_before_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = now;
     }
 
     fn memory(&self) -> Option<GuestMemoryMmapAtomic> {
@@ -181,6 +202,47 @@ impl VhostUserBalloon {
                     return;
                 }
             }
+        }
+    }
+
+    /// A ring that has just started resumes at the used index in guest memory, taking again
+    /// the buffers the device took and never returned. A frontend that reconnects by itself
+    /// (cloud-hypervisor) starts each ring at the guest's avail index, so a buffer in flight at
+    /// the disconnect would never be returned: the Linux driver waits for every inflate and
+    /// deflate buffer (`tell_host`), so its balloon would hang for good, and the statistics
+    /// buffer, which the device always holds, would never come back. Taking them again is safe
+    /// because this device returns buffers in order and each is idempotent: tracking is a set,
+    /// a deflate of untracked pages changes nothing, and reported pages stay isolated until
+    /// their buffer is returned. (vhost-user-keeper does the same for the backends it replays
+    /// to, so there the rings already start at the used index.)
+    fn resume_at_used_index(&self, vrings: &[Vring], mem: &GuestMemoryMmap<()>) {
+        for (index, vring) in vrings.iter().enumerate().take(8) {
+            let bit = 1u8 << index;
+            if self.resumed.load(Ordering::Relaxed) & bit != 0 {
+                continue;
+            }
+            let mut state = vring.get_mut();
+            if !(state.get_queue().ready() && state.is_enabled()) {
+                continue;
+            }
+            self.resumed.fetch_or(bit, Ordering::Relaxed);
+            let queue = state.get_queue_mut();
+            let Ok(used) = queue.used_idx(mem, Ordering::Acquire) else {
+                continue;
+            };
+            let next = queue.next_avail();
+            let in_flight = next.wrapping_sub(used.0);
+            // More than a ring's worth is no state a device leaves: a guest's scribble.
+            if in_flight == 0 || in_flight > queue.size() {
+                continue;
+            }
+            queue.set_next_avail(used.0);
+            queue.set_next_used(used.0);
+            log::info!(
+                "queue {index} started at {next}, {in_flight} buffer(s) past what was returned: \
+                 resuming at {} to take them again",
+                used.0
+            );
         }
     }
 
@@ -286,29 +348,33 @@ impl VhostUserBackend for VhostUserBalloon {
     }
 
     fn features(&self) -> u64 {
+        self.note_sockets();
         lock(&self.balloon).feature_choice.offered()
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn acked_features(&self, features: u64) {
+        self.note_sockets();
         lock(&self.balloon).set_acked_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        // The frontend asks for these before it may send the backend request channel: the
-        // moment to note which sockets already exist (see config_change.rs).
-        lock(&self.balloon).before_backend_channel();
+        self.note_sockets();
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::MQ
     }
 
-    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
-        lock(&self.balloon).ring_stopped();
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(bit) = 1u8.checked_shl(queue_index) {
+            self.resumed.fetch_and(!bit, Ordering::Relaxed);
+        }
+        lock(&self.balloon).ring_stopped(queue_index as usize);
         Ok(())
     }
 
     fn reset_device(&self) {
+        self.resumed.store(0, Ordering::Relaxed);
         lock(&self.balloon).reset();
     }
 
@@ -326,6 +392,7 @@ impl VhostUserBackend for VhostUserBalloon {
     }
 
     fn update_memory(&self, atomic: GuestMemoryMmapAtomic) -> io::Result<()> {
+        self.note_sockets();
         let regions = regions_of(&atomic.memory());
         self.check_table_against_file(&regions)?;
         let save = {
@@ -359,7 +426,14 @@ impl VhostUserBackend for VhostUserBalloon {
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
-        lock(&self.balloon).backend_channel_arrived();
+        let found = {
+            let before = self
+                .sockets_before_channel
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            config_change::find_new_channel(&before)
+        };
+        lock(&self.balloon).backend_channel_arrived(found);
         *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
     }
 
@@ -376,6 +450,9 @@ impl VhostUserBackend for VhostUserBalloon {
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             log::warn!("unexpected event set {evset:?} for event {device_event}");
+        }
+        if let Some(atomic) = self.memory() {
+            self.resume_at_used_index(vrings, &atomic.memory());
         }
         self.observe_inflate_queue(vrings);
         let event = u64::from(device_event);

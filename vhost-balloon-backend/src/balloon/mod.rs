@@ -23,8 +23,6 @@ use crate::memory::worker::DiscardWorker;
 use crate::memory::{DiscardMode, GuestMemoryMap, PageOutcome, PfnRange};
 use crate::state::StateStore;
 use balloon_protocol::{bytes_to_pages, pages_to_bytes, RejectedInput};
-use std::collections::BTreeSet;
-use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -76,7 +74,6 @@ pub struct Balloon {
     /// Head of the statistics buffer the device holds until it wants fresh figures.
     pub stats_held: Option<u16>,
     channel: Option<ConfigChangeChannel>,
-    sockets_before_channel: BTreeSet<RawFd>,
     state_file: Option<PathBuf>,
     /// Where the settings persist; written off the device lock (see `unsaved_settings`).
     state_store: Option<Arc<StateStore>>,
@@ -137,7 +134,6 @@ impl Balloon {
             stats: None,
             stats_held: None,
             channel: None,
-            sockets_before_channel: BTreeSet::new(),
             state_store: state_file.clone().map(|p| Arc::new(StateStore::new(p))),
             settings_generation: 0,
             state_file,
@@ -255,7 +251,13 @@ impl Balloon {
 
     /// The frontend stopped a ring (it stops them all to reset the device for a guest reboot
     /// or to pause the VM). Runs inside GET_VRING_BASE, before QEMU lets the guest run on.
-    pub fn ring_stopped(&mut self) {
+    /// Ring `index` stopped (GET_VRING_BASE). The statistics buffer held on it is forgotten:
+    /// the ring resumes at its used index, where that buffer is taken again (see
+    /// `VhostUserBalloon::resume_at_used_index`), and holding it twice would return it twice.
+    pub fn ring_stopped(&mut self, index: usize) {
+        if self.layout.kind(index) == Some(crate::device::QueueKind::Stats) {
+            self.stats_held = None;
+        }
         self.owner_unknown();
     }
 
@@ -290,16 +292,14 @@ impl Balloon {
         self.channel = None;
     }
 
-    /// Called when the frontend asks for protocol features, before it may send the backend
-    /// request channel: remembers which sockets exist now.
-    pub fn before_backend_channel(&mut self) {
-        self.sockets_before_channel = config_change::unnamed_unix_stream_sockets();
-    }
-
-    /// Called from `set_backend_req_fd`: finds the channel and tells the driver about the
-    /// current target, which a restarted backend may hold.
-    pub fn backend_channel_arrived(&mut self) {
-        match config_change::find_new_channel(&self.sockets_before_channel) {
+    /// Called from `set_backend_req_fd` with the channel found there (off the device lock, see
+    /// config_change.rs): keeps it and tells the driver about the current target, which a
+    /// restarted backend may hold.
+    pub fn backend_channel_arrived(
+        &mut self,
+        found: Result<ConfigChangeChannel, config_change::ConfigChangeError>,
+    ) {
+        match found {
             Ok(channel) => {
                 log::info!(
                     "backend request channel found (fd {}): config changes will reach the driver",

@@ -191,7 +191,8 @@ pub fn drain_queue<M: GuestMemory>(
                 used += 1;
             }
             ChainDisposition::Hold => {
-                if let Some(older) = balloon.stats_held.replace(head) {
+                // (The same head again, after a resume at the used index, is the one held.)
+                if let Some(older) = balloon.stats_held.replace(head).filter(|&o| o != head) {
                     queue.add_used(mem, older, 0)?;
                     used += 1;
                 }
