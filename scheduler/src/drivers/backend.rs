@@ -185,8 +185,11 @@ pub fn reading_from_status(status: &BackendStatus) -> DriverReading {
         _ => driver_stats,
     };
     DriverReading {
-        target_bytes: Some(status.target_bytes + status.app.target_bytes),
-        actual_bytes: status.actual_bytes + status.app.ballooned_bytes,
+        // Saturating: the figures come from another process (the engine bounds them after).
+        target_bytes: Some(status.target_bytes.saturating_add(status.app.target_bytes)),
+        actual_bytes: status
+            .actual_bytes
+            .saturating_add(status.app.ballooned_bytes),
         stats,
         split: None,
         size_disputed: status.driver_claim_disputed,
@@ -202,7 +205,7 @@ impl BalloonDriver for BackendDriver {
         if handed_over {
             self.handovers += 1;
             // The driver stalled short of its share: the app takes the rest of the same size.
-            let total = status.target_bytes + status.app.target_bytes;
+            let total = status.target_bytes.saturating_add(status.app.target_bytes);
             let targets = self.splitter.targets(total, &status, now);
             log::info!(
                 "{}: the driver stalled at {} MiB; the app is asked for {} MiB",
@@ -272,6 +275,26 @@ mod tests {
             )
         });
         s
+    }
+
+    /// A backend's reply is another process's word: sizes at u64::MAX panicked the driver
+    /// thread in debug builds and wrapped in release.
+    #[test]
+    fn sizes_at_the_limit_neither_panic_nor_wrap() {
+        let mut s = status(Some(0.5), None);
+        s.target_bytes = u64::MAX;
+        s.actual_bytes = u64::MAX;
+        let r = reading_from_status(&s);
+        assert_eq!(r.target_bytes, Some(u64::MAX));
+        assert_eq!(r.actual_bytes, u64::MAX);
+        let mut split = Splitter::new(BalloonMechanism::Both);
+        let t0 = Instant::now();
+        split.observe(&s, t0);
+        s.actual_bytes = u64::MAX - 1;
+        split.observe(&s, t0 + Duration::from_secs(60));
+        let _ = split.hand_over_due(&s);
+        let t = split.targets(1 << 30, &s, t0 + Duration::from_secs(61));
+        assert!(t.driver_bytes.checked_add(t.app_bytes).is_some(), "{t:?}");
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub struct Targets {
 
 impl Targets {
     fn total(self) -> u64 {
-        self.driver_bytes + self.app_bytes
+        self.driver_bytes.saturating_add(self.app_bytes)
     }
 }
 
@@ -128,7 +128,7 @@ impl Splitter {
         let short = s.actual_bytes < s.target_bytes;
         match self.window_start {
             Some((start, since)) if short => {
-                if s.actual_bytes >= start + DRIVER_PROGRESS_FLOOR {
+                if s.actual_bytes >= start.saturating_add(DRIVER_PROGRESS_FLOOR) {
                     self.window_start = Some((s.actual_bytes, now));
                     self.driver_stalled = false;
                 } else if now.duration_since(since) >= self.window {
