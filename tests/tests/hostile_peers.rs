@@ -591,3 +591,102 @@ fn a_connection_flood_neither_spins_nor_locks_the_operator_out() {
     assert!(log_growth < 100_000, "the log grew by {log_growth} bytes");
     assert!(backend.status().is_ok());
 }
+
+/// An unprivileged guest user on a secret-protected transport opens every free slot of the app
+/// channel and sends a blank line every 200 ms, never a hello; the app, restarted meanwhile,
+/// still gets in (before: refused, "too many connections (4 open, all busy)", for as long as the
+/// blank lines came: they reset the idle deadline and protected the squatter from eviction).
+/// And lines before a hello are capped near a hello's size, so four 1 MiB lines from peers
+/// that never said who they are cost the backend nothing (before: 16 -> 145 MB resident, each
+/// parsed into JSON first).
+#[test]
+fn peers_that_never_say_hello_neither_lock_the_app_out_nor_grow_the_backend() {
+    let _t = timed();
+    let g = Guest::start("squat-blank");
+    let socket = g.backend.app_socket.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let squatters: Vec<_> = (0..4)
+        .map(|_| {
+            let socket = socket.clone();
+            let stop = stop.clone();
+            let holding = holding.clone();
+            std::thread::spawn(move || {
+                let mut conn: Option<UnixStream> = None;
+                let mut writes = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let c = match conn.take() {
+                        Some(c) => c,
+                        None => match UnixStream::connect(&socket) {
+                            Ok(c) => c,
+                            Err(_) => continue,
+                        },
+                    };
+                    // Reconnect at once when dropped, to take the slot again.
+                    if (&c).write_all(b"\n").is_ok() {
+                        conn = Some(c);
+                        writes += 1;
+                        if writes == 2 {
+                            holding.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        })
+        .collect();
+    // The squatters hold every slot, blank lines flowing, before the app comes.
+    wait_for(
+        "4 squatters to hold their slots",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || {
+            let n = holding.load(std::sync::atomic::Ordering::Relaxed);
+            Ok(if n >= 4 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("{n} holding"))
+            })
+        },
+    )
+    .unwrap();
+    let mut app = g.app();
+    let reply = send(&mut app, hello(Some(SECRET)));
+    assert!(
+        !matches!(reply, HostMessage::Refused { .. }),
+        "the app was locked out: {reply:?}"
+    );
+    assert!(g.status().app.connected);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in squatters {
+        s.join().unwrap();
+    }
+    drop(app);
+
+    let pid = g.backend.pid().unwrap();
+    let before = balloon_lab::host::proc_memory(pid).unwrap().rss_anon;
+    let line = format!(
+        "{{\"version\":1,\"type\":\"hello\",\"pid\":1,\"secret\":\"{}\"}}\n",
+        "a".repeat(1 << 20)
+    );
+    let peers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = UnixStream::connect(&socket).unwrap();
+            let _ = c.write_all(line.as_bytes());
+            c
+        })
+        .collect();
+    for c in &peers {
+        let mut told = String::new();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(c), &mut told);
+        assert!(told.contains("line longer than"), "{told:?}");
+    }
+    let after = balloon_lab::host::proc_memory(pid).unwrap().rss_anon;
+    assert!(
+        after < before + 8 * MIB,
+        "four long lines before a hello took the backend from {} to {} KiB",
+        before >> 10,
+        after >> 10
+    );
+}

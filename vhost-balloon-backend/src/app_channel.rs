@@ -31,6 +31,12 @@ pub const SILENCE: Duration = Duration::from_secs(5);
 
 /// The shortest secret accepted (bytes).
 pub const MIN_SECRET_BYTES: usize = 16;
+/// The longest secret accepted (bytes), so that a hello stays short.
+pub const MAX_SECRET_BYTES: usize = 1024;
+/// The longest line taken before a hello has passed: a hello with the longest secret, escaped,
+/// fits; a peer that has not said who it is cannot make the backend hold a megabyte line (or
+/// parse one).
+pub const MAX_HELLO_LINE_BYTES: usize = 4 * MAX_SECRET_BYTES;
 
 /// The per-VM secret an app must present.
 #[derive(Clone)]
@@ -45,6 +51,11 @@ pub enum SecretError {
     },
     #[error("app secret file {path}: {len} bytes; at least {MIN_SECRET_BYTES} are needed")]
     TooShort {
+        path: std::path::PathBuf,
+        len: usize,
+    },
+    #[error("app secret file {path}: {len} bytes; at most {MAX_SECRET_BYTES} are accepted")]
+    TooLong {
         path: std::path::PathBuf,
         len: usize,
     },
@@ -71,6 +82,12 @@ impl AppSecret {
         let secret = bytes.trim_ascii().to_vec();
         if secret.len() < MIN_SECRET_BYTES {
             return Err(SecretError::TooShort {
+                path: path.to_path_buf(),
+                len: secret.len(),
+            });
+        }
+        if secret.len() > MAX_SECRET_BYTES {
+            return Err(SecretError::TooLong {
                 path: path.to_path_buf(),
                 len: secret.len(),
             });
@@ -135,7 +152,8 @@ impl AppChannel {
 
 /// The app channel's limits: an app line may carry many ranges; a few connections at most
 /// (one app, plus room for its restart), and a connection that has not said hello makes room
-/// for a new one. The app itself is never evicted.
+/// for a new one (blank lines do not count as saying anything) and has `SILENCE` to say it.
+/// The app itself is never evicted.
 pub fn limits() -> Limits {
     Limits {
         max_line_bytes: MAX_LINE_BYTES,
@@ -145,6 +163,7 @@ pub fn limits() -> Limits {
         evict_idle_after: Duration::MAX,
         write_timeout: Duration::from_secs(2),
         outbox_lines: 32,
+        hello_within: SILENCE,
     }
 }
 
@@ -211,6 +230,14 @@ impl AppSession {
 }
 
 impl Session for AppSession {
+    fn authenticated(&self) -> bool {
+        matches!(self.state, PeerState::App { .. })
+    }
+
+    fn max_line_bytes(&self) -> Option<usize> {
+        (!self.authenticated()).then_some(MAX_HELLO_LINE_BYTES)
+    }
+
     fn line(&mut self, line: &str) -> Flow {
         let msg = match decode::<AppMessage>(line) {
             Ok(msg) => msg,
@@ -351,6 +378,12 @@ mod tests {
         assert!(matches!(
             AppSecret::load(&p),
             Err(SecretError::TooShort { len: 5, .. })
+        ));
+        // A hello must fit the line a peer may send before it has passed.
+        std::fs::write(&p, "k".repeat(MAX_SECRET_BYTES + 1)).unwrap();
+        assert!(matches!(
+            AppSecret::load(&p),
+            Err(SecretError::TooLong { .. })
         ));
     }
 }

@@ -4,7 +4,12 @@
 //! A peer is untrusted however it got in, so the server bounds what one can cost:
 //! - **Lines** are at most `max_line_bytes`; a longer one gets a refusal and the connection ends.
 //! - **Idle peers** are dropped: a connection that completes no line within `idle_timeout` is
-//!   closed (a byte now and then does not keep it: the deadline is for a whole line).
+//!   closed (a byte now and then does not keep it: the deadline is for a whole line, and a
+//!   blank line is no line).
+//! - **Peers that must prove who they are** (a session that is not yet `authenticated`) have
+//!   `hello_within` from their accept to do so, and lines of at most the session's
+//!   `max_line_bytes` until they have: a peer that has not said who it is costs a few hundred
+//!   bytes and a few seconds, however it behaves.
 //! - **Connections** are capped. At the cap, a connection that has said nothing since it
 //!   connected, or else the one idle longest, is closed to make room (each after its own
 //!   grace time); if none may be, the new one gets a refusal line and is closed at once. The
@@ -54,6 +59,8 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Lines queued for a peer before it counts as not reading.
     pub outbox_lines: usize,
+    /// A session not `authenticated` this long after its accept is closed.
+    pub hello_within: Duration,
 }
 
 impl Default for Limits {
@@ -69,6 +76,8 @@ impl Default for Limits {
             evict_idle_after: Duration::from_secs(1),
             write_timeout: Duration::from_secs(5),
             outbox_lines: 64,
+            // Sockets whose sessions need no hello (owner-only sockets) never time one out.
+            hello_within: Duration::MAX,
         }
     }
 }
@@ -90,6 +99,16 @@ pub trait Session: Send + 'static {
     /// while it does, and not evicted).
     fn streaming(&self) -> bool {
         false
+    }
+    /// Whether the peer has shown who it is (an app after its hello). Until then the connection
+    /// has `Limits::hello_within` and lines of at most `max_line_bytes`.
+    fn authenticated(&self) -> bool {
+        true
+    }
+    /// The longest line the session takes now, if shorter than the server's limit: checked as
+    /// the line is read, before anything parses it.
+    fn max_line_bytes(&self) -> Option<usize> {
+        None
     }
 }
 
@@ -372,7 +391,9 @@ impl<S: Service> LineServer<S> {
         let limits = self.limits;
         let mut reader = BufReader::new(stream);
         let mut buf: Vec<u8> = Vec::new();
-        let mut line_deadline = Instant::now() + limits.idle_timeout;
+        let accepted = Instant::now();
+        let hello_deadline = accepted.checked_add(limits.hello_within);
+        let mut line_deadline = accepted + limits.idle_timeout;
         let end = loop {
             if !conn.outbox.is_open() {
                 break "dropped";
@@ -382,6 +403,20 @@ impl<S: Service> LineServer<S> {
             if streaming {
                 line_deadline = Instant::now() + limits.idle_timeout;
             }
+            let authenticated = session.authenticated();
+            if let Some(hello_by) = hello_deadline.filter(|_| !authenticated) {
+                if Instant::now() >= hello_by {
+                    let _ = conn.outbox.send(self.service.refusal(&format!(
+                        "no hello within {} s: closing",
+                        limits.hello_within.as_secs_f64()
+                    )));
+                    break "no hello";
+                }
+                line_deadline = line_deadline.min(hello_by);
+            }
+            let max_line = session
+                .max_line_bytes()
+                .map_or(limits.max_line_bytes, |m| m.min(limits.max_line_bytes));
             let left = line_deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 let _ = conn.outbox.send(self.service.refusal(&format!(
@@ -392,26 +427,28 @@ impl<S: Service> LineServer<S> {
             }
             // Wake at least once a second to see a streaming session end or a drop.
             let wake = line_deadline.min(Instant::now() + Duration::from_secs(1));
-            match read_line_by(&mut reader, &mut buf, limits.max_line_bytes, wake) {
+            match read_line_by(&mut reader, &mut buf, max_line, wake) {
                 Ok(LineRead::TimedOut) => {}
                 Ok(LineRead::End) => break "closed",
                 Ok(LineRead::TooLong) => {
                     let _ = conn.outbox.send(
                         self.service
-                            .refusal(&format!("line longer than {} bytes", limits.max_line_bytes)),
+                            .refusal(&format!("line longer than {max_line} bytes")),
                     );
                     break "line too long";
                 }
                 Ok(LineRead::Line) => {
                     let line = std::mem::take(&mut buf);
-                    line_deadline = Instant::now() + limits.idle_timeout;
-                    conn.last_line_ms.store(self.now_ms(), Ordering::Relaxed);
-                    conn.silent.store(false, Ordering::Relaxed);
                     let text = String::from_utf8_lossy(&line);
                     let text = text.trim();
+                    // A blank line is no line: it neither keeps the connection nor makes it
+                    // one that has spoken (which would protect it from eviction).
                     if text.is_empty() {
                         continue;
                     }
+                    line_deadline = Instant::now() + limits.idle_timeout;
+                    conn.last_line_ms.store(self.now_ms(), Ordering::Relaxed);
+                    conn.silent.store(false, Ordering::Relaxed);
                     if session.line(text) == Flow::Close {
                         break "closed by the session";
                     }

@@ -291,3 +291,132 @@ fn versioned_lines_are_checked_in_order() {
         Err(DecodeError::Bad(_))
     ));
 }
+
+/// Blank lines are no lines: a peer that sends only newlines is closed at the line deadline,
+/// and at the cap it makes room as one that has said nothing (before, each blank line reset the
+/// deadline and marked the peer as talking, which no eviction touched).
+#[test]
+fn blank_lines_neither_keep_a_connection_nor_protect_it_from_eviction() {
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(600),
+        ..Limits::default()
+    };
+    let (path, server) = start("blank-idle", limits);
+    let mut s = UnixStream::connect(&path).unwrap();
+    wait_until("the connection", Duration::from_secs(5), || {
+        server.connections() == 1
+    });
+    let started = Instant::now();
+    while server.connections() == 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "blank lines kept a connection"
+        );
+        if s.write_all(b"\n").is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(read_line(&s).contains("no complete request"));
+
+    let limits = Limits {
+        max_connections: 2,
+        evict_idle_after: Duration::MAX,
+        ..Limits::default()
+    };
+    let (path, server) = start("blank-cap", limits);
+    let blanks: Vec<UnixStream> = (0..2)
+        .map(|_| UnixStream::connect(&path).unwrap())
+        .collect();
+    wait_until("2 connections", Duration::from_secs(5), || {
+        server.connections() == 2
+    });
+    for mut b in &blanks {
+        b.write_all(b"\n\n").unwrap();
+    }
+    let mut c = LineClient::connect(&path, Duration::from_secs(5)).unwrap();
+    assert_eq!(c.exchange("in\n").unwrap(), "echo: in\n");
+}
+
+/// A session that has shown nobody who it is until it says "hello".
+struct Gate;
+
+struct GateSession {
+    outbox: Outbox,
+    hello: bool,
+}
+
+impl Session for GateSession {
+    fn line(&mut self, line: &str) -> Flow {
+        self.hello |= line == "hello";
+        let _ = self.outbox.send(format!("echo: {}\n", line.len()));
+        Flow::Continue
+    }
+    fn authenticated(&self) -> bool {
+        self.hello
+    }
+    fn max_line_bytes(&self) -> Option<usize> {
+        (!self.hello).then_some(64)
+    }
+}
+
+impl Service for Gate {
+    type Session = GateSession;
+    fn open(&self, outbox: Outbox) -> GateSession {
+        GateSession {
+            outbox,
+            hello: false,
+        }
+    }
+    fn refusal(&self, reason: &str) -> String {
+        format!("refused: {reason}\n")
+    }
+}
+
+/// Until it has said who it is, a peer has `hello_within` and short lines, whatever else it
+/// does; then the server's own limits apply.
+#[test]
+fn a_peer_that_has_not_said_who_it_is_has_hello_within_and_short_lines() {
+    let path = socket_dir("gate").join("s.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let limits = Limits {
+        hello_within: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let server = Arc::new(LineServer::new("gate", Arc::new(Gate), limits));
+    let s = server.clone();
+    std::thread::spawn(move || s.serve(listener));
+
+    // Lines that are not a hello do not buy time.
+    let mut talker = UnixStream::connect(&path).unwrap();
+    talker
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut replies = BufReader::new(talker.try_clone().unwrap());
+    let started = Instant::now();
+    let told = loop {
+        // Written until the server has closed; its last line says why.
+        let _ = talker.write_all(b"not a hello\n");
+        let mut reply = String::new();
+        replies.read_line(&mut reply).unwrap();
+        if reply.starts_with("refused") {
+            break reply;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{reply}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(told.contains("no hello"), "{told}");
+    assert!(started.elapsed() >= Duration::from_millis(450));
+
+    // A long line before the hello is refused as it is read.
+    let mut long = LineClient::connect(&path, Duration::from_secs(5)).unwrap();
+    let reply = long.exchange(&("x".repeat(1000) + "\n")).unwrap();
+    assert!(reply.contains("line longer than 64 bytes"), "{reply}");
+
+    // After the hello: long lines, and no deadline.
+    let mut app = LineClient::connect(&path, Duration::from_secs(5)).unwrap();
+    assert_eq!(app.exchange("hello\n").unwrap(), "echo: 5\n");
+    std::thread::sleep(Duration::from_millis(700));
+    let reply = app.exchange(&("y".repeat(1000) + "\n")).unwrap();
+    assert_eq!(reply, "echo: 1000\n");
+}
