@@ -690,3 +690,44 @@ fn peers_that_never_say_hello_neither_lock_the_app_out_nor_grow_the_backend() {
         after >> 10
     );
 }
+
+/// What a guest causes is logged at most once per interval per kind, with the count, and a
+/// peer's words reach the log escaped and bounded (before: out-of-RAM pages 26,048 lines in 3 s,
+/// an app's malformed lines 31 MiB of log in 3 s, a peer's `\n` a forged log entry).
+#[test]
+fn a_guest_cannot_flood_the_log_or_forge_entries_in_it() {
+    let _t = timed();
+    let mut g = Guest::start("log-flood");
+    let outside = (g.ram.len() / PAGE) as u32 + 5;
+    for _ in 0..300 {
+        g.fe.inflate(&g.ram, &[outside]).unwrap();
+    }
+    assert_eq!(g.status().rejected.pages_outside_ram, 300);
+
+    g.set_app_target(8 * MIB);
+    let mut app = g.app();
+    send(&mut app, hello(Some(SECRET)));
+    let junk = format!("{{\"version\":1,\"type\":\"{}\"}}\n", "j".repeat(60_000));
+    for _ in 0..200 {
+        app.send(&junk).unwrap();
+    }
+    // Still served: its next message is answered.
+    let reply = send(&mut app, inflated(7, &[]));
+    assert!(
+        matches!(reply, HostMessage::Ack { .. } | HostMessage::Nack { .. }),
+        "{reply:?}"
+    );
+    // A peer that has not said hello, with an escaped newline for the log.
+    let mut peer = g.app();
+    let _ = peer.exchange("{\"version\":1,\"type\":\"x\\nFORGED ENTRY\"}\n");
+
+    let log = g.backend.log();
+    let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    assert!(lines("outside guest RAM") <= 2, "{log}");
+    assert!(lines("guest app: ") <= 2, "{log}");
+    assert!(log.len() < 256 * 1024, "{} bytes of log", log.len());
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "a peer forged a log entry: {log}"
+    );
+}

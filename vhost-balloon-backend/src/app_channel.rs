@@ -16,6 +16,7 @@
 //! second; the server closes a connection that sends no line for that long).
 
 use crate::balloon::{refresh_app_file, Balloon};
+use crate::guest_log::GuestEvent;
 use crate::memory::file::MemoryFile;
 use crate::vhu_balloon::lock;
 use balloon_protocol::app::{decode, encode, AppMessage, HostMessage, MAX_LINE_BYTES};
@@ -245,8 +246,11 @@ impl Session for AppSession {
                 if let PeerState::Unauthenticated = self.state {
                     return self.refuse(&format!("the first message must be a hello ({e})"));
                 }
-                log::warn!("guest app: {e}");
-                lock(&self.balloon).counters.rejected.bad_descriptors += 1;
+                let mut balloon = lock(&self.balloon);
+                balloon.counters.rejected.bad_descriptors += 1;
+                balloon
+                    .guest_log
+                    .warn(GuestEvent::BadAppMessage, || format!("guest app: {e}"));
                 return Flow::Continue;
             }
         };

@@ -15,6 +15,7 @@ pub mod config_change;
 pub mod control;
 pub mod daemon;
 pub mod device;
+pub mod guest_log;
 pub mod memory;
 pub mod options;
 pub mod state;

@@ -4,6 +4,7 @@
 use crate::balloon::{drain_queue, refresh_app_file, request_stats, Balloon};
 use crate::config_change::{self, SocketId};
 use crate::device::QueueKind;
+use crate::guest_log::GuestEvent;
 use crate::memory::file::MemoryFile;
 use crate::memory::{discard::host_page_size, Backing, GuestRegion};
 use std::collections::BTreeSet;
@@ -186,8 +187,11 @@ impl VhostUserBalloon {
                 // A broken ring (e.g. an avail index beyond the queue size) comes from the
                 // guest: log it and leave the queue alone; the daemon stays up.
                 Err(e) => {
-                    log::error!("queue {index}: {e}");
-                    lock(&self.balloon).counters.rejected.bad_descriptors += 1;
+                    let mut balloon = lock(&self.balloon);
+                    balloon.counters.rejected.bad_descriptors += 1;
+                    balloon
+                        .guest_log
+                        .warn(GuestEvent::BrokenRing, || format!("queue {index}: {e}"));
                     return;
                 }
             }

@@ -84,6 +84,8 @@ pub struct Balloon {
     discard_worker: Option<Arc<DiscardWorker>>,
     /// The user-level balloon app's pages, tracked apart from the driver's.
     pub app: AppBalloon,
+    /// What the guest causes, logged at most once per interval per kind (see guest_log.rs).
+    pub guest_log: crate::guest_log::GuestLog,
     /// Whether the device runs and whose the tracked pages are (see lifecycle.rs).
     lifecycle: Lifecycle,
 }
@@ -137,6 +139,7 @@ impl Balloon {
             state_store: state_file.clone().map(|p| Arc::new(StateStore::new(p))),
             settings_generation: 0,
             state_file,
+            guest_log: Default::default(),
             discard_worker: None,
             app: AppBalloon::default(),
             lifecycle: Lifecycle::default(),

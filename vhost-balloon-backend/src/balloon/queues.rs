@@ -6,6 +6,7 @@ use super::{Balloon, BalloonError};
 use crate::device::pfn::{parse_pfns, MAX_PFNS_PER_CHAIN};
 use crate::device::stats::parse_stats;
 use crate::device::QueueKind;
+use crate::guest_log::GuestEvent;
 use crate::memory::{merge_pfns, pages_within, PageOutcome, PfnRange};
 use std::time::Instant;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -77,7 +78,7 @@ impl Balloon {
                 worker.balloon_complete();
             }
         }
-        log_outside("inflate", out);
+        self.log_outside("inflate", out);
         ChainDisposition::Used(0)
     }
 
@@ -89,7 +90,7 @@ impl Balloon {
         self.withdraw_discards(&ranges);
         let out = self.memory.deflate(&ranges);
         self.count_discards(out);
-        log_outside("deflate", out);
+        self.log_outside("deflate", out);
         ChainDisposition::Used(0)
     }
 
@@ -99,7 +100,9 @@ impl Balloon {
         let (stats, err) = parse_stats(&data);
         if let Some(e) = err {
             self.counters.rejected.bad_stats += 1;
-            log::warn!("guest statistics: {e}");
+            self.guest_log.warn(GuestEvent::BadStatistics, || {
+                format!("guest statistics: {e}")
+            });
         }
         self.counters.stats_updates += 1;
         self.stats = Some((Instant::now(), stats));
@@ -127,9 +130,20 @@ impl Balloon {
             let out = self.memory.discard_free(&ranges);
             self.count_discards(out);
             self.counters.reported_free_bytes += out.discarded_bytes;
-            log_outside("free page report", out);
+            self.log_outside("free page report", out);
         }
         ChainDisposition::Used(0)
+    }
+
+    fn log_outside(&mut self, what: &str, out: PageOutcome) {
+        if out.outside_pages > 0 {
+            self.guest_log.warn(GuestEvent::PagesOutsideRam, || {
+                format!(
+                    "{what}: {} pages outside guest RAM skipped",
+                    out.outside_pages
+                )
+            });
+        }
     }
 
     fn handle_chain<M: GuestMemory>(
@@ -148,15 +162,6 @@ impl Balloon {
                 ChainDisposition::Used(0)
             }
         }
-    }
-}
-
-fn log_outside(what: &str, out: PageOutcome) {
-    if out.outside_pages > 0 {
-        log::warn!(
-            "{what}: {} pages outside guest RAM skipped",
-            out.outside_pages
-        );
     }
 }
 

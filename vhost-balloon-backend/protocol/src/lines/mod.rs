@@ -137,8 +137,30 @@ struct Registry {
     next_id: u64,
 }
 
+/// `text` as a log line may carry it when a peer wrote part of it: control characters (a
+/// newline would forge a log entry of its own) escaped, and at most `MAX_LOGGED_CHARS`
+/// characters.
+pub fn printable(text: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == MAX_LOGGED_CHARS {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The most characters of one logged message (see `printable`).
+pub const MAX_LOGGED_CHARS: usize = 400;
+
 /// Logs the first of a kind of event, then at most once per interval with how many were not
-/// logged.
+/// logged. Messages go through `printable`: they may quote a peer.
 pub struct RateLimitedLog {
     interval: Duration,
     last: Option<Instant>,
@@ -164,7 +186,7 @@ impl RateLimitedLog {
             self.suppressed += 1;
             return;
         }
-        let msg = message();
+        let msg = printable(&message());
         if self.suppressed > 0 {
             log::warn!("{msg} ({} more like it not logged)", self.suppressed);
         } else {

@@ -420,3 +420,10 @@ fn a_peer_that_has_not_said_who_it_is_has_hello_within_and_short_lines() {
     let reply = app.exchange(&("y".repeat(1000) + "\n")).unwrap();
     assert_eq!(reply, "echo: 1000\n");
 }
+
+#[test]
+fn a_peers_words_are_logged_escaped_and_bounded() {
+    assert_eq!(printable("a\nFORGED\u{1b}[31m"), "a\\nFORGED\\u{1b}[31m");
+    let long = printable(&"x".repeat(10_000));
+    assert_eq!(long.len(), MAX_LOGGED_CHARS + 3);
+}
