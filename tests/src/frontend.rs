@@ -323,6 +323,44 @@ impl TestFrontend {
         fence(Ordering::SeqCst);
     }
 
+    /// Makes `chains` available on queue `index` at once, one descriptor each (at most the ring's
+    /// size), their PFN arrays laid out from guest address `buffers` (data pages the test does
+    /// not inflate), and kicks once: as a guest that queues everything before the backend looks.
+    pub fn post_chains(
+        &mut self,
+        ram: &MemfdRam,
+        index: usize,
+        buffers: u64,
+        chains: &[Vec<u32>],
+    ) -> Result<()> {
+        let q = &mut self.queues[index];
+        if chains.len() > usize::from(QUEUE_SIZE) {
+            return Err(LabError::Other(format!(
+                "{} chains do not fit a ring of {QUEUE_SIZE}",
+                chains.len()
+            )));
+        }
+        let mut at = buffers;
+        for (i, pfns) in chains.iter().enumerate() {
+            for (j, pfn) in pfns.iter().enumerate() {
+                ram.write::<u32>(at + 4 * j as u64, *pfn);
+            }
+            let desc = q.desc + 16 * i as u64;
+            ram.write::<u64>(desc, at);
+            ram.write::<u32>(desc + 8, (pfns.len() * 4) as u32);
+            ram.write::<u16>(desc + 12, 0);
+            ram.write::<u16>(desc + 14, 0);
+            let slot = u64::from(q.next_avail.wrapping_add(i as u16) % QUEUE_SIZE);
+            ram.write::<u16>(q.avail + 4 + 2 * slot, i as u16);
+            at += (pfns.len() * 4) as u64;
+        }
+        fence(Ordering::SeqCst);
+        q.next_avail = q.next_avail.wrapping_add(chains.len() as u16);
+        ram.write::<u16>(q.avail + 2, q.next_avail);
+        fence(Ordering::SeqCst);
+        q.kick.write(1).ctx(|| "kick".into())
+    }
+
     /// Whether queue `index` has returned every buffer put on it.
     pub fn all_returned(&self, ram: &MemfdRam, index: usize) -> bool {
         fence(Ordering::SeqCst);

@@ -1,7 +1,7 @@
 //! The vhost-user glue: the `VhostUserBackend` implementation that moves chains from the vrings
 //! into the device model (balloon.rs) and results back, nothing more.
 
-use crate::balloon::{drain_queue, refresh_app_file, request_stats, Balloon};
+use crate::balloon::{drain_chains, refresh_app_file, request_stats, Balloon};
 use crate::config_change::{self, SocketId};
 use crate::device::QueueKind;
 use crate::guest_log::GuestEvent;
@@ -176,17 +176,15 @@ impl VhostUserBalloon {
                     log::warn!("queue {index}: {e}");
                 }
             }
-            let used = {
-                let mut balloon = lock(&self.balloon);
-                let mut state = vring.get_mut();
-                drain_queue(&mut balloon, index, state.get_queue_mut(), &*mem)
-            };
-            match used {
-                Ok(n) if n > 0 => self.signal(vring, index),
-                Ok(_) => {}
+            let (used, broken) = Self::drain_in_pieces(&self.balloon, index, vring, &mem);
+            if used > 0 {
+                self.signal(vring, index);
+            }
+            match broken {
+                None => {}
                 // A broken ring (e.g. an avail index beyond the queue size) comes from the
                 // guest: log it and leave the queue alone; the daemon stays up.
-                Err(e) => {
+                Some(e) => {
                     let mut balloon = lock(&self.balloon);
                     balloon.counters.rejected.bad_descriptors += 1;
                     balloon
@@ -206,6 +204,35 @@ impl VhostUserBalloon {
                     return;
                 }
             }
+        }
+    }
+
+    /// Drains queue `index` one chain per hold of the device lock (and of the vring's), so a
+    /// status or a config read (under QEMU, in a vCPU thread under its big lock) waits for one
+    /// chain at most, however many the guest queued. Returns the chains that went back to the
+    /// driver and the ring's error, if one ended the drain.
+    fn drain_in_pieces(
+        balloon: &Mutex<Balloon>,
+        index: usize,
+        vring: &Vring,
+        mem: &GuestMemoryMmap<()>,
+    ) -> (usize, Option<crate::balloon::BalloonError>) {
+        let mut used = 0;
+        loop {
+            let drained = {
+                let mut balloon = lock(balloon);
+                let mut state = vring.get_mut();
+                drain_chains(&mut balloon, index, state.get_queue_mut(), mem, 1)
+            };
+            match drained {
+                Ok(d) if d.taken == 0 => return (used, None),
+                Ok(d) => used += d.used,
+                Err(e) => return (used, Some(e)),
+            }
+            // A waiter woken by the unlock must get the lock before this thread takes it
+            // again (std's mutex lets the unlocking thread barge back in): the yield leaves it
+            // free for a moment.
+            std::thread::yield_now();
         }
     }
 

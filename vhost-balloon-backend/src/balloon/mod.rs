@@ -13,7 +13,7 @@ mod status;
 
 pub use app::{app_ranges, refresh_app_file, AppBalloon, AppPeer, AppRam, AppRangeError};
 use lifecycle::{Action, Event, Lifecycle};
-pub use queues::{drain_queue, request_stats};
+pub use queues::{drain_chains, drain_queue, request_stats, Drained};
 
 use crate::config_change::{self, ConfigChangeChannel};
 use crate::device::features::{self, bit, FeatureChoice};

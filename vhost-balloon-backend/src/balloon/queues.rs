@@ -174,19 +174,49 @@ pub fn drain_queue<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
 ) -> Result<usize, BalloonError> {
+    drain_chains(balloon, index, queue, mem, usize::MAX).map(|d| d.used)
+}
+
+/// What `drain_chains` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Chains that went back to the driver.
+    pub used: usize,
+    /// Chains taken from the queue (the held statistics buffer is taken but not used).
+    pub taken: usize,
+}
+
+/// As `drain_queue`, for at most `max_chains` chains: the vhost glue takes the device lock for
+/// one chain at a time, so a status or config read waits for one chain at most (a chain is at
+/// most `MAX_PFNS_PER_CHAIN` pages), however many the guest queued.
+pub fn drain_chains<M: GuestMemory>(
+    balloon: &mut Balloon,
+    index: usize,
+    queue: &mut Queue,
+    mem: &M,
+    max_chains: usize,
+) -> Result<Drained, BalloonError> {
     let Some(kind) = balloon.layout.kind(index) else {
         // A queue the negotiated features do not give a meaning: return its buffers unread.
-        let heads: Vec<u16> = queue.iter(mem)?.map(|c| c.head_index()).collect();
+        let heads: Vec<u16> = queue
+            .iter(mem)?
+            .take(max_chains)
+            .map(|c| c.head_index())
+            .collect();
         for head in &heads {
             balloon.counters.rejected.bad_descriptors += 1;
             queue.add_used(mem, *head, 0)?;
         }
-        return Ok(heads.len());
+        return Ok(Drained {
+            used: heads.len(),
+            taken: heads.len(),
+        });
     };
     if kind == QueueKind::Inflate {
         balloon.inflate_queue_running(queue.next_avail());
     }
-    let chains: Vec<DescriptorChain<&M>> = queue.iter(mem)?.collect();
+    let chains: Vec<DescriptorChain<&M>> = queue.iter(mem)?.take(max_chains).collect();
+    let taken = chains.len();
     let mut used = 0;
     for chain in chains {
         let head = chain.head_index();
@@ -204,7 +234,7 @@ pub fn drain_queue<M: GuestMemory>(
             }
         }
     }
-    Ok(used)
+    Ok(Drained { used, taken })
 }
 
 /// Returns the held statistics buffer, which makes the driver send fresh figures.
