@@ -2,15 +2,17 @@
 //! a clear status. Written here rather than taken from tiny_http, whose server has no read
 //! timeout at all (tiny-http issue 143): a scrape must not be starved by clients that drip a
 //! byte now and then, so every request has one deadline for all its reads and writes, and the
-//! connections answered at once are capped.
+//! connections answered at once are capped, in all and per local user (peer.rs): one user's
+//! connections, however many and however slow, leave room for the scraper's.
 
 use super::CONTENT_TYPE;
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod peer;
 #[cfg(test)]
 mod tests;
 
@@ -18,6 +20,9 @@ mod tests;
 const MAX_REQUEST_HEAD: u64 = 16 * 1024;
 /// Connections answered at once; more are refused with 503.
 const MAX_CONNECTIONS: usize = 16;
+/// Connections answered at once for one local user (a remote peer counts only toward the
+/// total): a user who opens more gets 503, and cannot hold the others' slots.
+const MAX_PER_USER: usize = 4;
 /// How long a client may take, in all, to send its request and take the answer: one deadline
 /// per request, not per read, so that a client sending a byte now and then cannot hold a
 /// connection slot for longer.
@@ -212,20 +217,57 @@ fn answer(stream: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) -> std
     Ok(())
 }
 
-/// Decrements the count of connections being answered when the thread answering one ends
-/// (also if it panics, or if it could not be started).
-struct Slot(Arc<AtomicUsize>);
+/// Connections being answered, in all and per local user (`None`: a remote peer).
+#[derive(Default)]
+struct Active {
+    total: usize,
+    per_user: HashMap<Option<u32>, usize>,
+}
+
+impl Active {
+    /// Takes a slot for a peer of `user`, unless the server or that user is at its cap.
+    fn take(&mut self, user: Option<u32>) -> bool {
+        let mine = self.per_user.get(&user).copied().unwrap_or(0);
+        if self.total >= MAX_CONNECTIONS || (user.is_some() && mine >= MAX_PER_USER) {
+            return false;
+        }
+        self.total += 1;
+        *self.per_user.entry(user).or_default() += 1;
+        true
+    }
+
+    fn give_back(&mut self, user: Option<u32>) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.per_user.get_mut(&user) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_user.remove(&user);
+            }
+        }
+    }
+}
+
+/// Gives a connection's slot back when the thread answering it ends (also if it panics, or
+/// if it could not be started).
+struct Slot {
+    active: Arc<Mutex<Active>>,
+    user: Option<u32>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .give_back(self.user);
     }
 }
 
 /// Serves GET /metrics until the listener fails, one thread per connection (at most
-/// `MAX_CONNECTIONS` at once), so that a slow client does not hold up the others.
+/// `MAX_CONNECTIONS` at once, `MAX_PER_USER` for one local user), so that a slow client does
+/// not hold up the others.
 pub fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let active = Arc::new(Mutex::new(Active::default()));
     for conn in listener.incoming() {
         let mut stream = match conn {
             Ok(stream) => stream,
@@ -236,8 +278,9 @@ pub fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync
                 continue;
             }
         };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
+        let user = peer::peer_uid(&stream);
+        let admitted = active.lock().unwrap_or_else(|e| e.into_inner()).take(user);
+        if !admitted {
             // Best effort, without waiting for the client.
             let _ = stream.set_nonblocking(true);
             let _ = stream.write_all(
@@ -245,7 +288,10 @@ pub fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync
             );
             continue;
         }
-        let slot = Slot(active.clone());
+        let slot = Slot {
+            active: active.clone(),
+            user,
+        };
         let render = render.clone();
         let spawned = std::thread::Builder::new()
             .name("metrics-conn".into())

@@ -2,6 +2,7 @@ use super::*;
 use crate::api::SchedulerStatus;
 use crate::metrics::render;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 
 struct Response {
     status: u16,
@@ -253,4 +254,72 @@ fn an_idle_client_does_not_hold_up_others() {
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert!(text.ends_with(&expected));
     drop((idle, half));
+}
+
+/// Another local user holding connections (24 that each send a byte and reconnect as soon as
+/// they are closed, as in the trust review, where 0 of 20 scrapes were answered) gets at most
+/// its own share of the slots: every scrape is answered.
+#[test]
+fn another_local_user_cannot_starve_scrapes() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("skipped: needs root to connect as another user (nobody)");
+        return;
+    }
+    let (addr, expected) = server();
+    let script = r#"
+import socket, sys, threading, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+end = time.time() + seconds
+held = [0]
+def squat():
+    while time.time() < end:
+        try:
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"G")
+            held[0] += 1
+            s.settimeout(max(0.1, end - time.time()))
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            try:
+                s.close()
+            except Exception:
+                pass
+for _ in range(24):
+    threading.Thread(target=squat, daemon=True).start()
+time.sleep(0.5)
+print("squatting", flush=True)
+time.sleep(max(0, end - time.time()))
+"#;
+    let mut squatter = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(addr.port().to_string())
+        .arg("30")
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 as nobody");
+    let mut ready = String::new();
+    BufReader::new(squatter.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "squatting");
+    let answered = (0..20)
+        .filter(|_| {
+            exchange(addr, GOOD, false)
+                .is_some_and(|r| r.status == 200 && String::from_utf8_lossy(&r.body) == expected)
+        })
+        .count();
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert_eq!(
+        answered, 20,
+        "scrapes answered beside another user's squatting"
+    );
 }
