@@ -5,10 +5,14 @@
 //! - A socket another process still serves (a connection to it succeeds, or its backlog is
 //!   full) is never taken over: binding fails and names the path. Only a stale socket (nobody
 //!   listens: the connection is refused) is replaced.
-//! - The socket is created with its final mode: the mode is set on the socket before `bind`,
-//!   which Linux uses (less the umask) for the new file, so there is no moment where it is
-//!   reachable with the umask's looser mode. A group, if given, is set afterwards and only then
-//!   the group bits.
+//! - The socket is created in a private directory beside its path (mode 0700, this process's,
+//!   checked through the descriptor it is opened with), given its group and mode there, and
+//!   only then renamed to its path (never over anything that appeared there meanwhile). Nothing
+//!   is done by the shared path but that rename, so a user who can write the socket's directory
+//!   cannot make a chown or chmod follow a symlink planted in the socket's place, and the socket
+//!   is never reachable with another mode. In a setgid directory whose group is the one asked
+//!   for (systemd's `RuntimeDirectory=` with `Group=`, or `chgrp` + `chmod g+s`), the socket
+//!   inherits the group and no chown is needed, so no CAP_CHOWN either.
 //! - On shutdown, [`SocketPath::remove`] removes the path only if it is still the socket this
 //!   process bound (another process may have replaced it meanwhile).
 //!
@@ -94,6 +98,101 @@ fn served(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// Binds a listening socket in a new private directory beside `path`, sets its group and mode
+/// there, and renames it to `path` (which must not exist by then).
+fn bind_privately(path: &Path, access: Access) -> io::Result<UnixListener> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a socket path needs a name"))?;
+    let dir_flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY;
+    let parent_fd = rustix::fs::open(parent, dir_flags, Mode::empty())?;
+    let private = private_dir_name(name);
+    rustix::fs::mkdirat(&parent_fd, &private, Mode::from_raw_mode(0o700))?;
+    let bound = rustix::fs::openat(&parent_fd, &private, dir_flags, Mode::empty())
+        .map_err(io::Error::from)
+        .and_then(|dir| {
+            let bound = bind_in(&dir, &parent_fd, name, access);
+            if bound.is_err() {
+                let _ = rustix::fs::unlinkat(&dir, "s", AtFlags::empty());
+            }
+            bound
+        });
+    // Empty by now (renamed, or unlinked above); a directory someone swapped in is not
+    // emptied, and this fails.
+    let _ = rustix::fs::unlinkat(&parent_fd, &private, AtFlags::REMOVEDIR);
+    bound
+}
+
+/// Binds socket `s` in the private directory `dir` (checked to be this process's and private
+/// first), sets its group and mode there, and renames it to `name` in `parent`.
+fn bind_in(
+    dir: &std::os::fd::OwnedFd,
+    parent: &std::os::fd::OwnedFd,
+    name: &std::ffi::OsStr,
+    access: Access,
+) -> io::Result<UnixListener> {
+    use rustix::fs::{AtFlags, Mode, RenameFlags};
+    // The directory opened must be the one made: this process's, private, not swapped.
+    let st = rustix::fs::fstat(dir)?;
+    if st.st_uid != rustix::process::geteuid().as_raw() || st.st_mode & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the private directory for binding was replaced",
+        ));
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    // Linux creates the socket file with this mode (less the umask) at bind.
+    rustix::fs::fchmod(&socket, Mode::from_raw_mode(0o600))?;
+    // Through the directory's descriptor: no path another user can change, and short.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(dir);
+    socket.bind(&SockAddr::unix(format!("/proc/self/fd/{fd}/s"))?)?;
+    socket.listen(libc::SOMAXCONN)?;
+    if let Some(gid) = access.group {
+        let st = rustix::fs::statat(dir, "s", AtFlags::SYMLINK_NOFOLLOW)?;
+        if st.st_gid != gid {
+            let gid = rustix::fs::Gid::from_raw(gid);
+            rustix::fs::chownat(dir, "s", None, Some(gid), AtFlags::SYMLINK_NOFOLLOW)?;
+        }
+        // Nobody else can enter the directory, so "s" is the socket just bound.
+        rustix::fs::chmodat(
+            dir,
+            "s",
+            Mode::from_raw_mode(access.final_mode()),
+            AtFlags::empty(),
+        )?;
+    }
+    rustix::fs::renameat_with(dir, "s", parent, name, RenameFlags::NOREPLACE).map_err(|e| {
+        if e == rustix::io::Errno::EXIST {
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "something appeared at the socket's path while it was bound",
+            )
+        } else {
+            io::Error::from(e)
+        }
+    })?;
+    Ok(UnixListener::from(socket))
+}
+
+/// A fresh name for the private directory beside socket `name`: `.NAME.PID.N`.
+fn private_dir_name(name: &std::ffi::OsStr) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut dir = std::ffi::OsString::from(".");
+    dir.push(name);
+    dir.push(format!(
+        ".{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    PathBuf::from(dir)
+}
+
 /// Binds a listening Unix socket at `path` (see the module's rules).
 pub fn bind(path: &Path, access: Access) -> Result<(UnixListener, SocketPath), BindError> {
     let err = |source| BindError::Io {
@@ -117,21 +216,7 @@ pub fn bind(path: &Path, access: Access) -> Result<(UnixListener, SocketPath), B
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(err)?;
-    // Linux creates the socket file with this mode (less the umask) at bind.
-    rustix::fs::fchmod(&socket, rustix::fs::Mode::from_raw_mode(0o600))
-        .map_err(|e| err(e.into()))?;
-    socket
-        .bind(&SockAddr::unix(path).map_err(err)?)
-        .map_err(err)?;
-    socket.listen(libc::SOMAXCONN).map_err(err)?;
-    let listener: UnixListener = socket.into();
-    if let Some(gid) = access.group {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.final_mode()))
-            .map_err(err)?;
-    }
+    let listener = bind_privately(path, access).map_err(err)?;
     let m = std::fs::symlink_metadata(path).map_err(err)?;
     Ok((
         listener,
@@ -288,6 +373,59 @@ mod tests {
         let m = std::fs::metadata(&q).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o660);
         assert_eq!(m.gid(), gid);
+    }
+
+    /// A user who can write the socket's directory renames each new socket away and plants a
+    /// symlink to a root-only file in its place, racing the bind: the file keeps its owner, group
+    /// and mode (before, the chown and chmod by path followed the symlink now and then: the file
+    /// became root:GROUP 0660).
+    #[test]
+    fn a_symlink_planted_in_the_sockets_place_is_never_followed() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root to give the socket another group");
+            return;
+        }
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "secret").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let sock = d.path().join("v.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let attacker = {
+            let (sock, victim, stop, dir) = (
+                sock.clone(),
+                victim.clone(),
+                stop.clone(),
+                d.path().to_path_buf(),
+            );
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if std::fs::symlink_metadata(&sock).is_ok_and(|m| m.file_type().is_socket()) {
+                        n += 1;
+                        let _ = std::fs::rename(&sock, dir.join(format!("moved.{n}")));
+                        let _ = std::os::unix::fs::symlink(&victim, &sock);
+                    }
+                }
+                n
+            })
+        };
+        let group = Access { group: Some(65534) };
+        for _ in 0..3000 {
+            let _ = std::fs::remove_file(&sock);
+            let _ = bind(&sock, group);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let swapped = attacker.join().unwrap();
+        assert!(swapped > 0, "the attacker never saw a socket");
+        let m = std::fs::metadata(&victim).unwrap();
+        assert_eq!(
+            (m.permissions().mode() & 0o777, m.gid()),
+            (0o600, 0),
+            "the planted symlink was followed ({swapped} sockets swapped)"
+        );
     }
 
     #[test]
