@@ -19,7 +19,7 @@ struct Cli {
     /// The scheduler's API socket.
     #[arg(
         long,
-        default_value = "/run/balloon-scheduler.sock",
+        default_value = "/run/balloon-scheduler/api.sock",
         env = "BALLOON_SCHEDULER_SOCKET"
     )]
     socket: PathBuf,
