@@ -123,6 +123,8 @@ pub struct Config {
     pub api_socket: Option<PathBuf>,
     /// Prometheus metrics over HTTP (e.g. "127.0.0.1:9464"); off when absent.
     pub metrics_listen: Option<String>,
+    /// The size at which the trace file (`--trace`) rotates (default 64M; 3 old files kept).
+    pub trace_max: Option<Size>,
     #[serde(default, rename = "guest")]
     pub guests: Vec<GuestConfig>,
     /// Libvirt daemons whose domains are discovered at start (added to `guests`).

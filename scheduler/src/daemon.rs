@@ -16,7 +16,6 @@ use crate::model::GuestSpec;
 use crate::policy::PolicyKind;
 use crate::trace::TraceRecord;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -223,12 +222,14 @@ pub fn tick(shared: &Shared, budget: Budget, started: Instant) -> std::io::Resul
 }
 
 /// The tick loop, until `shared.stop`.
-pub fn run_loop(shared: Arc<Shared>, tick_seconds: f64, budget: Budget, trace: Option<PathBuf>) {
-    let mut trace_file = trace.and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)
+pub fn run_loop(
+    shared: Arc<Shared>,
+    tick_seconds: f64,
+    budget: Budget,
+    trace: Option<(PathBuf, u64)>,
+) {
+    let mut trace_file = trace.and_then(|(p, max_bytes)| {
+        crate::trace_file::TraceFile::open(&p, max_bytes)
             .map_err(|e| log::error!("trace {}: {e}", p.display()))
             .ok()
     });
@@ -242,7 +243,7 @@ pub fn run_loop(shared: Arc<Shared>, tick_seconds: f64, budget: Budget, trace: O
                     // One line per record; a reply's error stand-in has no place in a trace.
                     let written = serde_json::to_string(&record)
                         .map_err(std::io::Error::from)
-                        .and_then(|line| writeln!(f, "{line}"));
+                        .and_then(|line| f.append_line(&line));
                     if let Err(e) = written {
                         log::error!("writing the trace: {e}");
                     }

@@ -19,3 +19,4 @@ pub mod run;
 pub mod sim;
 pub mod table;
 pub mod trace;
+pub mod trace_file;

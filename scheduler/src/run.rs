@@ -113,7 +113,12 @@ pub fn run(config_path: &Path, trace: Option<PathBuf>) -> Result<(), RunError> {
         shared.clone(),
         config.tick_seconds,
         Budget::from_config(&config),
-        trace,
+        trace.map(|p| {
+            let max = config
+                .trace_max
+                .map_or(crate::trace_file::DEFAULT_MAX_BYTES, |s| s.0);
+            (p, max)
+        }),
     );
     if let Some(socket) = api_path {
         socket.remove();

@@ -79,13 +79,31 @@ pub fn temp_beside(state_file: &Path) -> std::io::Result<tempfile::NamedTempFile
         .tempfile_in(dir)
 }
 
-/// Opens an existing file without following a symlink at its last component.
+/// Opens an existing file of this backend's own (the state file, `STATE.pages`) without
+/// following a symlink at its last component, non-blocking (a FIFO in its place cannot hang the
+/// open), and refuses what it finds unless it is a regular file owned by this process's user:
+/// one another user planted (in a state directory they can write) is never read as ours.
 pub fn open_nofollow(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(write)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("owned by uid {}, not this backend's ({me})", meta.uid()),
+        ));
+    }
+    // Reads and writes block as usual from here on.
+    rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty())?;
+    Ok(file)
 }
 
 impl PersistentState {
@@ -246,6 +264,29 @@ mod tests {
             PersistentState::load(&path),
             Err(StateError::Parse { .. })
         ));
+    }
+
+    /// A state file (or STATE.pages) another user owns is not this backend's, whatever it says.
+    #[test]
+    fn a_state_file_of_another_user_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root to give the file to another user");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.state");
+        let s = PersistentState {
+            version: 1,
+            target_pages: 256,
+            stats_interval_seconds: 5,
+            discard_enabled: true,
+            app_target_bytes: 0,
+        };
+        s.save(&path).unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let err = PersistentState::load(&path).unwrap_err().to_string();
+        assert!(err.contains("owned by uid 65534"), "{err}");
+        assert!(open_nofollow(&path, true).is_err());
     }
 
     #[test]

@@ -273,17 +273,24 @@ impl MemoryFile {
                 return Ok(None);
             }
         }
-        // Non-blocking, so that a FIFO put in its place cannot hang the open; what was opened
-        // is checked, not the path (which may change in between).
+        // Non-blocking, so that a FIFO put in its place cannot hang the open, and never through
+        // a symlink; what was opened is checked, not the path (which may change in between).
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_NONBLOCK)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
             .open(&self.path)
             .map_err(open_error)?;
         let meta = file.metadata().map_err(open_error)?;
         if !meta.is_file() {
             return Err(open_error(std::io::Error::other("not a regular file")));
+        }
+        // Guest RAM any user may write is no guest's: refuse it (the VMM's own files are its
+        // user's, 0600 or 0660).
+        if meta.mode() & 0o002 != 0 {
+            return Err(open_error(std::io::Error::other(
+                "writable by every user (mode o+w): not a VMM's guest memory",
+            )));
         }
         let layout_error = |error| MemoryFileError::Layout {
             path: self.path.clone(),
@@ -536,6 +543,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut file = MemoryFile::new(dir.path().to_path_buf(), MemoryLayout::Q35, None);
         assert!(file.refresh().is_err(), "a directory");
+        // Never through a symlink (a user who can write the directory could point it at any
+        // file the backend may write), and never a file every user may write.
+        let ram = ram_file(dir.path(), 16 << 20);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&ram, &link).unwrap();
+        assert!(MemoryFile::new(link, MemoryLayout::Q35, None)
+            .refresh()
+            .is_err());
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let mut open = MemoryFile::new(ram.clone(), MemoryLayout::Q35, None);
+        assert!(open.refresh().is_err(), "world-writable");
+        std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(open.refresh().unwrap().is_some());
     }
 
     #[test]
