@@ -48,12 +48,129 @@ pub struct PolicyFigures {
     pub fit_s: Option<f64>,
     pub max_over_budget_bytes: u64,
     pub guests: Vec<GuestFigures>,
+    /// The native guest's, when the run has one (see `NativeGuest`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub native: Option<NativeFigures>,
+}
+
+/// How a native guest speaks of its balloon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Stance {
+    /// It writes `actual = 0`: the truth, as it never inflates.
+    Truthful,
+    /// It writes `actual` as whatever the target is ("done"), now and then 16 TiB, and floods
+    /// its backend with inflate buffers of pages outside its RAM.
+    Liar,
+}
+
+/// A scenario guest played by an in-process frontend over a memfd instead of a VM: it touches all
+/// of its memory and never gives a page back, whatever it is asked; only what it says differs
+/// with its `Stance`.
+#[derive(Debug, Clone, Copy)]
+pub struct NativeGuest<'a> {
+    /// The scenario guest it plays.
+    pub name: &'a str,
+    pub stance: Stance,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NativeFigures {
+    pub name: String,
+    /// Bytes its backend logged during the run.
+    pub log_bytes: u64,
+    /// Inflate buffers of pages outside its RAM it sent, and config writes it made.
+    pub junk_buffers: u64,
+    pub config_writes: u64,
 }
 
 impl PolicyFigures {
     /// Whether the guests fit the budget and never left it after.
     pub fn kept_budget(&self) -> bool {
         self.fit_s.is_some() && self.over_budget_s == 0.0
+    }
+}
+
+/// A running native guest: its backend and the thread playing its driver.
+struct Native {
+    name: String,
+    memory: u64,
+    backend: Backend,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
+    log_at_start: u64,
+}
+
+impl Native {
+    fn start(g: &scheduler::sim::SimGuest, stance: Stance) -> Result<Native> {
+        use crate::frontend::{data_pages, guest_ram, TestFrontend};
+        use std::sync::atomic::Ordering;
+        let name = format!("pv-{}", g.name);
+        let backend = Backend::start(&name, &["--no-stats", "--no-free-page-reporting"])?;
+        let ram = guest_ram(g.memory.0)?;
+        // All of it held, as by a guest that uses all its memory.
+        ram.populate();
+        let mut fe = TestFrontend::connect(&backend.socket, &ram)?;
+        let outside = u32::try_from(data_pages(&ram) + 1024).unwrap_or(u32::MAX);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-driver"))
+            .spawn(move || {
+                let (mut junk, mut writes) = (0u64, 0u64);
+                let mut round = 0u64;
+                while !stopped.load(Ordering::Relaxed) {
+                    round += 1;
+                    let target = fe.config().map_or(0, |(num_pages, _)| num_pages);
+                    let word = match stance {
+                        Stance::Truthful => 0,
+                        Stance::Liar if round.is_multiple_of(10) => u32::MAX,
+                        Stance::Liar => target,
+                    };
+                    if fe.set_actual(word).is_ok() {
+                        writes += 1;
+                    }
+                    if stance == Stance::Liar
+                        && fe
+                            .inflate(&ram, &[outside; crate::frontend::PFNS_PER_BUFFER])
+                            .is_ok()
+                    {
+                        junk += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                (junk, writes)
+            })
+            .ctx(|| "starting a native guest's driver".into())?;
+        let log_at_start = backend.log().len() as u64;
+        Ok(Native {
+            name: g.name.clone(),
+            memory: g.memory.0,
+            backend,
+            stop,
+            thread: Some(thread),
+            log_at_start,
+        })
+    }
+
+    fn finish(&mut self) -> NativeFigures {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (junk_buffers, config_writes) = self
+            .thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        NativeFigures {
+            name: self.name.clone(),
+            log_bytes: (self.backend.log().len() as u64).saturating_sub(self.log_at_start),
+            junk_buffers,
+            config_writes,
+        }
+    }
+}
+
+impl Drop for Native {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -135,8 +252,9 @@ fn boot(g: &scheduler::sim::SimGuest) -> Result<Guest> {
     })
 }
 
-/// The scheduler's configuration for the scenario under `kind`, over the guests' backends.
-fn scheduler_config(scenario: &Scenario, kind: PolicyKind, guests: &[Guest]) -> Result<String> {
+/// The scheduler's configuration for the scenario under `kind`, over the guests' backends'
+/// control sockets (in the scenario's order).
+fn scheduler_config(scenario: &Scenario, kind: PolicyKind, controls: &[PathBuf]) -> Result<String> {
     let mut policy = scenario.policy.clone();
     policy.kind = kind;
     let mut top = toml::Table::new();
@@ -147,7 +265,7 @@ fn scheduler_config(scenario: &Scenario, kind: PolicyKind, guests: &[Guest]) -> 
     top.insert("policy".into(), to_value(&policy)?);
     top.insert("actuator".into(), to_value(&scenario.actuator)?);
     let mut entries = Vec::new();
-    for (g, vm) in scenario.guests.iter().zip(guests) {
+    for (g, control) in scenario.guests.iter().zip(controls) {
         let mut e = toml::Table::new();
         e.insert("name".into(), g.name.clone().into());
         e.insert("memory".into(), (g.memory.0 as i64).into());
@@ -161,7 +279,7 @@ fn scheduler_config(scenario: &Scenario, kind: PolicyKind, guests: &[Guest]) -> 
         driver.insert("kind".into(), "backend".into());
         driver.insert(
             "control_socket".into(),
-            vm.backend.control_socket.display().to_string().into(),
+            control.display().to_string().into(),
         );
         e.insert("driver".into(), driver.into());
         entries.push(toml::Value::Table(e));
@@ -204,15 +322,49 @@ pub fn run(
     keep_trace: Option<&Path>,
     progress: &dyn Fn(&str),
 ) -> Result<PolicyFigures> {
+    run_with(scenario, kind, keep_trace, None, progress)
+}
+
+/// As `run`, with one of the scenario's guests played by a native guest (no VM, no workload:
+/// its figures are `PolicyFigures::native`, and its memory counts toward the budget as the
+/// others').
+pub fn run_with(
+    scenario: &Scenario,
+    kind: PolicyKind,
+    keep_trace: Option<&Path>,
+    native: Option<NativeGuest>,
+    progress: &dyn Fn(&str),
+) -> Result<PolicyFigures> {
     let mut guests = Vec::new();
+    let mut native_guest = None;
+    let mut controls = Vec::new();
     for g in &scenario.guests {
-        guests.push(boot(g)?);
-        progress(&format!("{kind}: {} booted", g.name));
+        match native {
+            Some(n) if n.name == g.name => {
+                let started = Native::start(g, n.stance)?;
+                controls.push(started.backend.control_socket.clone());
+                native_guest = Some(started);
+                progress(&format!(
+                    "{kind}: {} started natively ({:?})",
+                    g.name, n.stance
+                ));
+            }
+            _ => {
+                let guest = boot(g)?;
+                controls.push(guest.backend.control_socket.clone());
+                guests.push(guest);
+                progress(&format!("{kind}: {} booted", g.name));
+            }
+        }
     }
-    let config = scheduler_config(scenario, kind, &guests)?;
+    let config = scheduler_config(scenario, kind, &controls)?;
     let scheduler = SchedulerProcess::start(&format!("pv-{kind}"), &config)?;
     let started = Instant::now();
-    for (g, guest) in scenario.guests.iter().zip(guests.iter_mut()) {
+    let booted = scenario
+        .guests
+        .iter()
+        .filter(|g| native.is_none_or(|n| n.name != g.name));
+    for (g, guest) in booted.zip(guests.iter_mut()) {
         let schedule = workload_schedule(g, guest.boot_used);
         let file_share = workload_file_share(g, guest.boot_used);
         // The supervisor is never the OOM killer's choice; the workload it restarts is.
@@ -238,6 +390,9 @@ pub fn run(
         let mut total = 0;
         for g in guests {
             total += g.memory.saturating_sub(g.backend.status()?.actual_bytes);
+        }
+        if let Some(n) = &native_guest {
+            total += n.memory.saturating_sub(n.backend.status()?.actual_bytes);
         }
         Ok(total)
     };
@@ -294,6 +449,7 @@ pub fn run(
             swap_used_peak_bytes: swap_peak[i],
         });
     }
+    figures.native = native_guest.as_mut().map(Native::finish);
     figures.work = figures.guests.iter().map(|g| g.work).sum();
     figures.oom_kills = figures.guests.iter().map(|g| g.oom_kills).sum();
     Ok(figures)

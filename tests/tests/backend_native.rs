@@ -92,9 +92,25 @@ fn a_drivers_false_balloon_size_is_not_the_balloon_and_is_flagged() {
     let pfns: Vec<u32> = (0..256).collect();
     fe.inflate(&ram, &pfns).unwrap();
     fe.set_actual(u32::MAX).unwrap();
-    let s = backend.status().unwrap();
+    // (The frontend does not wait for SET_CONFIG to be handled.)
+    let word = |pages: u32| {
+        wait_for(
+            "the driver's word to arrive",
+            Duration::from_secs(20),
+            Duration::from_millis(10),
+            || {
+                let s = backend.status()?;
+                Ok(if s.driver_actual_bytes == Some(u64::from(pages) * PAGE) {
+                    Poll::Ready(s)
+                } else {
+                    Poll::Pending(format!("{s:?}"))
+                })
+            },
+        )
+        .unwrap()
+    };
+    let s = word(u32::MAX);
     assert_eq!(s.actual_bytes, 256 * PAGE, "{s:?}");
-    assert_eq!(s.driver_actual_bytes, Some(u64::from(u32::MAX) * PAGE));
     let s = wait_for(
         "the false size to be flagged",
         Duration::from_secs(30),
@@ -112,7 +128,7 @@ fn a_drivers_false_balloon_size_is_not_the_balloon_and_is_flagged() {
     assert_eq!(s.actual_bytes, 256 * PAGE, "{s:?}");
     // Once the word agrees with the pages, the flag goes.
     fe.set_actual(256).unwrap();
-    let s = backend.status().unwrap();
+    let s = word(256);
     assert!(!s.driver_claim_disputed, "{s:?}");
     assert_eq!(s.actual_bytes, 256 * PAGE);
     let log = backend.log();
@@ -387,10 +403,13 @@ fn a_buffer_in_flight_when_cloud_hypervisor_reconnects_is_returned_and_its_pages
 /// everything waiting: 255 chains of 65,536 scattered pages kept a status waiting 11.6 s.
 #[test]
 fn a_status_gets_in_between_the_chains_of_a_long_drain() {
-    const CHAINS: usize = 48;
-    const PFNS: u32 = 16_384;
+    // Chains of the most pages one may carry, scattered: each takes the device a while, so the
+    // drain lasts far longer than a status's round trip, even on a loaded machine.
+    const CHAINS: usize = 32;
+    const PFNS: u32 = 65_536;
     let backend = Backend::start("long-drain", NO_EXTRA_QUEUES).unwrap();
-    // Every other page of 128 MiB per chain, and the chains' arrays above all of it.
+    // Every other page of 512 MiB per chain (16 GiB of sparse memfd in all), and the chains'
+    // arrays above all of it.
     let span = u64::from(PFNS) * 2 * PAGE;
     let arrays = CHAINS as u64 * u64::from(PFNS) * 4;
     let ram = guest_ram(CHAINS as u64 * span + arrays).unwrap();

@@ -10,7 +10,7 @@ use crate::memory::{discard::host_page_size, Backing, GuestRegion};
 use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -35,9 +35,32 @@ pub const MAX_QUEUES: usize = 4;
 /// The largest virtqueue the device accepts (QEMU's vhost-user-test-device uses 64 by default).
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
+/// Threads waiting for the device lock (one device per process), so that the vring thread,
+/// which takes it again and again while it drains, lets them in between chains (see
+/// `VhostUserBalloon::drain_in_pieces`): std's mutex is not fair, and a thread that unlocks and
+/// locks again at once keeps it from a waiter that was only woken.
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+
 /// Locks the device state; a panic elsewhere while holding it must not take the device down.
 pub fn lock(balloon: &Mutex<Balloon>) -> MutexGuard<'_, Balloon> {
-    balloon.lock().unwrap_or_else(|e| e.into_inner())
+    match balloon.try_lock() {
+        Ok(guard) => return guard,
+        Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {}
+    }
+    WAITING.fetch_add(1, Ordering::SeqCst);
+    let guard = balloon.lock().unwrap_or_else(|e| e.into_inner());
+    WAITING.fetch_sub(1, Ordering::SeqCst);
+    guard
+}
+
+/// Between two pieces of work under the device lock: lets the threads waiting for it take it
+/// first (for at most a few milliseconds, should one never manage to).
+fn let_waiters_in() {
+    let until = std::time::Instant::now() + Duration::from_millis(5);
+    while WAITING.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < until {
+        std::thread::yield_now();
+    }
 }
 
 /// The timer that asks the guest for fresh statistics, shared with the control socket.
@@ -229,10 +252,7 @@ impl VhostUserBalloon {
                 Ok(d) => used += d.used,
                 Err(e) => return (used, Some(e)),
             }
-            // A waiter woken by the unlock must get the lock before this thread takes it
-            // again (std's mutex lets the unlocking thread barge back in): the yield leaves it
-            // free for a moment.
-            std::thread::yield_now();
+            let_waiters_in();
         }
     }
 

@@ -234,6 +234,41 @@ struct HeldFile {
     regions: Vec<LayoutRegion>,
 }
 
+/// Opens a guest memory file read-write, non-blocking (a FIFO put in its place cannot hang the
+/// open) and without following a symlink at its last component, which a user who can write its
+/// directory could plant; except in /proc, whose links (`/proc/PID/fd/N`, how a VMM's memfd is
+/// named) the kernel makes and no user can plant. The last component is opened relative to the
+/// directory checked, so the directory cannot be swapped in between.
+fn open_guest_memory(path: &Path) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
+    })?;
+    let dir = rustix::fs::open(
+        parent,
+        OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::RDONLY,
+        Mode::empty(),
+    )?;
+    let in_proc = rustix::fs::fstatfs(&dir)?.f_type == rustix::fs::PROC_SUPER_MAGIC;
+    let mut flags = OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    if !in_proc {
+        flags |= OFlags::NOFOLLOW;
+    }
+    let file = std::fs::File::from(rustix::fs::openat(&dir, name, flags, Mode::empty())?);
+    // Guest RAM in a file any user may write is no guest's (a VMM's files are its user's, 0600
+    // or 0660). A memfd's mode is 0777, but it is reached only through /proc, which guards it.
+    if !in_proc && file.metadata()?.mode() & 0o002 != 0 {
+        return Err(std::io::Error::other(
+            "writable by every user (mode o+w): not a VMM's guest memory",
+        ));
+    }
+    Ok(file)
+}
+
 /// The guest memory file given on the command line: opened when first needed (the VMM
 /// creates it, possibly after the backend starts) and reopened when the VMM replaced it.
 pub struct MemoryFile {
@@ -262,7 +297,6 @@ impl MemoryFile {
     /// regions when they are new, None when the file held is still the VMM's. File I/O (a stat,
     /// an open): never call it under the device lock.
     pub fn refresh(&mut self) -> Result<Option<Vec<GuestRegion>>, MemoryFileError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let open_error = |error| MemoryFileError::Open {
             path: self.path.clone(),
             error,
@@ -273,25 +307,13 @@ impl MemoryFile {
                 return Ok(None);
             }
         }
-        // Non-blocking, so that a FIFO put in its place cannot hang the open, and never through
-        // a symlink; what was opened is checked, not the path (which may change in between).
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-            .open(&self.path)
-            .map_err(open_error)?;
+        // What was opened is checked, not the path (which may change in between).
+        let file = open_guest_memory(&self.path).map_err(open_error)?;
         let meta = file.metadata().map_err(open_error)?;
         if !meta.is_file() {
             return Err(open_error(std::io::Error::other("not a regular file")));
         }
-        // Guest RAM any user may write is no guest's: refuse it (the VMM's own files are its
-        // user's, 0600 or 0660).
-        if meta.mode() & 0o002 != 0 {
-            return Err(open_error(std::io::Error::other(
-                "writable by every user (mode o+w): not a VMM's guest memory",
-            )));
-        }
+
         let layout_error = |error| MemoryFileError::Layout {
             path: self.path.clone(),
             error,

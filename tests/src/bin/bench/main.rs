@@ -27,6 +27,7 @@ mod density;
 mod discard_native;
 mod fleet;
 mod guest_app_inflate;
+mod guest_lies;
 mod policy_vm;
 mod qemu_builtin;
 mod scheduler_hung_guests;
@@ -38,6 +39,7 @@ use density::density;
 use discard_native::discard_native;
 use fleet::Fleet;
 use guest_app_inflate::guest_app_inflate;
+use guest_lies::guest_lies;
 use policy_vm::policy_vm;
 use qemu_builtin::{qemu_builtin_inflate, wait_builtin};
 use scheduler_hung_guests::scheduler_hung_guests;
@@ -55,6 +57,7 @@ const BENCHES: &[Bench] = &[
     ("vm_scaling", vm_scaling),
     ("density", density),
     ("policy_vm", policy_vm),
+    ("guest_lies", guest_lies),
 ];
 
 fn main() {
