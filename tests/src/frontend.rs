@@ -164,8 +164,14 @@ impl TestFrontend {
             )));
         }
         // What a minimal Linux-like driver takes: no statistics, no reporting, no EVENT_IDX
-        // (so the backend signals every used buffer).
-        let features = VIRTIO_F_VERSION_1 | protocol | (offered & VIRTIO_BALLOON_F_MUST_TELL_HOST);
+        // (so the backend signals every used buffer). cloud-hypervisor offers the guest no
+        // device feature of a generic device (only DEFAULT_VIRTIO_FEATURES' transport bits), so
+        // under it not even MUST_TELL_HOST.
+        let device = match negotiation {
+            CloudHypervisor | CloudHypervisorReconnect => 0,
+            Minimal | Qemu => offered & VIRTIO_BALLOON_F_MUST_TELL_HOST,
+        };
+        let features = VIRTIO_F_VERSION_1 | protocol | device;
         let set_features = |fe: &mut Frontend| {
             fe.set_features(features)
                 .map_err(|e| vhost_err("SET_FEATURES", e))

@@ -337,10 +337,21 @@ fn a_new_target_reaches_the_driver_after_every_vmms_negotiation() {
         backend.set_target(8 * MIB).unwrap();
         fe.wait_config_change(Duration::from_secs(20))
             .unwrap_or_else(|e| panic!("{negotiation:?}: {e}\n{}", backend.log()));
-        assert!(backend.status().unwrap().config_change_channel);
+        let s = backend.status().unwrap();
+        assert!(s.config_change_channel);
         if negotiation != Negotiation::CloudHypervisor {
             continue;
         }
+        // What cloud-hypervisor let through is what the status says the guest has, beside
+        // what was offered, and the log says why the rest is missing.
+        assert!(!s.features.iter().any(|f| f == "MUST_TELL_HOST"), "{s:?}");
+        assert!(
+            s.offered_features.iter().any(|f| f == "MUST_TELL_HOST"),
+            "{s:?}"
+        );
+        assert!(backend
+            .log()
+            .contains("the guest did not take MUST_TELL_HOST"));
         // The backend restarts; cloud-hypervisor reconnects on its own.
         backend.kill();
         drop(fe);

@@ -284,7 +284,8 @@ fn backend_status() -> impl Strategy<Value = BackendStatus> {
                 bad_descriptors: d.0 .1,
                 bad_stats: d.0 .2,
             },
-            features: d.1,
+            features: d.1.clone(),
+            offered_features: d.1,
             app: d.2,
         })
 }

@@ -138,8 +138,13 @@ pub struct BackendStatus {
     pub stats_interval_seconds: u64,
     pub stats: Option<GuestStatsSnapshot>,
     pub rejected: RejectedInput,
-    /// Negotiated virtio features, by name.
+    /// Negotiated virtio features, by name: what the guest driver acknowledged, which a VMM
+    /// may have cut (cloud-hypervisor passes the guest no device feature).
     pub features: Vec<String>,
+    /// The features this backend offers, by name: those missing from `features` the guest
+    /// does not have.
+    #[serde(default)]
+    pub offered_features: Vec<String>,
     /// The user-level balloon app of this VM (balloon-guest), if the backend serves one.
     #[serde(default)]
     pub app: AppStatus,

@@ -221,6 +221,15 @@ impl Balloon {
             "driver acknowledged features {acked:#x}: {}",
             features::names(acked).join(" ")
         );
+        let missing = features::device_features(self.feature_choice.offered()) & !acked;
+        if acked != 0 && missing != 0 {
+            log::warn!(
+                "the guest did not take {}: its driver lacks them, or its VMM did not offer them \
+                 (cloud-hypervisor's generic vhost-user device passes no device feature; see \
+                 docs/upstream-cloud-hypervisor-generic-features.md)",
+                features::names(missing).join(" ")
+            );
+        }
     }
 
     /// Moves the lifecycle on `event` and does what the transition says.

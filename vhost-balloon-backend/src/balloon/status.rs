@@ -37,6 +37,7 @@ impl Balloon {
             }),
             rejected: self.counters.rejected.clone(),
             features: features::names(self.acked_features),
+            offered_features: features::names(self.feature_choice.offered()),
             app: AppStatus {
                 connected: self.app.peer.is_some(),
                 target_bytes: self.app.target_bytes,

@@ -77,6 +77,11 @@ const NAMES: &[(u32, &str)] = &[
 ];
 
 /// Names of the set bits, for status output; unknown bits as `bit N`.
+/// The device-type bits of a feature set (0 to 23; the rest are the transport's).
+pub fn device_features(features: u64) -> u64 {
+    features & ((1 << 24) - 1)
+}
+
 pub fn names(features: u64) -> Vec<String> {
     (0..64)
         .filter(|b| features & (1u64 << b) != 0)
