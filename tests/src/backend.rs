@@ -113,6 +113,14 @@ impl Backend {
             .ctx(|| "creating backend.log".into())?;
         let log2 = log.try_clone().ctx(|| "backend.log".into())?;
         let _ = std::fs::remove_file(&self.control_socket);
+        // A killed backend leaves its vhost-user socket: the new one is told apart by inode
+        // and change time (a file system may give the new socket the freed inode's number).
+        let stale = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::symlink_metadata(&self.socket)
+                .ok()
+                .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+        };
         let mut cmd = Command::new(&exe);
         match &self.keeper_backend_socket {
             Some(keeper) => cmd.arg("--client").arg("--socket").arg(keeper),
@@ -146,7 +154,29 @@ impl Backend {
                     Err(e) => Poll::Pending(e.to_string()),
                 })
             },
-        )
+        )?;
+        // The vhost-user socket is bound after the control socket: a frontend (or a signal)
+        // that comes between finds no socket yet, or the killed process's stale one. Behind
+        // the keeper the backend connects instead.
+        if self.keeper_backend_socket.is_none() {
+            let socket = self.socket.clone();
+            wait_for(
+                "the backend's vhost-user socket",
+                Duration::from_secs(20),
+                Duration::from_millis(10),
+                || {
+                    use std::os::unix::fs::MetadataExt;
+                    let now = std::fs::symlink_metadata(&socket)
+                        .ok()
+                        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()));
+                    Ok(match now {
+                        Some(ino) if Some(ino) != stale => Poll::Ready(()),
+                        _ => Poll::Pending(format!("{} not bound yet", socket.display())),
+                    })
+                },
+            )?;
+        }
+        Ok(())
     }
 
     /// The device as QEMU should attach it.

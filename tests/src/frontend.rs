@@ -134,6 +134,27 @@ pub struct TestFrontend {
     queues: Vec<SplitQueue>,
     /// The frontend's end of the backend request channel, when the negotiation sent one.
     backend_channel: Option<std::os::unix::net::UnixStream>,
+    /// The features it acknowledged.
+    features: u64,
+}
+
+/// A dirty-page log the backend marks (see `TestFrontend::start_dirty_log`).
+pub struct DirtyLog {
+    log: MemfdRam,
+}
+
+impl DirtyLog {
+    /// The guest pages marked dirty, in order (bit `p % 8` of byte `p / 8` for page `p`).
+    pub fn marked(&self) -> Vec<u64> {
+        (0..self.log.len())
+            .flat_map(|byte| {
+                let b: u8 = self.log.read(byte);
+                (0..8u64)
+                    .filter(move |bit| b & (1 << bit) != 0)
+                    .map(move |bit| byte * 8 + bit)
+            })
+            .collect()
+    }
 }
 
 impl TestFrontend {
@@ -182,7 +203,8 @@ impl TestFrontend {
         // As QEMU: with REPLY_ACK every request waits for the backend's acknowledgement.
         let mut wanted = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK;
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         if negotiation != Minimal {
             wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
         }
@@ -270,7 +292,34 @@ impl TestFrontend {
             fe,
             queues,
             backend_channel,
+            features,
         })
+    }
+
+    /// Starts dirty-page logging as a migrating VMM does: a log of one bit per 4 KiB page of
+    /// `ram` in a new memfd (SET_LOG_BASE), then the features again with VHOST_F_LOG_ALL.
+    pub fn start_dirty_log(&mut self, ram: &MemfdRam) -> Result<DirtyLog> {
+        let bytes = (ram.len() / PAGE).div_ceil(8).next_multiple_of(PAGE);
+        let log = MemfdRam::new(bytes).ctx(|| "the dirty log memfd".into())?;
+        self.fe
+            .set_log_base(
+                0,
+                Some(vhost::VhostUserDirtyLogRegion {
+                    mmap_size: bytes,
+                    mmap_offset: 0,
+                    mmap_handle: log.as_raw_fd(),
+                }),
+            )
+            .map_err(|e| vhost_err("SET_LOG_BASE", e))?;
+        self.fe
+            .set_features(self.features | VhostUserVirtioFeatures::LOG_ALL.bits())
+            .map_err(|e| vhost_err("SET_FEATURES (LOG_ALL)", e))?;
+        Ok(DirtyLog { log })
+    }
+
+    /// The guest page holding queue `index`'s used ring.
+    pub fn used_ring_page(&self, index: usize) -> u64 {
+        self.queues[index].used / PAGE
     }
 
     /// Waits up to `timeout` for a config-change message on the backend request channel (the

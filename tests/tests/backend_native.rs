@@ -455,3 +455,43 @@ fn a_status_gets_in_between_the_chains_of_a_long_drain() {
         "no status between the chains: ballooned_bytes seen {seen:?}"
     );
 }
+
+/// A migrating frontend gives a dirty-page log (LOG_SHMFD, SET_LOG_BASE) and turns on LOG_ALL:
+/// every guest page the backend writes from then on is marked (the used rings, the only guest
+/// memory it writes), nothing it does not write is, the device goes on as before (LOG_ALL
+/// resets nothing), and a new log given later is marked afresh. Without it cloud-hypervisor
+/// refuses to migrate the VM (MigrationNotSupported), and a migration would carry stale rings.
+#[test]
+fn a_dirty_log_marks_every_page_the_backend_writes_and_nothing_else() {
+    let backend = Backend::start("dirty-log", NO_EXTRA_QUEUES).unwrap();
+    let ram = guest_ram(64 * MIB).unwrap();
+    ram.populate();
+    let full = ram.allocated();
+    backend.set_target(8 * MIB).unwrap();
+    let mut fe = TestFrontend::connect(&backend.socket, &ram).unwrap();
+    let pfns: Vec<u32> = (0..2048).collect();
+    fe.inflate(&ram, &pfns[..1024]).unwrap();
+    let log = fe.start_dirty_log(&ram).unwrap();
+    assert!(log.marked().is_empty(), "nothing written yet");
+    fe.inflate(&ram, &pfns[1024..]).unwrap();
+    wait_allocated(&ram, full - 2048 * PAGE).unwrap();
+    let inflate_ring = fe.used_ring_page(0);
+    assert_eq!(
+        log.marked(),
+        vec![inflate_ring],
+        "only the inflate queue's used ring"
+    );
+    fe.deflate(&ram, &pfns[..256]).unwrap();
+    let mut both = vec![inflate_ring, fe.used_ring_page(1)];
+    both.sort();
+    assert_eq!(log.marked(), both);
+    // Logging on changed nothing else: tracking, target and discards go on.
+    let s = backend.status().unwrap();
+    assert_eq!(s.ballooned_bytes, (2048 - 256) * PAGE, "{s:?}");
+    assert!(s.features.iter().any(|f| f == "LOG_ALL"), "{s:?}");
+    assert!(backend.log().contains("dirty-page logging on"));
+    // A second log (the next round of a migration) is marked afresh.
+    let second = fe.start_dirty_log(&ram).unwrap();
+    fe.deflate(&ram, &pfns[256..512]).unwrap();
+    assert_eq!(second.marked(), vec![fe.used_ring_page(1)]);
+}

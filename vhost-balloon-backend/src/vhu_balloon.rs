@@ -26,7 +26,12 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::timerfd::TimerFd;
 
-pub type GuestMemoryMmapAtomic = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// Guest RAM with the dirty-page log a migrating frontend gives (SET_LOG_BASE): every write
+/// through it (used rings, the only guest memory the backend writes) is marked there, so that a
+/// live migration carries it. Until a log is given, marking is a check of an empty slot.
+pub type GuestBitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
+pub type GuestRam = GuestMemoryMmap<GuestBitmap>;
+pub type GuestMemoryMmapAtomic = GuestMemoryAtomic<GuestRam>;
 pub type Vring = VringRwLock<GuestMemoryMmapAtomic>;
 
 /// Queues the device exposes: inflate, deflate, statistics, free page reporting.
@@ -238,7 +243,7 @@ impl VhostUserBalloon {
         balloon: &Mutex<Balloon>,
         index: usize,
         vring: &Vring,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestRam,
     ) -> (usize, Option<crate::balloon::BalloonError>) {
         let mut used = 0;
         loop {
@@ -266,7 +271,7 @@ impl VhostUserBalloon {
     /// a deflate of untracked pages changes nothing, and reported pages stay isolated until
     /// their buffer is returned. (vhost-user-keeper does the same for the backends it replays
     /// to, so there the rings already start at the used index.)
-    fn resume_at_used_index(&self, vrings: &[Vring], mem: &GuestMemoryMmap<()>) {
+    fn resume_at_used_index(&self, vrings: &[Vring], mem: &GuestRam) {
         for (index, vring) in vrings.iter().enumerate().take(8) {
             let bit = 1u8 << index;
             if self.resumed.load(Ordering::Relaxed) & bit != 0 {
@@ -364,7 +369,7 @@ impl VhostUserBalloon {
 
 /// The guest memory map as the device model sees it: each region's guest address, size,
 /// mapping in this process, backing file and offset, and host page size.
-pub fn regions_of(mem: &GuestMemoryMmap<()>) -> Vec<GuestRegion> {
+pub fn regions_of<B: vm_memory::bitmap::Bitmap>(mem: &GuestMemoryMmap<B>) -> Vec<GuestRegion> {
     mem.iter()
         .map(|r| {
             let file = r.file_offset().map(|fo| (fo.arc().clone(), fo.start()));
@@ -383,7 +388,7 @@ pub fn regions_of(mem: &GuestMemoryMmap<()>) -> Vec<GuestRegion> {
 }
 
 impl VhostUserBackend for VhostUserBalloon {
-    type Bitmap = ();
+    type Bitmap = GuestBitmap;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -402,6 +407,7 @@ impl VhostUserBackend for VhostUserBalloon {
         self.note_sockets();
         lock(&self.balloon).feature_choice.offered()
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn acked_features(&self, features: u64) {
@@ -411,9 +417,12 @@ impl VhostUserBackend for VhostUserBalloon {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         self.note_sockets();
+        // LOG_SHMFD: the frontend may give a dirty-page log (see `GuestBitmap`), which
+        // cloud-hypervisor needs to migrate the VM at all.
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

@@ -213,6 +213,23 @@ impl Balloon {
     /// new, so the statistics head held from the old ones means nothing any more (returning it
     /// would hand the new driver's buffer back at once).
     pub fn set_acked_features(&mut self, acked: u64) {
+        // A frontend switches dirty-page logging on and off by acking features again while the
+        // device runs (a migration starting or ending): nothing else changes, the device goes
+        // on as it was.
+        let log_all = bit(features::VHOST_F_LOG_ALL);
+        if self.acked_features != 0 && (acked ^ self.acked_features) == log_all {
+            self.acked_features = acked;
+            log::info!(
+                "dirty-page logging {} (a migration {})",
+                if acked & log_all != 0 { "on" } else { "off" },
+                if acked & log_all != 0 {
+                    "starts"
+                } else {
+                    "ends"
+                }
+            );
+            return;
+        }
         self.acked_features = acked;
         self.layout = QueueLayout::for_features(acked);
         self.stats_held = None;

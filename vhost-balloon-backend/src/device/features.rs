@@ -19,6 +19,9 @@ pub const VIRTIO_F_RING_EVENT_IDX: u32 = 29;
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 /// vhost-user: the backend speaks the protocol-feature negotiation.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+/// vhost's dirty-page logging (VHOST_F_LOG_ALL): set by the frontend while it migrates the VM,
+/// so that every page the backend writes is marked in the log it gave (SET_LOG_BASE).
+pub const VHOST_F_LOG_ALL: u32 = 26;
 
 pub const fn bit(feature: u32) -> u64 {
     1 << feature
@@ -73,15 +76,16 @@ const NAMES: &[(u32, &str)] = &[
     (VIRTIO_F_INDIRECT_DESC, "INDIRECT_DESC"),
     (VIRTIO_F_RING_EVENT_IDX, "RING_EVENT_IDX"),
     (VHOST_USER_F_PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
+    (VHOST_F_LOG_ALL, "LOG_ALL"),
     (VIRTIO_F_VERSION_1, "VERSION_1"),
 ];
 
-/// Names of the set bits, for status output; unknown bits as `bit N`.
 /// The device-type bits of a feature set (0 to 23; the rest are the transport's).
 pub fn device_features(features: u64) -> u64 {
     features & ((1 << 24) - 1)
 }
 
+/// Names of the set bits, for status output; unknown bits as `bit N`.
 pub fn names(features: u64) -> Vec<String> {
     (0..64)
         .filter(|b| features & (1u64 << b) != 0)
