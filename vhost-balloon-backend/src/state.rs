@@ -275,31 +275,29 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.state");
-        let s = PersistentState {
-            version: 1,
-            target_pages: 256,
-            stats_interval_seconds: 5,
-            discard_enabled: true,
-            app_target_bytes: 0,
-        };
-        s.save(&path).unwrap();
+        good_state().save(&path).unwrap();
         std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
         let err = PersistentState::load(&path).unwrap_err().to_string();
         assert!(err.contains("owned by uid 65534"), "{err}");
         assert!(open_nofollow(&path, true).is_err());
     }
 
-    #[test]
-    fn a_file_this_backend_could_not_have_written_is_refused_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vm.state");
-        let good = PersistentState {
+    /// A state this backend could have written.
+    fn good_state() -> PersistentState {
+        PersistentState {
             version: 1,
             target_pages: 1,
             stats_interval_seconds: 5,
             discard_enabled: true,
             app_target_bytes: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn a_file_this_backend_could_not_have_written_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.state");
+        let good = good_state();
         for (bad, what) in [
             (
                 PersistentState {

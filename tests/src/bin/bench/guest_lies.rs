@@ -1,7 +1,6 @@
 use super::*;
 use balloon_lab::policy_vm::{self, NativeGuest, PolicyFigures, Stance};
 use scheduler::policy::PolicyKind;
-use scheduler::sim::Scenario;
 
 /// A guest that lies costs its neighbours nothing. examples/scenarios/policy_vm.toml with its
 /// "spiky" guest played by a native guest that holds all of its memory and never gives a page:
@@ -11,17 +10,11 @@ use scheduler::sim::Scenario;
 /// (`GUEST_LIES_POLICIES=a,b` to choose): the honest guests' work beside the liar against beside
 /// the truthful one, seconds over budget with the liar, and what the liar's backend logged.
 pub(super) fn guest_lies() -> Result<()> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/scenarios/policy_vm.toml");
-    let mut scenario =
-        Scenario::load(&path).map_err(|e| balloon_lab::LabError::Other(e.to_string()))?;
-    let chosen: Vec<PolicyKind> = match std::env::var("GUEST_LIES_POLICIES") {
-        Ok(list) => list
-            .split(',')
-            .map(|p| p.parse().map_err(balloon_lab::LabError::Other))
-            .collect::<Result<_>>()?,
-        Err(_) => vec![PolicyKind::Shares, PolicyKind::Pressure],
-    };
+    let mut scenario = super::policy_vm::policy_vm_scenario()?;
+    let chosen = super::policy_vm::policies_from_env(
+        "GUEST_LIES_POLICIES",
+        &[PolicyKind::Shares, PolicyKind::Pressure],
+    )?;
     let mut samples = serde_json::Map::new();
     let mut worst_ratio = f64::INFINITY;
     let mut all_met = true;

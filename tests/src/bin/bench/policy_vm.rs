@@ -3,23 +3,32 @@ use balloon_lab::policy_vm::{self, PolicyFigures};
 use scheduler::policy::PolicyKind;
 use scheduler::sim::{self, Scenario};
 
+/// examples/scenarios/policy_vm.toml.
+pub(super) fn policy_vm_scenario() -> Result<Scenario> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/scenarios/policy_vm.toml");
+    Scenario::load(&path).map_err(|e| balloon_lab::LabError::Other(e.to_string()))
+}
+
+/// The policies named in `var` (comma-separated), else `default`.
+pub(super) fn policies_from_env(var: &str, default: &[PolicyKind]) -> Result<Vec<PolicyKind>> {
+    match std::env::var(var) {
+        Ok(list) => list
+            .split(',')
+            .map(|p| p.parse().map_err(balloon_lab::LabError::Other))
+            .collect(),
+        Err(_) => Ok(default.to_vec()),
+    }
+}
+
 /// examples/scenarios/policy_vm.toml on real guests under each policy, one after another
 /// (`POLICY_VM_POLICIES=a,b` runs some of them),
 /// with the simulator's figures for the same schedule beside each: work, OOM kills, seconds
 /// over budget after the first fit, time to fit. Each policy's scheduler trace is kept as
 /// target/bench/policy_vm-POLICY.trace.jsonl.
 pub(super) fn policy_vm() -> Result<()> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/scenarios/policy_vm.toml");
-    let mut scenario =
-        Scenario::load(&path).map_err(|e| balloon_lab::LabError::Other(e.to_string()))?;
-    let chosen: Vec<PolicyKind> = match std::env::var("POLICY_VM_POLICIES") {
-        Ok(list) => list
-            .split(',')
-            .map(|p| p.parse().map_err(balloon_lab::LabError::Other))
-            .collect::<Result<_>>()?,
-        Err(_) => PolicyKind::ALL.to_vec(),
-    };
+    let mut scenario = policy_vm_scenario()?;
+    let chosen = policies_from_env("POLICY_VM_POLICIES", &PolicyKind::ALL)?;
     let mut results = serde_json::Map::new();
     let mut measured: Vec<(PolicyFigures, sim::SimOutcome)> = Vec::new();
     for kind in chosen {

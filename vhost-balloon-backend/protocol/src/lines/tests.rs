@@ -87,30 +87,48 @@ fn lines_are_answered_and_a_long_one_ends_only_its_connection() {
     assert_eq!(other.exchange("still\n").unwrap(), "echo: still\n");
 }
 
-#[test]
-fn a_peer_that_drips_bytes_is_closed_at_the_line_deadline() {
+/// Connects to a server with the line deadline `idle`, writes `drip` every 100 ms until the
+/// server has closed the connection (failing after `bound`), and returns the connection and how
+/// long it lasted.
+fn drip_until_closed(
+    name: &str,
+    idle: Duration,
+    drip: &[u8],
+    bound: Duration,
+) -> (UnixStream, Duration) {
     let limits = Limits {
-        idle_timeout: Duration::from_millis(400),
+        idle_timeout: idle,
         ..Limits::default()
     };
-    let (path, server) = start("drip", limits);
+    let (path, server) = start(name, limits);
     let mut s = UnixStream::connect(&path).unwrap();
     wait_until("the connection", Duration::from_secs(5), || {
         server.connections() == 1
     });
     let started = Instant::now();
-    // A byte every 100 ms never completes a line.
     while server.connections() == 1 {
         assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "a dripping peer kept its connection"
+            started.elapsed() < bound,
+            "{drip:?} now and then kept a connection"
         );
-        if s.write_all(b"x").is_err() {
+        if s.write_all(drip).is_err() {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(started.elapsed() >= Duration::from_millis(350));
+    (s, started.elapsed())
+}
+
+#[test]
+fn a_peer_that_drips_bytes_is_closed_at_the_line_deadline() {
+    // A byte every 100 ms never completes a line.
+    let (s, lasted) = drip_until_closed(
+        "drip",
+        Duration::from_millis(400),
+        b"x",
+        Duration::from_secs(5),
+    );
+    assert!(lasted >= Duration::from_millis(350), "{lasted:?}");
     let line = read_line(&s);
     assert!(line.contains("no complete request"), "{line:?}");
 }
@@ -297,26 +315,12 @@ fn versioned_lines_are_checked_in_order() {
 /// deadline and marked the peer as talking, which no eviction touched).
 #[test]
 fn blank_lines_neither_keep_a_connection_nor_protect_it_from_eviction() {
-    let limits = Limits {
-        idle_timeout: Duration::from_millis(600),
-        ..Limits::default()
-    };
-    let (path, server) = start("blank-idle", limits);
-    let mut s = UnixStream::connect(&path).unwrap();
-    wait_until("the connection", Duration::from_secs(5), || {
-        server.connections() == 1
-    });
-    let started = Instant::now();
-    while server.connections() == 1 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "blank lines kept a connection"
-        );
-        if s.write_all(b"\n").is_err() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (s, _) = drip_until_closed(
+        "blank-idle",
+        Duration::from_millis(600),
+        b"\n",
+        Duration::from_secs(10),
+    );
     assert!(read_line(&s).contains("no complete request"));
 
     let limits = Limits {
