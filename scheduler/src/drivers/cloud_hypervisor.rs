@@ -211,6 +211,51 @@ mod tests {
         assert_eq!(r.target_bytes, Some(512 * MIB));
     }
 
+    /// The sizes cloud-hypervisor v53 itself reported, recorded: a zone-backed VM of 512 MiB
+    /// (`--memory size=0`) holding 192 MiB, then asked for 2 GiB and stopped at 448 MiB.
+    #[test]
+    fn recorded_vm_info_reads_as_the_guest_held_it() {
+        use super::super::fake_ch::{recorded_body, RECORDED_VM_INFO, RECORDED_VM_INFO_AFTER_2GIB};
+        for (answer, target, balloon) in [
+            (RECORDED_VM_INFO, 192 * MIB, 192 * MIB),
+            (RECORDED_VM_INFO_AFTER_2GIB, 2048 * MIB, 448 * MIB),
+        ] {
+            let info: Value = serde_json::from_str(recorded_body(answer)).unwrap();
+            assert_eq!(ram_bytes(&info), 512 * MIB);
+            assert_eq!(as_u64(&info, &["config", "balloon", "size"]), Some(target));
+            let now = as_u64(&info, &["memory_actual_size"]).unwrap();
+            assert_eq!(ram_bytes(&info) - now, balloon);
+        }
+    }
+
+    /// What the fake answers is what cloud-hypervisor answered, byte for byte where nothing
+    /// varies.
+    #[test]
+    fn the_fake_answers_as_the_recordings() {
+        use super::super::fake_ch::{RECORDED_NOT_FOUND, RECORDED_RESIZE};
+        use std::io::{Read, Write};
+        let fake = FakeCloudHypervisor::start(FakeMemory::plain(512 * MIB), true).unwrap();
+        let ask = |request: &str| {
+            let mut s = std::os::unix::net::UnixStream::connect(&fake.socket).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            answer
+        };
+        assert_eq!(
+            ask("GET /api/v1/vm.balloon-stats HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+            RECORDED_NOT_FOUND
+        );
+        let body = r#"{"desired_balloon":201326592}"#;
+        assert_eq!(
+            ask(&format!(
+                "PUT /api/v1/vm.resize HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )),
+            RECORDED_RESIZE
+        );
+    }
+
     #[test]
     fn errors_are_reported_not_guessed() {
         let fake = FakeCloudHypervisor::start(FakeMemory::plain(1024 * MIB), false).unwrap();

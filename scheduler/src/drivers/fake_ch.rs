@@ -1,6 +1,7 @@
 //! A fake cloud-hypervisor API server for tests without KVM, answering as cloud-hypervisor v53
-//! does (read from its source: vmm/src/api/http/mod.rs, http_endpoint.rs, vmm/src/lib.rs
-//! `vm_info`, vmm/src/config.rs `MemoryConfig`):
+//! does: from its answers recorded in the lab (scheduler/testdata/cloud-hypervisor-v53: the
+//! status lines, headers and bodies, vm.info's shape), and its source for what those do not
+//! show (vmm/src/api/http/mod.rs, vmm/src/lib.rs `vm_info`, vmm/src/config.rs `MemoryConfig`):
 //! - `GET /api/v1/vm.info`: `config.memory` with `size`, `hotplugged_size` and `zones` (each
 //!   with its `size`), `config.balloon.size` (the balloon asked for; absent without `--balloon`)
 //!   and `memory_actual_size` = size + zones - the balloon the guest reports + virtio-mem
@@ -19,6 +20,21 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 const STEP: u64 = 64 << 20;
+
+/// Recorded answers (see scheduler/testdata/cloud-hypervisor-v53/README.md).
+pub const RECORDED_VM_INFO: &str =
+    include_str!("../../testdata/cloud-hypervisor-v53/get-vm.info-balloon-192MiB.http");
+pub const RECORDED_VM_INFO_AFTER_2GIB: &str =
+    include_str!("../../testdata/cloud-hypervisor-v53/get-vm.info-after-2GiB.http");
+pub const RECORDED_RESIZE: &str =
+    include_str!("../../testdata/cloud-hypervisor-v53/put-vm.resize-192MiB.http");
+pub const RECORDED_NOT_FOUND: &str =
+    include_str!("../../testdata/cloud-hypervisor-v53/get-no-such-route.http");
+
+/// The body of a recorded answer.
+pub fn recorded_body(answer: &str) -> &str {
+    answer.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
 
 /// A fake VM's memory as cloud-hypervisor's `--memory` and `--memory-zone` options give it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -99,28 +115,39 @@ impl FakeCloudHypervisor {
     }
 }
 
+/// vm.info for the fake VM: the recorded answer's body with the fake's sizes.
 fn vm_info(st: &State) -> String {
     let m = st.memory;
-    let mut memory = json!({"size": m.size, "shared": true, "hotplug_method": "Acpi"});
+    let mut info: serde_json::Value =
+        serde_json::from_str(recorded_body(RECORDED_VM_INFO)).unwrap_or_default();
+    let config = &mut info["config"];
+    let memory = &mut config["memory"];
+    memory["size"] = json!(m.size);
+    let zones = memory["zones"].as_array().cloned().unwrap_or_default();
+    match (m.zone, zones.first()) {
+        (0, _) | (_, None) => {
+            if let Some(o) = memory.as_object_mut() {
+                o.remove("zones");
+            }
+        }
+        (size, Some(zone)) => {
+            let mut zone = zone.clone();
+            zone["size"] = json!(size);
+            memory["zones"] = json!([zone]);
+        }
+    }
     if m.hotplugged > 0 {
         memory["hotplug_method"] = json!("VirtioMem");
         memory["hotplug_size"] = json!(m.hotplugged);
         memory["hotplugged_size"] = json!(m.hotplugged);
     }
-    if m.zone > 0 {
-        memory["zones"] = json!([{"id": "mem0", "size": m.zone, "shared": true}]);
-    }
-    let mut config = json!({
-        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
-        "memory": memory,
-        "payload": {"kernel": "/vmlinux"},
-    });
     if st.balloon_enabled {
-        config["balloon"] =
-            json!({"size": st.target, "deflate_on_oom": false, "free_page_reporting": false});
+        config["balloon"]["size"] = json!(st.target);
+    } else if let Some(o) = config.as_object_mut() {
+        o.remove("balloon");
     }
-    let actual_size = (m.size + m.zone).saturating_sub(st.actual) + m.hotplugged;
-    json!({"config": config, "state": "Running", "memory_actual_size": actual_size}).to_string()
+    info["memory_actual_size"] = json!((m.size + m.zone).saturating_sub(st.actual) + m.hotplugged);
+    info.to_string()
 }
 
 fn serve(conn: std::os::unix::net::UnixStream, state: &Mutex<State>) -> std::io::Result<()> {
@@ -153,40 +180,36 @@ fn serve(conn: std::os::unix::net::UnixStream, state: &Mutex<State>) -> std::io:
         st.actual = st.actual.saturating_sub(STEP).max(goal);
     }
     let mut parts = line.split_whitespace();
-    let (status, reply) = match (parts.next(), parts.next()) {
-        (Some("GET"), Some("/api/v1/vm.info")) => (200, vm_info(&st)),
+    let answer = match (parts.next(), parts.next()) {
+        (Some("GET"), Some("/api/v1/vm.info")) => Some(vm_info(&st)).map(|body| {
+            format!(
+                "HTTP/1.1 200 \r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        }),
         (Some("PUT"), Some("/api/v1/vm.resize")) => {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             match v.get("desired_balloon").and_then(|b| b.as_u64()) {
-                Some(_) if !st.balloon_enabled => (
-                    500,
-                    json!([
-                        "Error from API",
-                        "The VM could not be resized",
-                        "Error resizing VM: no balloon device"
-                    ])
-                    .to_string(),
-                ),
+                Some(_) if !st.balloon_enabled => None,
                 Some(b) => {
                     st.target = b;
-                    (204, String::new())
+                    Some(RECORDED_RESIZE.to_string())
                 }
-                None => (400, json!(["Failed to deserialize JSON"]).to_string()),
+                None => None,
             }
         }
-        _ => (404, json!(["Not Found"]).to_string()),
+        _ => Some(RECORDED_NOT_FOUND.to_string()),
     };
+    // Not recorded: cloud-hypervisor's error answer from its source (a JSON array of the error's
+    // chain of messages; 500 for a failed API request).
+    let answer = answer.unwrap_or_else(|| {
+        let body = json!(["Error from API", "The VM could not be resized", "Error resizing VM: no balloon device"]).to_string();
+        format!(
+            "HTTP/1.1 500 \r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    });
+    let status = answer.get(9..12).unwrap_or("?").to_string();
     st.requests.push(format!("{} -> {status}", line.trim()));
-    let reason = match status {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        _ => "Internal Server Error",
-    };
-    write!(
-        w,
-        "HTTP/1.1 {status} {reason}\r\nServer: Cloud Hypervisor API\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
-        reply.len()
-    )
+    w.write_all(answer.as_bytes())
 }

@@ -351,7 +351,12 @@ impl Balloon {
             return;
         }
         let Some(channel) = self.channel.as_mut() else {
-            log::warn!("no backend request channel: the driver is not told about the new target");
+            // cloud-hypervisor starts the rings before it sends the channel: the target goes
+            // out when it arrives (`backend_channel_arrived`). One that never sends it shows in
+            // the status (`config_change_channel` false).
+            log::info!(
+                "no backend request channel yet: the driver is told the target when one arrives"
+            );
             return;
         };
         match channel.notify(false) {
