@@ -84,8 +84,10 @@ fn the_scheduler_discovers_libvirt_domains_and_moves_memory_as_the_workload_move
     eprintln!("fit the budget after {fit_s:.1} s: {}", describe(&settled));
     libvirt_agrees(&sched, &b);
 
-    // 2. b's workload grows by 300 MiB: memory moves to it.
+    // 2. b's workload grows by 300 MiB: memory moves to it, 100 MiB of it at least, or as much
+    // as b can take (its memory less 16 MiB): the first fit can leave b at 410 MiB of its 512.
     let b_before = alloc(&settled, "lv-b");
+    let b_grown = (b_before + 100 * MIB).min((MEMORY_MIB - 16) * MIB);
     b.agent().spawn(&grow_command(300)).unwrap();
     let grown = wait_for(
         "memory to move to lv-b",
@@ -95,7 +97,7 @@ fn the_scheduler_discovers_libvirt_domains_and_moves_memory_as_the_workload_move
             let s = sched.status()?;
             let done = b.agent().run(WORKLOAD_DONE_TEST)?.success();
             Ok(
-                if done && alloc(&s, "lv-b") >= b_before + 100 * MIB && fits(&s) {
+                if done && alloc(&s, "lv-b") >= b_grown && fits(&s) {
                     Poll::Ready(s)
                 } else {
                     Poll::Pending(describe(&s))
