@@ -317,6 +317,14 @@ impl TestFrontend {
         Ok(DirtyLog { log })
     }
 
+    /// Stops ring `index` as a VMM does for a guest reset or a pause (GET_VRING_BASE); returns
+    /// where the backend stopped.
+    pub fn stop_ring(&mut self, index: usize) -> Result<u32> {
+        self.fe
+            .get_vring_base(index)
+            .map_err(|e| vhost_err("GET_VRING_BASE", e))
+    }
+
     /// The guest page holding queue `index`'s used ring.
     pub fn used_ring_page(&self, index: usize) -> u64 {
         self.queues[index].used / PAGE

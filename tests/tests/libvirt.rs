@@ -96,13 +96,11 @@ fn the_scheduler_discovers_libvirt_domains_and_moves_memory_as_the_workload_move
         || {
             let s = sched.status()?;
             let done = b.agent().run(WORKLOAD_DONE_TEST)?.success();
-            Ok(
-                if done && alloc(&s, "lv-b") >= b_grown && fits(&s) {
-                    Poll::Ready(s)
-                } else {
-                    Poll::Pending(describe(&s))
-                },
-            )
+            Ok(if done && alloc(&s, "lv-b") >= b_grown && fits(&s) {
+                Poll::Ready(s)
+            } else {
+                Poll::Pending(describe(&s))
+            })
         },
     )
     .unwrap();

@@ -250,6 +250,12 @@ impl VhostUserBalloon {
             let drained = {
                 let mut balloon = lock(balloon);
                 let mut state = vring.get_mut();
+                // Between two pieces the frontend may have stopped the ring (GET_VRING_BASE, a
+                // guest reboot: the tracked pages may be the guest's again) or disabled it
+                // (SET_VRING_ENABLE false, cloud-hypervisor's pause): nothing more is taken.
+                if !(state.get_queue().ready() && state.is_enabled()) {
+                    return (used, None);
+                }
                 drain_chains(&mut balloon, index, state.get_queue_mut(), mem, 1)
             };
             match drained {

@@ -196,6 +196,11 @@ pub fn drain_chains<M: GuestMemory>(
     mem: &M,
     max_chains: usize,
 ) -> Result<Drained, BalloonError> {
+    // A ring the frontend stopped (GET_VRING_BASE: a reboot, a pause) gives nothing, and says
+    // nothing of whose the tracked pages are.
+    if !queue.ready() {
+        return Ok(Drained { used: 0, taken: 0 });
+    }
     let Some(kind) = balloon.layout.kind(index) else {
         // A queue the negotiated features do not give a meaning: return its buffers unread.
         let heads: Vec<u16> = queue
@@ -212,10 +217,11 @@ pub fn drain_chains<M: GuestMemory>(
             taken: heads.len(),
         });
     };
-    if kind == QueueKind::Inflate {
-        balloon.inflate_queue_running(queue.next_avail());
-    }
+    let next_avail = queue.next_avail();
     let chains: Vec<DescriptorChain<&M>> = queue.iter(mem)?.take(max_chains).collect();
+    if kind == QueueKind::Inflate {
+        balloon.inflate_queue_running(next_avail);
+    }
     let taken = chains.len();
     let mut used = 0;
     for chain in chains {
