@@ -34,10 +34,10 @@ pub const SILENCE: Duration = Duration::from_secs(5);
 pub const MIN_SECRET_BYTES: usize = 16;
 /// The longest secret accepted (bytes), so that a hello stays short.
 pub const MAX_SECRET_BYTES: usize = 1024;
-/// The longest line taken before a hello has passed: a hello with the longest secret, escaped,
-/// fits; a peer that has not said who it is cannot make the backend hold a megabyte line (or
-/// parse one).
-pub const MAX_HELLO_LINE_BYTES: usize = 4 * MAX_SECRET_BYTES;
+/// The longest line taken before a hello has passed: a hello with the longest secret fits, even
+/// with every byte of it escaped in JSON (`\u00XX`, 6 bytes); a peer that has not said who it is
+/// cannot make the backend hold a megabyte line (or parse one).
+pub const MAX_HELLO_LINE_BYTES: usize = 6 * MAX_SECRET_BYTES + 1024;
 
 /// The per-VM secret an app must present.
 #[derive(Clone)]

@@ -1170,5 +1170,12 @@ fn two_backends_cannot_share_a_state_file() {
     assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
     drop(held);
     crate::memory::persist::StateLock::acquire(&state).unwrap();
+    // A lock file another user planted is refused by name, not locked.
+    if rustix::process::geteuid().is_root() {
+        let lock = crate::state::beside(&state, "lock");
+        std::os::unix::fs::chown(&lock, Some(65534), Some(65534)).unwrap();
+        let e = crate::memory::persist::StateLock::acquire(&state).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -111,6 +111,13 @@ impl BalloonDriver for CloudHypervisorDriver {
                 self.ram_bytes.unwrap_or(0)
             }
         };
+        if ram == 0 {
+            // Clamping to nothing would pin the balloon at 0 without a word.
+            return Err(DriverError::Protocol(
+                "vm.info describes no memory (config.memory): no balloon size can be checked"
+                    .into(),
+            ));
+        }
         let body = serde_json::json!({ "desired_balloon": balloon_bytes.min(ram) }).to_string();
         let r = http::request(
             &self.socket,
@@ -254,6 +261,19 @@ mod tests {
             )),
             RECORDED_RESIZE
         );
+    }
+
+    /// A vm.info without a memory size is an error, not a balloon pinned at 0.
+    #[test]
+    fn no_memory_size_is_an_error_not_a_zero_balloon() {
+        let fake = FakeCloudHypervisor::start(FakeMemory::plain(512 * MIB), true).unwrap();
+        let mut d = CloudHypervisorDriver::new(fake.socket.clone());
+        d.ram_bytes = Some(0);
+        assert!(matches!(
+            d.set_balloon(128 * MIB),
+            Err(DriverError::Protocol(_))
+        ));
+        assert!(!fake.requests().iter().any(|l| l.starts_with("PUT")));
     }
 
     #[test]

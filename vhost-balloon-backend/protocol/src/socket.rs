@@ -109,8 +109,14 @@ fn bind_privately(path: &Path, access: Access) -> io::Result<UnixListener> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a socket path needs a name"))?;
+    // The socket's directory may itself be a symlink (/var/run to /run); the private directory
+    // made in it is opened without following one.
+    let parent_fd = rustix::fs::open(
+        parent,
+        OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::RDONLY,
+        Mode::empty(),
+    )?;
     let dir_flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY;
-    let parent_fd = rustix::fs::open(parent, dir_flags, Mode::empty())?;
     let private = private_dir_name(name);
     rustix::fs::mkdirat(&parent_fd, &private, Mode::from_raw_mode(0o700))?;
     let bound = rustix::fs::openat(&parent_fd, &private, dir_flags, Mode::empty())
@@ -179,14 +185,19 @@ fn bind_in(
     Ok(UnixListener::from(socket))
 }
 
-/// A fresh name for the private directory beside socket `name`: `.NAME.PID.N`.
+/// A fresh name for the private directory beside socket `name`: `.NAME.PID.NANOS.N`, so that
+/// one a killed process left behind (with the same PID, as PID 1 in a container) is never in the
+/// way.
 fn private_dir_name(name: &std::ffi::OsStr) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let mut dir = std::ffi::OsString::from(".");
     dir.push(name);
     dir.push(format!(
-        ".{}.{}",
+        ".{}.{nanos}.{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
@@ -199,6 +210,9 @@ pub fn bind(path: &Path, access: Access) -> Result<(UnixListener, SocketPath), B
         path: path.to_path_buf(),
         source,
     };
+    // The socket is bound through a short /proc path, so its own must be checked here: one too
+    // long for a socket address would bind, and nobody could connect to it.
+    SockAddr::unix(path).map_err(err)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if served(path).map_err(err)? {
@@ -426,6 +440,30 @@ mod tests {
             (0o600, 0),
             "the planted symlink was followed ({swapped} sockets swapped)"
         );
+    }
+
+    /// A socket in a directory reached through a symlink (Debian's /var/run) binds; a path too
+    /// long for a socket address is refused before anything is made.
+    #[test]
+    fn symlinked_directories_bind_and_overlong_paths_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("run");
+        std::fs::create_dir(&real).unwrap();
+        let link = d.path().join("var-run");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let (_l, p) = bind(&link.join("s.sock"), Access::OWNER_ONLY).unwrap();
+        assert!(std::fs::symlink_metadata(real.join("s.sock"))
+            .unwrap()
+            .file_type()
+            .is_socket());
+        p.remove();
+        let long = d.path().join("x".repeat(120));
+        assert!(bind(&long, Access::OWNER_ONLY).is_err());
+        assert!(std::fs::read_dir(d.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.')));
     }
 
     #[test]

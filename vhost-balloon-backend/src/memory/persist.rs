@@ -185,6 +185,7 @@ pub struct StateLock {
 
 impl StateLock {
     pub fn acquire(state_file: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
         let path = crate::state::beside(state_file, "lock");
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -192,8 +193,20 @@ impl StateLock {
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)?;
+        // One another user planted (in a state directory they can write) is not ours to lock.
+        let meta = file.metadata()?;
+        let me = rustix::process::geteuid().as_raw();
+        if !meta.is_file() || meta.uid() != me {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{}: not a regular file of this backend's user (uid {me}): remove it",
+                    path.display()
+                ),
+            ));
+        }
         if let Err(e) =
             rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         {
