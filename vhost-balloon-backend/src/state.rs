@@ -84,12 +84,21 @@ pub fn temp_beside(state_file: &Path) -> std::io::Result<tempfile::NamedTempFile
 /// open), and refuses what it finds unless it is a regular file owned by this process's user:
 /// one another user planted (in a state directory they can write) is never read as ours.
 pub fn open_nofollow(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::MetadataExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(write)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
+    check_ours(&file)?;
+    // Reads and writes block as usual from here on.
+    rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty())?;
+    Ok(file)
+}
+
+/// Whether an open file beside the state is this backend's: a regular file of this process's
+/// user (not one another user planted in a state directory they can write).
+pub fn check_ours(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
@@ -101,9 +110,7 @@ pub fn open_nofollow(path: &Path, write: bool) -> std::io::Result<std::fs::File>
             format!("owned by uid {}, not this backend's ({me})", meta.uid()),
         ));
     }
-    // Reads and writes block as usual from here on.
-    rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty())?;
-    Ok(file)
+    Ok(())
 }
 
 impl PersistentState {

@@ -277,19 +277,32 @@ impl VhostUserBalloon {
     /// a deflate of untracked pages changes nothing, and reported pages stay isolated until
     /// their buffer is returned. (vhost-user-keeper does the same for the backends it replays
     /// to, so there the rings already start at the used index.)
-    fn resume_at_used_index(&self, vrings: &[Vring], mem: &GuestRam) {
+    fn resume_at_used_index(&self, vrings: &[Vring]) {
         for (index, vring) in vrings.iter().enumerate().take(8) {
             let bit = 1u8 << index;
             if self.resumed.load(Ordering::Relaxed) & bit != 0 {
                 continue;
             }
+            // On every kick while a ring is not started (one the driver does not use stays so):
+            // a read lock, and nothing more.
+            let started = {
+                let state = vring.get_ref();
+                state.get_queue().ready() && state.is_enabled()
+            };
+            if !started {
+                continue;
+            }
+            let Some(atomic) = self.memory() else {
+                return;
+            };
+            let mem = atomic.memory();
             let mut state = vring.get_mut();
             if !(state.get_queue().ready() && state.is_enabled()) {
                 continue;
             }
             self.resumed.fetch_or(bit, Ordering::Relaxed);
             let queue = state.get_queue_mut();
-            let Ok(used) = queue.used_idx(mem, Ordering::Acquire) else {
+            let Ok(used) = queue.used_idx(&*mem, Ordering::Acquire) else {
                 continue;
             };
             let next = queue.next_avail();
@@ -517,9 +530,7 @@ impl VhostUserBackend for VhostUserBalloon {
         if evset != EventSet::IN {
             log::warn!("unexpected event set {evset:?} for event {device_event}");
         }
-        if let Some(atomic) = self.memory() {
-            self.resume_at_used_index(vrings, &atomic.memory());
-        }
+        self.resume_at_used_index(vrings);
         self.observe_inflate_queue(vrings);
         let event = u64::from(device_event);
         if event == self.stats_timer_event() {

@@ -278,11 +278,11 @@ impl Balloon {
         });
     }
 
-    /// The frontend stopped a ring (it stops them all to reset the device for a guest reboot
-    /// or to pause the VM). Runs inside GET_VRING_BASE, before QEMU lets the guest run on.
-    /// Ring `index` stopped (GET_VRING_BASE). The statistics buffer held on it is forgotten:
-    /// the ring resumes at its used index, where that buffer is taken again (see
-    /// `VhostUserBalloon::resume_at_used_index`), and holding it twice would return it twice.
+    /// The frontend stopped ring `index` (it stops them all to reset the device for a guest
+    /// reboot or to pause the VM). Runs inside GET_VRING_BASE, before QEMU lets the guest run
+    /// on. The statistics buffer held on that ring is forgotten: the ring resumes at its used
+    /// index, where the buffer is taken again (see `VhostUserBalloon::resume_at_used_index`),
+    /// and holding it twice would return it twice.
     pub fn ring_stopped(&mut self, index: usize) {
         if self.layout.kind(index) == Some(crate::device::QueueKind::Stats) {
             self.stats_held = None;

@@ -185,7 +185,6 @@ pub struct StateLock {
 
 impl StateLock {
     pub fn acquire(state_file: &Path) -> io::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
         let path = crate::state::beside(state_file, "lock");
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -196,17 +195,8 @@ impl StateLock {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)?;
         // One another user planted (in a state directory they can write) is not ours to lock.
-        let meta = file.metadata()?;
-        let me = rustix::process::geteuid().as_raw();
-        if !meta.is_file() || meta.uid() != me {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!(
-                    "{}: not a regular file of this backend's user (uid {me}): remove it",
-                    path.display()
-                ),
-            ));
-        }
+        crate::state::check_ours(&file)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}: remove it", path.display())))?;
         if let Err(e) =
             rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         {
