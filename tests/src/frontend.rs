@@ -369,19 +369,38 @@ impl TestFrontend {
     /// Puts one buffer of PFNs on queue `index` without kicking or waiting: as a buffer the
     /// guest has made available when its VMM's connection drops.
     pub fn post_pfns(&mut self, ram: &MemfdRam, index: usize, pfns: &[u32]) {
+        let buffer = self.queues[index].buffer;
+        self.make_available(ram, index, buffer, &[pfns]);
+    }
+
+    /// Writes each chain's PFN array from guest address `buffers` on, one descriptor per
+    /// chain, and makes them available on queue `index` (at most the ring's size of them).
+    fn make_available<P: AsRef<[u32]>>(
+        &mut self,
+        ram: &MemfdRam,
+        index: usize,
+        buffers: u64,
+        chains: &[P],
+    ) {
         let q = &mut self.queues[index];
-        for (i, pfn) in pfns.iter().enumerate() {
-            ram.write::<u32>(q.buffer + 4 * i as u64, *pfn);
+        let mut at = buffers;
+        for (i, pfns) in chains.iter().enumerate() {
+            let pfns = pfns.as_ref();
+            for (j, pfn) in pfns.iter().enumerate() {
+                ram.write::<u32>(at + 4 * j as u64, *pfn);
+            }
+            // Descriptor i: device-readable, the PFN array.
+            let desc = q.desc + 16 * i as u64;
+            ram.write::<u64>(desc, at);
+            ram.write::<u32>(desc + 8, (pfns.len() * 4) as u32);
+            ram.write::<u16>(desc + 12, 0);
+            ram.write::<u16>(desc + 14, 0);
+            let slot = u64::from(q.next_avail.wrapping_add(i as u16) % QUEUE_SIZE);
+            ram.write::<u16>(q.avail + 4 + 2 * slot, i as u16);
+            at += (pfns.len() * 4) as u64;
         }
-        let slot = u64::from(q.next_avail % QUEUE_SIZE);
-        // Descriptor 0: device-readable, the PFN array.
-        ram.write::<u64>(q.desc, q.buffer);
-        ram.write::<u32>(q.desc + 8, (pfns.len() * 4) as u32);
-        ram.write::<u16>(q.desc + 12, 0);
-        ram.write::<u16>(q.desc + 14, 0);
-        ram.write::<u16>(q.avail + 4 + 2 * slot, 0);
         fence(Ordering::SeqCst);
-        q.next_avail = q.next_avail.wrapping_add(1);
+        q.next_avail = q.next_avail.wrapping_add(chains.len() as u16);
         ram.write::<u16>(q.avail + 2, q.next_avail);
         fence(Ordering::SeqCst);
     }
@@ -396,31 +415,14 @@ impl TestFrontend {
         buffers: u64,
         chains: &[Vec<u32>],
     ) -> Result<()> {
-        let q = &mut self.queues[index];
         if chains.len() > usize::from(QUEUE_SIZE) {
             return Err(LabError::Other(format!(
                 "{} chains do not fit a ring of {QUEUE_SIZE}",
                 chains.len()
             )));
         }
-        let mut at = buffers;
-        for (i, pfns) in chains.iter().enumerate() {
-            for (j, pfn) in pfns.iter().enumerate() {
-                ram.write::<u32>(at + 4 * j as u64, *pfn);
-            }
-            let desc = q.desc + 16 * i as u64;
-            ram.write::<u64>(desc, at);
-            ram.write::<u32>(desc + 8, (pfns.len() * 4) as u32);
-            ram.write::<u16>(desc + 12, 0);
-            ram.write::<u16>(desc + 14, 0);
-            let slot = u64::from(q.next_avail.wrapping_add(i as u16) % QUEUE_SIZE);
-            ram.write::<u16>(q.avail + 4 + 2 * slot, i as u16);
-            at += (pfns.len() * 4) as u64;
-        }
-        fence(Ordering::SeqCst);
-        q.next_avail = q.next_avail.wrapping_add(chains.len() as u16);
-        ram.write::<u16>(q.avail + 2, q.next_avail);
-        fence(Ordering::SeqCst);
+        self.make_available(ram, index, buffers, chains);
+        let q = &self.queues[index];
         q.kick.write(1).ctx(|| "kick".into())
     }
 

@@ -485,10 +485,23 @@ fn a_dirty_log_marks_every_page_the_backend_writes_and_nothing_else() {
     let mut both = vec![inflate_ring, fe.used_ring_page(1)];
     both.sort();
     assert_eq!(log.marked(), both);
-    // Logging on changed nothing else: tracking, target and discards go on.
-    let s = backend.status().unwrap();
+    // Logging on changed nothing else: tracking, target and discards go on. (SET_FEATURES is
+    // not waited for by the frontend, and the rings run on their own thread: wait for it.)
+    let s = wait_for(
+        "LOG_ALL among the acknowledged features",
+        Duration::from_secs(20),
+        Duration::from_millis(10),
+        || {
+            let s = backend.status()?;
+            Ok(if s.features.iter().any(|f| f == "LOG_ALL") {
+                Poll::Ready(s)
+            } else {
+                Poll::Pending(format!("{:?}", s.features))
+            })
+        },
+    )
+    .unwrap();
     assert_eq!(s.ballooned_bytes, (2048 - 256) * PAGE, "{s:?}");
-    assert!(s.features.iter().any(|f| f == "LOG_ALL"), "{s:?}");
     assert!(backend.log().contains("dirty-page logging on"));
     // A second log (the next round of a migration) is marked afresh.
     let second = fe.start_dirty_log(&ram).unwrap();

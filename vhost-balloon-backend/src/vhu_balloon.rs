@@ -247,7 +247,7 @@ impl VhostUserBalloon {
     ) -> (usize, Option<crate::balloon::BalloonError>) {
         let mut used = 0;
         loop {
-            let drained = {
+            let (drained, more) = {
                 let mut balloon = lock(balloon);
                 let mut state = vring.get_mut();
                 // Between two pieces the frontend may have stopped the ring (GET_VRING_BASE, a
@@ -256,14 +256,26 @@ impl VhostUserBalloon {
                 if !(state.get_queue().ready() && state.is_enabled()) {
                     return (used, None);
                 }
-                drain_chains(&mut balloon, index, state.get_queue_mut(), mem, 1)
+                let queue = state.get_queue_mut();
+                let drained = drain_chains(&mut balloon, index, queue, mem, 1);
+                let more = queue
+                    .avail_idx(mem, Ordering::Acquire)
+                    .is_ok_and(|avail| avail.0 != queue.next_avail());
+                (drained, more)
             };
             match drained {
                 Ok(d) if d.taken == 0 => return (used, None),
                 Ok(d) => used += d.used,
                 Err(e) => return (used, Some(e)),
             }
-            let_waiters_in();
+            if more {
+                let_waiters_in();
+                // The frontend's own thread (GET_VRING_BASE, SET_VRING_ENABLE) waits for the
+                // vring's lock, which no count shows: a moment off the CPU lets a woken waiter
+                // take it before the next chain. Only when chains are left: a driver that sends
+                // one buffer at a time (Linux) pays nothing.
+                std::thread::sleep(Duration::from_micros(50));
+            }
         }
     }
 
